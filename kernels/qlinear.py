@@ -1,0 +1,289 @@
+"""Quantized linear ops: y = x @ dequantize(W)ᵀ (+ bias) over any leading dims of x, in x's dtype.
+
+Three custom ops, all visible as single nodes in FX/Inductor graphs (tensors for data, ints for metadata):
+
+  spinfx::qlinear(Tensor x, Tensor weight_packed, Tensor weight_scale, Tensor? weight_zero_point,
+                  Tensor? weight_g_idx, Tensor? bias, int bits, int group_size) -> Tensor
+      Any `QuantWeight` (2/3/4/8 bits, sym/asym, per-channel as group_size = K, act-order g_idx), its
+      tensors as stored. CPU (and any non-CUDA device): unpack + dequantize + linear in plain torch
+      ops (`dequant_linear`); `qlinear_decompositions()` lets Inductor trace those ops and fuse them.
+      CUDA: the fused Triton dequant-GEMM (`qlinear_triton`).
+  spinfx::qlinear_int4pack(Tensor x, Tensor weight_int4pack, Tensor scale_and_zeros, Tensor? bias,
+                           int group_size) -> Tensor
+      CPU int4 fast path: aten._weight_int4pack_mm_for_cpu on weights repacked once by
+      aten._convert_weight_to_int4pack_for_cpu; w = (u - 8) · scale + zero, scale_and_zeros [G, N, 2].
+  spinfx::qlinear_int8pack(Tensor x, Tensor weight_int8, Tensor weight_scale, Tensor? bias) -> Tensor
+      CPU int8 symmetric per-channel fast path: aten._weight_int8pack_mm, w = q · scale[n].
+
+`plan_qlinear(qw, dtype=, device=)` turns a `QuantWeight`/`MixedQuantWeight` into a `QLinearPlan`: an
+optional input-column permutation followed by one op call per K-range, summed. It picks the op per
+K-range and does any repacking once, ahead of time. `QLinear` is the nn.Module form of a plan.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from spinfx.kernels.quant_pack import unpack_int32
+from spinfx.kernels.quant_rtn import quantize_rtn
+from spinfx.kernels.quant_weight import MixedQuantWeight, QuantWeight
+
+INT4PACK_GROUP_SIZES = (32, 64, 128, 256)
+
+
+# --- the generic op ------------------------------------------------------------------------------------
+def dequant_linear(x: Tensor, weight_packed: Tensor, weight_scale: Tensor, weight_zero_point: Tensor | None,
+                   weight_g_idx: Tensor | None, bias: Tensor | None, bits: int, group_size: int) -> Tensor:
+    """`spinfx::qlinear` in plain torch ops: the CPU kernel and the Inductor decomposition.
+
+    (u - zu) is an integer below 2^8, exact in every float dtype, so W is rounded once, in x's dtype.
+    """
+    k, n = x.shape[-1], weight_packed.shape[0]
+    dt = x.dtype
+    u = unpack_int32(weight_packed, bits, k)
+    mid = 1 << (bits - 1)
+    zu = mid if weight_zero_point is None else weight_zero_point.to(torch.int32) + mid
+    if weight_g_idx is None:  # contiguous groups: broadcast [N, G, 1] over [N, G, group_size]
+        g = k // group_size
+        zu = zu if weight_zero_point is None else zu.unsqueeze(-1)
+        w = ((u.view(n, g, group_size) - zu).to(dt) * weight_scale.to(dt).unsqueeze(-1)).view(n, k)
+    else:
+        gi = weight_g_idx.long()
+        w = (u - (zu if weight_zero_point is None else zu[:, gi])).to(dt) * weight_scale.to(dt)[:, gi]
+    return F.linear(x, w, None if bias is None else bias.to(dt))
+
+
+@torch.library.custom_op(
+    "spinfx::qlinear", mutates_args=(),
+    schema="(Tensor x, Tensor weight_packed, Tensor weight_scale, Tensor? weight_zero_point, Tensor? weight_g_idx, "
+           "Tensor? bias, int bits, int group_size) -> Tensor")
+def qlinear(x, weight_packed, weight_scale, weight_zero_point, weight_g_idx, bias, bits, group_size):
+    return dequant_linear(x, weight_packed, weight_scale, weight_zero_point, weight_g_idx, bias, bits, group_size)
+
+
+@qlinear.register_kernel("cuda")
+def _qlinear_cuda(x, weight_packed, weight_scale, weight_zero_point, weight_g_idx, bias, bits, group_size):
+    from spinfx.kernels.qlinear_triton import qlinear_triton
+    return qlinear_triton(x, weight_packed, weight_scale, weight_zero_point, weight_g_idx, bias, bits, group_size)
+
+
+@qlinear.register_fake
+def _qlinear_fake(x, weight_packed, weight_scale, weight_zero_point, weight_g_idx, bias, bits, group_size):
+    return x.new_empty(*x.shape[:-1], weight_packed.shape[0])
+
+
+def _decompose_qlinear(x, weight_packed, weight_scale, weight_zero_point, weight_g_idx, bias, bits, group_size):
+    if x.device.type == "cuda":  # keep the fused Triton kernel
+        return NotImplemented
+    return dequant_linear(x, weight_packed, weight_scale, weight_zero_point, weight_g_idx, bias, bits, group_size)
+
+
+def qlinear_decompositions() -> dict:
+    """Extra decompositions for Inductor (`compile_fx(..., decompositions={**select_decomp_table(), **this})`):
+    on non-CUDA devices `spinfx::qlinear` becomes its unpack/dequant/linear ops, which Inductor fuses.
+    Without them the op stays one opaque node and runs its eager kernel."""
+    return {torch.ops.spinfx.qlinear.default: _decompose_qlinear}
+
+
+# --- CPU fast paths ------------------------------------------------------------------------------------
+def _flat_linear(x: Tensor, mm, bias: Tensor | None, n: int) -> Tensor:
+    """Run a 2-D [M, K] x [N, K]ᵀ kernel over x's leading dims."""
+    y = mm(x.reshape(-1, x.shape[-1]).contiguous())
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*x.shape[:-1], n)
+
+
+@torch.library.custom_op(
+    "spinfx::qlinear_int4pack", mutates_args=(), device_types="cpu",
+    schema="(Tensor x, Tensor weight_int4pack, Tensor scale_and_zeros, Tensor? bias, int group_size) -> Tensor")
+def qlinear_int4pack(x, weight_int4pack, scale_and_zeros, bias, group_size):
+    sz = scale_and_zeros.to(x.dtype)  # the kernel wants scale/zero in the activation dtype
+    return _flat_linear(
+        x, lambda x2: torch.ops.aten._weight_int4pack_mm_for_cpu(x2, weight_int4pack, group_size, sz),
+        bias, scale_and_zeros.shape[1])
+
+
+@qlinear_int4pack.register_fake
+def _qlinear_int4pack_fake(x, weight_int4pack, scale_and_zeros, bias, group_size):
+    return x.new_empty(*x.shape[:-1], scale_and_zeros.shape[1])
+
+
+@torch.library.custom_op(
+    "spinfx::qlinear_int8pack", mutates_args=(), device_types="cpu",
+    schema="(Tensor x, Tensor weight_int8, Tensor weight_scale, Tensor? bias) -> Tensor")
+def qlinear_int8pack(x, weight_int8, weight_scale, bias):
+    s = weight_scale.to(x.dtype)
+    return _flat_linear(x, lambda x2: torch.ops.aten._weight_int8pack_mm(x2, weight_int8, s),
+                        bias, weight_int8.shape[0])
+
+
+@qlinear_int8pack.register_fake
+def _qlinear_int8pack_fake(x, weight_int8, weight_scale, bias):
+    return x.new_empty(*x.shape[:-1], weight_int8.shape[0])
+
+
+# --- plans ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class QLinearCall:
+    """op(x[..., k_start:k_end], **tensors, **attrs) — one op node; `tensors` become graph constants."""
+
+    op: torch._ops.OpOverload
+    tensors: dict[str, Tensor | None]
+    attrs: dict[str, int]
+    k_start: int
+    k_end: int
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.op(x, **self.tensors, **self.attrs)
+
+
+@dataclass(frozen=True, eq=False)
+class QLinearPlan:
+    """y = Σ_c c(x'[..., c.k_start:c.k_end]) with x' = x.index_select(-1, perm) (x' = x if perm is None)."""
+
+    perm: Tensor | None
+    calls: tuple[QLinearCall, ...]
+    in_features: int
+    out_features: int
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return run_plan(x, self.perm, [(c, c.tensors) for c in self.calls])
+
+
+def run_plan(x: Tensor, perm: Tensor | None, calls: list[tuple[QLinearCall, dict[str, Tensor | None]]]) -> Tensor:
+    """Execute a plan's structure with the given tensors (a plan's own, or a module's buffers)."""
+    if perm is not None:
+        x = x.index_select(-1, perm)
+    y = None
+    for c, tensors in calls:
+        xs = x if len(calls) == 1 else x[..., c.k_start:c.k_end]
+        yc = c.op(xs, **tensors, **c.attrs)
+        y = yc if y is None else y + yc
+    return y
+
+
+def int4pack_eligible(qw: QuantWeight) -> bool:
+    """aten._weight_int4pack_mm_for_cpu: 4 bits, group 32..256, N % 16 == 0, and groups that are
+    contiguous after one input permutation (no g_idx, or every group has exactly group_size columns)."""
+    n, k = qw.weight_shape
+    if qw.bits != 4 or qw.group_size not in INT4PACK_GROUP_SIZES or n % 16 or k % qw.group_size:
+        return False
+    if qw.weight_g_idx is None:
+        return True
+    counts = torch.bincount(qw.weight_g_idx.long(), minlength=qw.num_groups)
+    return qw.num_groups == k // qw.group_size and bool((counts == qw.group_size).all())
+
+
+def int8pack_eligible(qw: QuantWeight) -> bool:
+    return qw.bits == 8 and qw.group_size is None and qw.symmetric
+
+
+def _int4pack_args(qw: QuantWeight, dtype: torch.dtype) -> tuple[Tensor | None, dict[str, Tensor]]:
+    """Repack for the CPU int4 kernel. Act-order becomes an input permutation: sorting columns by group
+    (stable) makes every group contiguous, and x @ Wᵀ = x[:, perm] @ W[:, perm]ᵀ."""
+    u = qw.unpack()
+    perm = None
+    if qw.weight_g_idx is not None:
+        perm = torch.argsort(qw.weight_g_idx, stable=True)
+        u = u[:, perm]
+    s = qw.weight_scale.double()
+    # (u - zu)·s = (u - 8)·s + zero with zero = (8 - zu)·s = -zp·s
+    zero = torch.zeros_like(s) if qw.symmetric else -qw.weight_zero_point.double() * s
+    sz = torch.stack([s, zero], -1).transpose(0, 1).contiguous().to(dtype)  # [G, N, 2]
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1)
+    return perm, {"weight_int4pack": packed, "scale_and_zeros": sz}
+
+
+def generic_tensors(qw: QuantWeight, bias: Tensor | None) -> dict[str, Tensor | None]:
+    """Tensor arguments of `spinfx::qlinear` for `qw` (after x)."""
+    return {"weight_packed": qw.weight_packed, "weight_scale": qw.weight_scale,
+            "weight_zero_point": qw.weight_zero_point, "weight_g_idx": qw.weight_g_idx, "bias": bias}
+
+
+def generic_attrs(qw: QuantWeight) -> dict[str, int]:
+    """Non-tensor arguments of `spinfx::qlinear` for `qw`; per-channel is group_size = K."""
+    return {"bits": qw.bits, "group_size": qw.group_size or qw.in_features}
+
+
+def _plan_one(qw: QuantWeight, k_start: int, dtype: torch.dtype, device: torch.device,
+              bias: Tensor | None) -> tuple[Tensor | None, QLinearCall]:
+    """(input permutation or None, call) for one uniform-width matrix covering K-range k_start.."""
+    k_range = (k_start, k_start + qw.in_features)
+    if device.type == "cpu" and int4pack_eligible(qw):
+        perm, tensors = _int4pack_args(qw, dtype)
+        return perm, QLinearCall(torch.ops.spinfx.qlinear_int4pack.default, {**tensors, "bias": bias},
+                                 {"group_size": qw.group_size}, *k_range)
+    if device.type == "cpu" and int8pack_eligible(qw):
+        tensors = {"weight_int8": (qw.unpack() - 128).to(torch.int8),
+                   "weight_scale": qw.weight_scale[:, 0].to(dtype).contiguous(), "bias": bias}
+        return None, QLinearCall(torch.ops.spinfx.qlinear_int8pack.default, tensors, {}, *k_range)
+    return None, QLinearCall(torch.ops.spinfx.qlinear.default, generic_tensors(qw, bias), generic_attrs(qw),
+                             *k_range)
+
+
+def plan_qlinear(qw: QuantWeight | MixedQuantWeight, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> QLinearPlan:
+    """Choose ops and prepack for activations of `dtype` on `device` (tensors are moved there).
+
+    CPU: int4 group 32..256 with N % 16 == 0 -> qlinear_int4pack (act-order as an input permutation);
+    int8 symmetric per-channel -> qlinear_int8pack; everything else -> qlinear. CUDA: qlinear (Triton).
+    A MixedQuantWeight is its permutation plus one call per segment, each chosen the same way.
+    """
+    device = torch.device(device)
+    n, k = qw.weight_shape
+    bias = None if qw.bias is None else qw.bias.to(device, dtype)
+    if isinstance(qw, QuantWeight):
+        perm, call = _plan_one(_to(qw, device), 0, dtype, device, bias)
+        return QLinearPlan(perm, (call,), k, n)
+    calls, start = [], 0
+    for i, seg in enumerate(qw.segments):
+        # segments have contiguous groups (no g_idx), so they never add a permutation of their own
+        calls.append(_plan_one(_to(seg, device), start, dtype, device, bias if i == 0 else None)[1])
+        start += seg.in_features
+    return QLinearPlan(qw.perm.to(device), tuple(calls), k, n)
+
+
+def _to(qw: QuantWeight, device: torch.device) -> QuantWeight:
+    def mv(t):
+        return None if t is None else t.to(device)
+    return QuantWeight(mv(qw.weight_packed), mv(qw.weight_scale), mv(qw.weight_zero_point), mv(qw.weight_g_idx),
+                       qw.bits, qw.group_size, qw.weight_shape, mv(qw.bias))
+
+
+# --- module --------------------------------------------------------------------------------------------
+class QLinear(nn.Module):
+    """nn.Linear replacement running a `QLinearPlan`; the plan's tensors are buffers (state_dict, .to)."""
+
+    def __init__(self, qw: QuantWeight | MixedQuantWeight, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        plan = plan_qlinear(qw, dtype=dtype, device=device)
+        self.in_features, self.out_features = plan.in_features, plan.out_features
+        # structure only (op, argument names, attrs, K-range); forward reads the tensors from buffers
+        self.calls = tuple(QLinearCall(c.op, dict.fromkeys(c.tensors), c.attrs, c.k_start, c.k_end)
+                           for c in plan.calls)
+        self.register_buffer("perm", plan.perm)
+        for i, c in enumerate(plan.calls):
+            for name, t in c.tensors.items():
+                self.register_buffer(f"c{i}_{name}", t)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, bits: int = 4, group_size: int | None = 128, symmetric: bool = True,
+                   dtype: torch.dtype | None = None) -> QLinear:
+        """RTN-quantize an nn.Linear (for GPTQ: `QLinear(gptq_quantize(...))`)."""
+        w = linear.weight.detach()
+        qw = quantize_rtn(w, bits, group_size, symmetric,
+                          bias=None if linear.bias is None else linear.bias.detach())
+        return cls(qw, dtype=dtype or w.dtype, device=w.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return run_plan(x, self.perm, [(c, {name: getattr(self, f"c{i}_{name}") for name in c.tensors})
+                                       for i, c in enumerate(self.calls)])
+
+    def extra_repr(self) -> str:
+        ops = ", ".join(c.op.name() for c in self.calls)
+        return f"in_features={self.in_features}, out_features={self.out_features}, ops=[{ops}]"

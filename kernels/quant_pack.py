@@ -1,0 +1,54 @@
+"""Bit packing of quantized integers into int32 words (compressed-tensors `pack-quantized` scheme).
+
+A row of K unsigned b-bit values is packed along K into ceil(K / pf) int32 words, pf = 32 // b values
+per word, low bits first: value k lives in word k // pf at bit offset (k % pf) * b. The last word is
+zero-padded. For b = 3 this is 10 values per word (30 bits used, the top 2 bits are 0): the same
+layout compressed-tensors' `pack_to_int32` writes, chosen over a denser 32-values-in-3-words scheme
+so that every width shares one formula (and one Triton/CPU unpack) and checkpoints stay loadable by
+compressed-tensors/vLLM. Unsigned values are what is stored; signed q is recovered as u - 2^(b-1).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+def pack_factor(bits: int) -> int:
+    """Values per int32 word."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    return 32 // bits
+
+
+def packed_width(cols: int, bits: int) -> int:
+    """Number of int32 words that hold `cols` values."""
+    return -(-cols // pack_factor(bits))
+
+
+def pack_int32(u: Tensor, bits: int) -> Tensor:
+    """[R, C] unsigned values in [0, 2^bits) -> int32 [R, ceil(C / pf)], packed along C, low bits first."""
+    pf = pack_factor(bits)
+    rows, cols = u.shape
+    if u.numel() and (int(u.min()) < 0 or int(u.max()) >= 1 << bits):
+        raise ValueError(f"values out of range for {bits}-bit packing")
+    words = packed_width(cols, bits)
+    v = torch.zeros(rows, words * pf, dtype=torch.int64, device=u.device)
+    v[:, :cols] = u
+    v = v.view(rows, words, pf) << (torch.arange(pf, device=u.device) * bits)
+    packed = v.sum(-1)  # disjoint bit fields: sum == bitwise or, < 2^32 in int64
+    # reinterpret the unsigned 32-bit word as int32 (two's complement)
+    return torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)
+
+
+def unpack_int32(packed: Tensor, bits: int, cols: int) -> Tensor:
+    """int32 [R, W] -> int32 [R, cols] unsigned values; inverse of `pack_int32` (bit-exact).
+
+    Plain torch ops (shift, and, reshape, slice) so Inductor can fuse it into the consumer.
+    """
+    pf = pack_factor(bits)
+    shifts = torch.arange(pf, dtype=torch.int32, device=packed.device) * bits
+    # arithmetic >> sign-extends negative words; the mask drops those bits
+    u = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return u.reshape(packed.shape[0], -1)[:, :cols]

@@ -1,0 +1,115 @@
+"""Round-to-nearest (RTN) weight quantization, and the scale/zero math GPTQ shares.
+
+All math is float64. Scales are rounded *up* to the weight dtype before the integers are chosen, so
+the stored scale is the one the integers were computed with and |w - dequant| <= scale / 2 holds
+exactly against what is stored (rounding the scale down could push max|w| / scale past the range).
+
+Symmetric: s = max|w| / (2^(b-1) - 1/2), q = clamp(round(w / s), -2^(b-1), 2^(b-1) - 1). The whole
+signed range is used (4 bits: max|w| maps to +-7.5, so -8 is reachable and +7.5 clamps to 7 with error
+exactly s/2) — compressed-tensors' current symmetric rule.
+Asymmetric: the range [min(w, 0), max(w, 0)] maps onto [qmin, qmax]; zero z = qmin - round(lo / s) is
+an integer in the signed range, q = clamp(round(w / s) + z, qmin, qmax), w ~ (q - z) * s.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from spinfx.kernels.quant_pack import pack_int32
+from spinfx.kernels.quant_weight import MixedQuantWeight, QuantWeight
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    """Signed integer range of a `bits`-bit code."""
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def _round_up_to(s: Tensor, dtype: torch.dtype) -> Tensor:
+    """Smallest value of `dtype` >= s, returned in float64."""
+    sd = s.to(dtype)
+    sd = torch.where(sd.double() < s, torch.nextafter(sd, torch.full_like(sd, float("inf"))), sd)
+    return sd.double()
+
+
+def scale_zero(wmin: Tensor, wmax: Tensor, bits: int, symmetric: bool,
+               dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """Per-group float64 min/max -> (scale, exactly representable in `dtype`, as float64;
+    signed integer zero as float64, or None when symmetric)."""
+    qmin, qmax = qrange(bits)
+    if symmetric:
+        s = torch.maximum(wmin.abs(), wmax.abs()) / (qmax + 0.5)
+    else:
+        lo, hi = wmin.clamp(max=0), wmax.clamp(min=0)
+        s = (hi - lo) / (qmax - qmin)
+    s = _round_up_to(s.clamp_min(torch.finfo(dtype).tiny), dtype)
+    if symmetric:
+        return s, None
+    return s, (qmin - torch.round(lo / s)).clamp(qmin, qmax)
+
+
+def quantize_values(w: Tensor, s: Tensor, z: Tensor | None, bits: int) -> Tensor:
+    """Signed integer codes (float64) of w given broadcastable scale/zero."""
+    qmin, qmax = qrange(bits)
+    q = torch.round(w / s)
+    return (q if z is None else q + z).clamp(qmin, qmax)
+
+
+def build(q: Tensor, s: Tensor, z: Tensor | None, *, bits: int, group_size: int | None, g_idx: Tensor | None,
+          dtype: torch.dtype, bias: Tensor | None) -> QuantWeight:
+    """Signed codes q [N, K] + float64 scale/zero [N, G] -> packed `QuantWeight`."""
+    u = (q + (1 << (bits - 1))).to(torch.int64)
+    return QuantWeight(weight_packed=pack_int32(u, bits), weight_scale=s.to(dtype),
+                       weight_zero_point=None if z is None else z.to(torch.int8),
+                       weight_g_idx=None if g_idx is None else g_idx.to(torch.int32),
+                       bits=bits, group_size=group_size, weight_shape=tuple(q.shape), bias=bias)
+
+
+def quantize_rtn(w: Tensor, bits: int, group_size: int | None, symmetric: bool = True,
+                 g_idx: Tensor | None = None, bias: Tensor | None = None,
+                 scale_dtype: torch.dtype | None = None) -> QuantWeight:
+    """RTN-quantize W [N, K]. group_size None = per-channel. `g_idx` [K] (optional) assigns columns to
+    groups explicitly (act-order layouts); scales then cover the columns of each group wherever they
+    are. Scales are stored in `scale_dtype` (default: w's dtype)."""
+    n, k = w.shape
+    dtype = scale_dtype or w.dtype
+    w64 = w.detach().double()
+    if g_idx is None:
+        groups = 1 if group_size is None else k // group_size
+        if group_size is not None and k % group_size:
+            raise ValueError(f"K={k} is not a multiple of group_size={group_size}")
+        wg = w64.view(n, groups, k // groups)
+        s, z = scale_zero(wg.amin(-1), wg.amax(-1), bits, symmetric, dtype)
+        q = quantize_values(wg, s[..., None], None if z is None else z[..., None], bits).view(n, k)
+    else:
+        if group_size is None:
+            raise ValueError("g_idx needs a group_size")
+        gi = g_idx.long().expand(n, k)
+        groups = int(g_idx.max()) + 1
+        empty = w64.new_zeros(n, groups)
+        wmin = empty.scatter_reduce(1, gi, w64, "amin", include_self=False)
+        wmax = empty.scatter_reduce(1, gi, w64, "amax", include_self=False)
+        s, z = scale_zero(wmin, wmax, bits, symmetric, dtype)
+        q = quantize_values(w64, s.gather(1, gi), None if z is None else z.gather(1, gi), bits)
+    return build(q, s, z, bits=bits, group_size=group_size, g_idx=g_idx, dtype=dtype, bias=bias)
+
+
+def quantize_rtn_mixed(w: Tensor, group_bits: Sequence[int], group_size: int, symmetric: bool = True,
+                       order: Tensor | None = None, bias: Tensor | None = None) -> MixedQuantWeight:
+    """RTN with a bit width per K-group. Group j is input columns order[j*gs:(j+1)*gs] (order defaults
+    to range(K); pass an act-order permutation to group salient columns together). Groups are sorted
+    by width, widest first (stable), into one column permutation; each run of equal width is a segment."""
+    n, k = w.shape
+    if k % group_size or len(group_bits) != k // group_size:
+        raise ValueError(f"need K % group_size == 0 and one width per group ({k // group_size}), "
+                         f"got K={k}, {len(group_bits)} widths")
+    order = torch.arange(k) if order is None else order.long().cpu()
+    ranked = sorted(range(len(group_bits)), key=lambda j: -group_bits[j])
+    perm = torch.cat([order[j * group_size:(j + 1) * group_size] for j in ranked]).to(w.device)
+    segments, start = [], 0
+    for bits in sorted(set(group_bits), reverse=True):
+        cols = group_size * sum(b == bits for b in group_bits)
+        segments.append(quantize_rtn(w[:, perm[start:start + cols]], bits, group_size, symmetric))
+        start += cols
+    return MixedQuantWeight(perm=perm, segments=tuple(segments), bias=bias)

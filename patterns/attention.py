@@ -1,0 +1,78 @@
+"""Attention, RoPE and the q/k/v sibling group.
+
+ROPE(t)     t·cos + rotate_half(t)·sin, rotate_half(t) = cat(-t[..., h/2:], t[..., :h/2]); also the
+            partial form cat(rope(t), t[..., r:]) (Phi-3). Captures `cos`, `sin`; the output is named.
+ATTENTION   every scaled-dot-product attention call (an attention site), `attn`.
+ROPE_SITE   an attention whose q and k both come through RoPE: captures `rope_q`, `rope_k` (the
+            nodes after which R3 goes), `cos`, `sin`.
+QKV         an attention whose q, k, v are projections of one input `x` — three linears (`q`, `k`,
+            `v` with `w_q`…/`b_q`…) or slices of one fused linear (`qkv`, Phi-3 / GPT-2) —
+            optionally through RoPE and GQA's repeat_kv. The v path is captured as `v_heads`.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from spinfx.pattern import ANY, Chain, Op, Opt, Var, is_const, is_number
+
+from spinfx.patterns.common import HEAD_LAYOUT, VIEWS, linear_of
+
+aten = torch.ops.aten
+SDPA = (aten.scaled_dot_product_attention.default,)
+
+
+def _rotate_half(t: str):
+    return Op(aten.cat.default, [Op(aten.neg.default, Op(aten.slice.Tensor, Var(t), ANY, ANY, ANY)),
+                                 Op(aten.slice.Tensor, Var(t), ANY, ANY, ANY)], -1)
+
+
+def rope(t_pat, t: str, out: str):
+    """RoPE applied to the value matched by `t_pat` (captured as `t`); output captured as `out`."""
+    def core(name):
+        return Op(aten.add.Tensor, Op(aten.mul.Tensor, t_pat, Var("cos")),
+                  Op(aten.mul.Tensor, _rotate_half(t), Var("sin")), name=name)
+
+    partial = Op(aten.cat.default, [core(out + "_rotated"), Op(aten.slice.Tensor, Var(t), ANY, ANY, ANY)], -1,
+                 name=out)
+    return partial | core(out)
+
+
+def _repeat_kv(p):
+    """GQA's repeat_kv: reshape(expand(unsqueeze(kv, 2)))."""
+    return Op(aten.reshape.default, Op(aten.expand.default, Op(aten.unsqueeze.default, p, 2), ANY), ANY) | p
+
+
+ATTENTION = Op(SDPA, Var("q_in"), Var("k_in"), Var("v_in"), name="attn")
+
+ROPE_SITE = Op(SDPA, rope(Var("tq"), "tq", "rope_q"), _repeat_kv(rope(Var("tk"), "tk", "rope_k")), ANY,
+               name="attn")
+
+
+def _fused_part(role: str):
+    fused = linear_of(Var("x"), w="w_qkv", b="b_qkv", name="qkv")
+    return (Op(aten.slice.Tensor, fused, ANY, ANY, ANY, name=f"{role}_part")
+            | Op(operator.getitem, Op(aten.split.Tensor, Chain(VIEWS, fused, 1), ANY, ANY), ANY,
+                 name=f"{role}_part"))
+
+
+def _heads(role: str):
+    proj = linear_of(Var("x"), w=f"w_{role}", b=f"b_{role}", name=role) | _fused_part(role)
+    scaled = Op(aten.mul.Tensor, proj, Var(f"scale_{role}", where=is_number)) | proj  # OPT scales q
+    return Op(HEAD_LAYOUT, Chain(HEAD_LAYOUT, scaled, 2), name=f"{role}_heads")
+
+
+QKV = Op(SDPA,
+         rope(_heads("q"), "q_heads", "rope_q") | _heads("q"),
+         _repeat_kv(rope(_heads("k"), "k_heads", "rope_k") | _heads("k")),
+         _repeat_kv(_heads("v")),
+         name="attn")
+
+
+def qkv_linears(m) -> dict:
+    """{'q': node, 'k': node, 'v': node} or {'qkv': node} for a QKV match."""
+    c = m.captures
+    if "qkv" in c or "qkv_t" in c:
+        return {"qkv": c.get("qkv", c.get("qkv_t"))}
+    return {r: c.get(r, c.get(r + "_t")) for r in ("q", "k", "v")}

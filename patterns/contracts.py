@@ -1,0 +1,16 @@
+"""Model contracts: what each family must show in its graph, as counts in terms of L (layers).
+
+A broken contract is an error that names what is missing and the nearest miss of that finder. The
+engine evaluates these (spinfx.report.check_contract); the family knowledge lives only here.
+"""
+from __future__ import annotations
+
+_GATED = {"norm": "2L+1", "norm-linears": "2L+1", "qkv": "L", "gate-up": "L", "rope": "L",
+          "attention": "L", "residual-writers": "2L"}
+_CLASSIC = {"norm": "2L+1", "norm-linears": "2L+1", "qkv": "L", "gate-up": "0", "rope": "0",
+            "attention": "L", "residual-writers": "2L+1"}  # + the learned positional embedding
+
+CONTRACTS: dict[str, dict[str, str]] = {
+    "llama": _GATED, "mistral": _GATED, "qwen2": _GATED, "gemma": _GATED, "phi3": _GATED,
+    "opt": _CLASSIC, "gpt2": _CLASSIC,
+}

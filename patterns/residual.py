@@ -1,0 +1,138 @@
+"""The residual stream: embedding → chain of adds → final norm, with its writers and readers.
+
+A whole-graph question, not a local pattern: starting from the token embedding (an `aten.embedding`
+of a constant table indexed by a graph input), follow the stream value through shape-only views and
+scalar scalings (Gemma's √d) to the single `add` that extends it; the other operand of each add is a
+*writer* (a linear — o_proj, down_proj —, or a positional embedding). *Readers* are the norms whose
+input is a stream value. The walk stops where no add extends the stream; anything ambiguous (two adds,
+an add whose other side is not a writer) ends the walk with the reason recorded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from spinfx.match import describe
+
+from spinfx.patterns.common import CASTS, VIEWS
+
+aten = torch.ops.aten
+
+
+@dataclass
+class Writer:
+    kind: str                 # "linear" | "linear_t" (Conv1D) | "embedding"
+    node: fx.Node             # the linear / embedding node
+    add: fx.Node | None       # the add that writes it into the stream (None for the token embedding)
+
+
+@dataclass
+class Stream:
+    embedding: fx.Node | None
+    values: list[fx.Node] = field(default_factory=list)   # every node that carries the stream
+    writers: list[Writer] = field(default_factory=list)   # positional embedding and linears (not the token embedding)
+    readers: list[fx.Node] = field(default_factory=list)  # nodes (outside the stream) that read a stream value
+    scales: list[fx.Node] = field(default_factory=list)   # scalar scalings on the stream (Gemma's √d)
+    end: fx.Node | None = None
+    stop_reason: str = ""
+
+    def summary(self) -> dict:
+        return {"embedding": self.embedding.args[0].target if self.embedding is not None else None,
+                "writers": len(self.writers), "readers": len(self.readers),
+                "writer_kinds": sorted({w.kind for w in self.writers}), "stop": self.stop_reason}
+
+
+def _through(n: fx.Node, ops) -> fx.Node:
+    while n.op == "call_function" and n.target in ops:
+        n = n.args[0]
+    return n
+
+
+def _writer(v: fx.Node) -> Writer | None:
+    src = _through(v, VIEWS + CASTS)
+    if src.op != "call_function":
+        return None
+    if src.target is aten.linear.default and src.args[1].op == "get_attr":
+        return Writer("linear", src, None)
+    if src.target is aten.addmm.default and src.args[2].op == "get_attr":
+        return Writer("linear_t", src, None)
+    if src.target is aten.embedding.default and src.args[0].op == "get_attr":
+        return Writer("embedding", src, None)
+    return None
+
+
+def _is_float(n) -> bool:
+    v = n.meta.get("val") if isinstance(n, fx.Node) else None
+    return isinstance(v, torch.Tensor) and v.dtype.is_floating_point
+
+
+def token_embedding(graph: fx.Graph) -> fx.Node | None:
+    for n in graph.nodes:
+        if (n.op == "call_function" and n.target is aten.embedding.default and n.args[0].op == "get_attr"
+                and _through(n.args[1], VIEWS).op == "placeholder"):
+            return n
+    return None
+
+
+def residual_stream(graph: fx.Graph) -> Stream:
+    emb = token_embedding(graph)
+    st = Stream(emb)
+    if emb is None:
+        st.stop_reason = "no token embedding (aten.embedding of a constant indexed by an input)"
+        return st
+    cur = emb
+    while True:
+        st.values.append(cur)
+        frontier = [cur]
+        users: list[fx.Node] = []
+        while frontier:  # views/casts of the stream are the stream
+            n = frontier.pop()
+            for u in n.users:
+                if u.op == "call_function" and u.target in VIEWS + CASTS and u not in st.values:
+                    st.values.append(u)
+                    frontier.append(u)
+                else:
+                    users.append(u)
+        adds = [u for u in users if u.op == "call_function" and u.target is aten.add.Tensor
+                and all(_is_float(a) for a in u.args[:2]) and _same_shape(u, cur)]
+        scales = [u for u in users if u.op == "call_function" and u.target is aten.mul.Tensor
+                  and all(_is_scalar(a) for a in u.args[:2] if a not in st.values)]
+        for u in users:
+            if u not in adds and u not in scales and u.op != "output":
+                st.readers.append(u)
+        if len(adds) + len(scales) > 1:
+            st.stop_reason = f"the stream at {describe(cur)} is extended twice: " + \
+                ", ".join(describe(a) for a in adds + scales)
+            break
+        if scales:
+            st.scales.append(scales[0])
+            cur = scales[0]
+            continue
+        if not adds:
+            st.end = cur
+            st.stop_reason = "end (no add extends the stream)"
+            break
+        add = adds[0]
+        other = [a for a in add.args[:2] if a not in st.values]
+        w = _writer(other[0]) if len(other) == 1 else None
+        if w is None:
+            st.stop_reason = f"{describe(add)} adds {describe(other[0]) if other else '?'}, which is not a linear or an embedding"
+            break
+        w.add = add
+        st.writers.append(w)
+        cur = add
+    return st
+
+
+def _is_scalar(a) -> bool:
+    if isinstance(a, (int, float)):
+        return True
+    v = a.meta.get("val") if isinstance(a, fx.Node) else None
+    return isinstance(v, torch.Tensor) and v.numel() == 1
+
+
+def _same_shape(a: fx.Node, b: fx.Node) -> bool:
+    va, vb = a.meta.get("val"), b.meta.get("val")
+    return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.numel() == vb.numel()

