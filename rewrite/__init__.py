@@ -11,4 +11,11 @@ def inspect(model, example_inputs=None, name=None):
     return _inspect(model, example_inputs, name)
 
 
-__all__ = ["SpinfxError", "BadInput", "Unsupported", "inspect", "__version__"]
+def trace(model, example_inputs=None):
+    """The canonical ATen program of `model` (an nn.Module, an HF dir or "smollm2")."""
+    from spinfx.api import load
+
+    return load(model, example_inputs)[0]
+
+
+__all__ = ["SpinfxError", "BadInput", "Unsupported", "inspect", "trace", "__version__"]

@@ -1,0 +1,53 @@
+"""The one-namespace layout: nothing in this repo shadows a top-level `kernels` (transformers probes
+`find_spec("kernels")` and crashes on a shadowing directory), `passes`, `patterns` or `rewrite`."""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_installed_spinfx_exposes_no_top_level_rooms(tmp_path):
+    # a fresh interpreter outside the repo: the install must not have put kernels/passes/... on sys.path
+    code = (
+        "import importlib.util, os, spinfx, spinfx.kernels, transformers\n"
+        "found = {n: (importlib.util.find_spec(n) or None) for n in ('kernels', 'passes', 'patterns', 'rewrite')}\n"
+        "print(sorted(n for n, s in found.items() if s is not None and os.path.realpath(s.origin or str(s.submodule_search_locations)).startswith(%r)))\n"
+    ) % str(REPO)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+
+
+def test_spinfx_subpackages_map_to_the_rooms():
+    import spinfx
+    import spinfx.kernels
+    import spinfx.passes
+    import spinfx.patterns
+
+    for mod, room in ((spinfx, "rewrite"), (spinfx.kernels, "kernels"), (spinfx.passes, "passes"),
+                      (spinfx.patterns, "patterns")):
+        assert Path(os.path.realpath(mod.__file__)).parent == REPO / room
+
+
+def test_no_code_imports_a_bare_room():
+    offenders = []
+    for room in ("rewrite", "passes", "patterns", "kernels", "tests", "bench"):
+        for f in (REPO / room).rglob("*.py"):
+            for i, line in enumerate(f.read_text().splitlines(), 1):
+                s = line.strip()
+                for name in ("kernels", "passes", "patterns", "rewrite"):
+                    if s.startswith((f"import {name}", f"from {name} ", f"from {name}.")):
+                        offenders.append(f"{f.relative_to(REPO)}:{i}: {s}")
+    assert not offenders, offenders
+
+
+def test_transformers_kernels_probe_is_not_us():
+    # what transformers does at import: find_spec("kernels") must not be this repo's folder, also in
+    # this very process (tests/conftest.py keeps the repo root off sys.path under `python -m pytest`)
+    spec = importlib.util.find_spec("kernels")
+    if spec is not None:
+        assert not os.path.realpath(spec.origin or "").startswith(str(REPO))
+    import transformers  # noqa: F401  (crashes if a shadowing `kernels` is found)
