@@ -82,10 +82,11 @@ class Report:
         d.update(self.extra)
         return d
 
-    def to_text(self, verbose: bool = False) -> str:
+    def to_text(self, verbose: bool = False, stable: bool = False) -> str:
+        """Console text. `stable=True` drops timings and file:line (for goldens)."""
         lines = [f"spinfx report: {self.model}" + (f" — recipe {self.recipe}" if self.recipe else "")]
         for p in self.passes:
-            lines.append(f"\n[{p.name}] {p.edits} edits, {p.seconds * 1e3:.0f} ms")
+            lines.append(f"\n[{p.name}] {p.edits} edits" + ("" if stable else f", {p.seconds * 1e3:.0f} ms"))
             for k, v in p.findings.items():
                 if not isinstance(v, (dict, list)):
                     lines.append(f"  {k}: {v}")
@@ -94,7 +95,8 @@ class Report:
             for r in p.rules:
                 tail = f"  nearest miss: {r.nearest_miss}" if (r.nearest_miss and (verbose or not r.matches)) else ""
                 act = f", applied {r.applied}" if r.applied or r.declined else ""
-                lines.append(f"  {r.name:<18} {r.matches:>5} matches{act}   ({r.where}){tail}")
+                loc = "" if stable else f"   ({r.where})"
+                lines.append(f"  {r.name:<18} {r.matches:>5} matches{act}{loc}{tail}")
             for n in p.notes:
                 lines.append(f"  note: {n}")
             for n in p.refusals:
