@@ -40,8 +40,8 @@ def rope(t_pat, t: str, out: str):
 
 
 def _repeat_kv(p):
-    """GQA's repeat_kv: reshape(expand(unsqueeze(kv, 2)))."""
-    return Op(aten.reshape.default, Op(aten.expand.default, Op(aten.unsqueeze.default, p, 2), ANY), ANY) | p
+    """GQA's repeat_kv: reshape|view(expand(unsqueeze(kv, 2)))."""
+    return Op(VIEWS, Op(aten.expand.default, Op(aten.unsqueeze.default, p, 2), ANY), ANY) | p
 
 
 ATTENTION = Op(SDPA, Var("q_in"), Var("k_in"), Var("v_in"), name="attn")

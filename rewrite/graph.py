@@ -226,6 +226,7 @@ def _from_exported(ep: torch.export.ExportedProgram, module_prefix: str) -> Prog
             attr_nodes[canon] = a
         env[n] = attr_nodes[canon]
 
+    cloned: set = set()  # sources of dropped clones
     for n in gm_src.graph.nodes:
         if n.op == "placeholder":
             continue
@@ -241,8 +242,12 @@ def _from_exported(ep: torch.export.ExportedProgram, module_prefix: str) -> Prog
         src = new_args[0] if new_args else None
         if n.target in _IDENTITY or (n.target in _NOOP_IF_SAME and _same_meta(src, n)):
             env[n] = src
+            if n.target is aten.clone.default:
+                cloned.add(src)
             continue
         target = _RENAME.get(n.target, n.target)
+        if target is aten.view.default and src in cloned:
+            target = aten.reshape.default  # the clone that made it contiguous is gone: reshape copies if needed
         if target in (aten.view.default, aten.reshape.default) and isinstance(src, fx.Node) and _same_shape(src, n):
             env[n] = src
             continue

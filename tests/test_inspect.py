@@ -1,0 +1,106 @@
+"""Front-ends, inspect and its CLI: what users see when structure is found, almost found, or missing."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import spinfx
+from spinfx import zoo
+from spinfx.graph import from_dynamo
+from spinfx.testing import graph_text
+
+
+class _Scale(torch.nn.Module):
+    def forward(self, x):
+        return x * 1.5
+
+
+def test_perturbed_model_miss_names_node_and_reason():
+    zm = zoo.build("llama")
+    attn = zm.model.model.layers[0].self_attn
+    attn.q_proj = torch.nn.Sequential(_Scale(), attn.q_proj)  # an extra op between norm and q_proj
+    rep = spinfx.inspect(zm.model, zm.example_inputs)
+    c = rep.contract
+    assert not c.ok
+    assert c.found["norm-linears"] == 4 and c.expected["norm-linears"] == 5
+    problem = next(p for p in c.problems if p.startswith("norm-linears"))
+    # the node that broke the group, where it lives, and why
+    assert "mul_tensor" in problem and "model.layers.0.self_attn.q_proj.0" in problem
+    assert "not a consumer" in problem and "expected aten.linear" in problem
+    assert any(p.startswith("qkv") for p in c.problems)
+
+
+@pytest.mark.parametrize("name", ["llama", "phi3", "gpt2"])
+def test_export_and_dynamo_give_the_same_canonical_graph(name):
+    zm = zoo.build(name)
+    exported = spinfx.trace(zm.model, zm.example_inputs)
+    got = {}
+
+    def backend(gm, example_inputs):
+        got["prog"] = from_dynamo(gm, example_inputs)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(zm.model, backend=backend, fullgraph=True)(**zm.example_inputs)
+    assert graph_text(got["prog"]) == graph_text(exported)
+    # and both run: same logits as eager
+    ref = zm.model(**zm.example_inputs).logits
+    assert torch.equal(exported(**zm.example_inputs).logits, ref)
+    assert torch.equal(got["prog"](*got["prog"].examples)[0], ref)
+
+
+def test_constants_keep_fqns_tied_weights_once_and_provenance():
+    zm = zoo.build("llama")
+    prog = spinfx.trace(zm.model, zm.example_inputs)
+    names = {n.target for n in prog.graph.nodes if n.op == "get_attr"}
+    assert "model.layers.0.self_attn.q_proj.weight" in names
+    assert "lm_head.weight" not in names and prog.aliases["model.embed_tokens.weight"] == ["lm_head.weight"]
+    lin = next(n for n in prog.graph.nodes if n.op == "call_function" and len(n.args) > 1 and getattr(n.args[1], "target", "") == "model.layers.0.mlp.up_proj.weight")
+    assert lin.meta["module"] == "model.layers.0.mlp.up_proj" and lin.meta["module_type"] == "Linear"
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "spinfx.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli_inspect_json_on_a_model_dir(tmp_path):
+    zm = zoo.build("qwen2")
+    zm.model.save_pretrained(tmp_path / "m")
+    out = _cli("inspect", str(tmp_path / "m"), "--json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    rep = json.loads(out.stdout)
+    assert rep["contract"]["satisfied"] and rep["contract"]["found"]["qkv"] == 2
+    assert rep["passes"][0]["findings"]["counts"]["norm-linears"] == 5
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda p: p / "missing", "no such directory"),
+    (lambda p: (p / "empty").mkdir() or p / "empty", "not a model directory"),
+])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, make, needle):
+    out = _cli("inspect", str(make(tmp_path)), cwd=tmp_path)
+    assert out.returncode == 2
+    lines = [l for l in out.stderr.splitlines() if l.startswith("spinfx:")]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in out.stderr
+
+
+def test_cli_usage_error_exit_2():
+    assert _cli("inspect").returncode == 2
+    assert _cli("frobnicate").returncode == 2
+
+
+@pytest.mark.slow
+@pytest.mark.smollm2
+def test_smollm2_inspect_counts():
+    out = _cli("inspect", "smollm2", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    rep = json.loads(out.stdout)
+    counts = rep["passes"][0]["findings"]["counts"]
+    assert counts["norm-linears"] == 61 and counts["qkv"] == 30 and counts["gate-up"] == 30
+    assert counts["rope"] == 30 and counts["attention"] == 30
+    res = rep["passes"][0]["findings"]["residual"]
+    assert res["embedding"] == "model.embed_tokens.weight" and res["writers"] == 60
+    assert rep["contract"]["satisfied"] and rep["contract"]["env"] == {"L": 30}

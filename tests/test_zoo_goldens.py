@@ -1,0 +1,647 @@
+"""The zoo: every family's contract holds, and goldens pin one decoder layer's canonical graph and
+the inspect report. Regenerate on purpose only: SPINFX_ACCEPT=1 ./run test tests/test_zoo_goldens.py,
+read the diff, say why in the commit message."""
+import functools
+
+import pytest
+
+import spinfx
+from spinfx import zoo
+from spinfx.testing import graph_text
+
+
+@functools.lru_cache(maxsize=None)
+def traced(name):
+    zm = zoo.build(name)
+    return zm, spinfx.trace(zm.model, zm.example_inputs), spinfx.inspect(zm.model, zm.example_inputs)
+
+
+@pytest.mark.parametrize("name", zoo.ZOO)
+def test_contract_holds(name):
+    _, _, rep = traced(name)
+    assert rep.contract is not None and rep.contract.ok, rep.contract.problems
+    assert rep.contract.expected["norm-linears"] == 2 * 2 + 1
+
+
+def test_every_zoo_model_has_goldens():
+    assert {n for n in zoo.ZOO} == set(GOLDEN_TESTS)
+
+
+def test_golden_llama(spinfx_golden):
+    _, prog, rep = traced("llama")
+    spinfx_golden(graph_text(prog, module="model.layers.0"), """
+v0 = aten.pow.Tensor_Scalar(ext0, 2) : f32[1,8,64]
+v1 = aten.mean.dim(v0, [-1], True) : f32[1,8,1]
+v2 = aten.add.Tensor(v1, 1e-06) : f32[1,8,1]
+v3 = aten.rsqrt(v2) : f32[1,8,1]
+v4 = aten.mul.Tensor(ext0, v3) : f32[1,8,64]
+v5 = aten.mul.Tensor($model.layers.0.input_layernorm.weight, v4) : f32[1,8,64]
+v6 = aten.linear(v5, $model.layers.0.self_attn.q_proj.weight) : f32[1,8,64]
+v7 = aten.view(v6, [1, 8, -1, 16]) : f32[1,8,4,16]
+v8 = aten.transpose.int(v7, 1, 2) : f32[1,4,8,16]
+v9 = aten.linear(v5, $model.layers.0.self_attn.k_proj.weight) : f32[1,8,32]
+v10 = aten.view(v9, [1, 8, -1, 16]) : f32[1,8,2,16]
+v11 = aten.transpose.int(v10, 1, 2) : f32[1,2,8,16]
+v12 = aten.linear(v5, $model.layers.0.self_attn.v_proj.weight) : f32[1,8,32]
+v13 = aten.view(v12, [1, 8, -1, 16]) : f32[1,8,2,16]
+v14 = aten.transpose.int(v13, 1, 2) : f32[1,2,8,16]
+v15 = aten.unsqueeze(ext1, 1) : f32[1,1,8,16]
+v16 = aten.unsqueeze(ext2, 1) : f32[1,1,8,16]
+v17 = aten.mul.Tensor(v8, v15) : f32[1,4,8,16]
+v18 = aten.slice.Tensor(v8, 3, 0, 8) : f32[1,4,8,8]
+v19 = aten.slice.Tensor(v8, 3, 8, 9223372036854775807) : f32[1,4,8,8]
+v20 = aten.neg(v19) : f32[1,4,8,8]
+v21 = aten.cat([v20, v18], -1) : f32[1,4,8,16]
+v22 = aten.mul.Tensor(v21, v16) : f32[1,4,8,16]
+v23 = aten.add.Tensor(v17, v22) : f32[1,4,8,16]
+v24 = aten.mul.Tensor(v11, v15) : f32[1,2,8,16]
+v25 = aten.slice.Tensor(v11, 3, 0, 8) : f32[1,2,8,8]
+v26 = aten.slice.Tensor(v11, 3, 8, 9223372036854775807) : f32[1,2,8,8]
+v27 = aten.neg(v26) : f32[1,2,8,8]
+v28 = aten.cat([v27, v25], -1) : f32[1,2,8,16]
+v29 = aten.mul.Tensor(v28, v16) : f32[1,2,8,16]
+v30 = aten.add.Tensor(v24, v29) : f32[1,2,8,16]
+v31 = aten.unsqueeze(v30, 2) : f32[1,2,1,8,16]
+v32 = aten.expand(v31, [1, 2, 2, 8, 16]) : f32[1,2,2,8,16]
+v33 = aten.reshape(v32, [1, 4, 8, 16]) : f32[1,4,8,16]
+v34 = aten.unsqueeze(v14, 2) : f32[1,2,1,8,16]
+v35 = aten.expand(v34, [1, 2, 2, 8, 16]) : f32[1,2,2,8,16]
+v36 = aten.reshape(v35, [1, 4, 8, 16]) : f32[1,4,8,16]
+v37 = aten.scaled_dot_product_attention(v23, v33, v36, ext3, scale=0.25) : f32[1,4,8,16]
+v38 = aten.transpose.int(v37, 1, 2) : f32[1,8,4,16]
+v39 = aten.view(v38, [1, 8, -1]) : f32[1,8,64]
+v40 = aten.linear(v39, $model.layers.0.self_attn.o_proj.weight) : f32[1,8,64]
+v41 = aten.add.Tensor(ext0, v40) : f32[1,8,64]
+v42 = aten.pow.Tensor_Scalar(v41, 2) : f32[1,8,64]
+v43 = aten.mean.dim(v42, [-1], True) : f32[1,8,1]
+v44 = aten.add.Tensor(v43, 1e-06) : f32[1,8,1]
+v45 = aten.rsqrt(v44) : f32[1,8,1]
+v46 = aten.mul.Tensor(v41, v45) : f32[1,8,64]
+v47 = aten.mul.Tensor($model.layers.0.post_attention_layernorm.weight, v46) : f32[1,8,64]
+v48 = aten.linear(v47, $model.layers.0.mlp.gate_proj.weight) : f32[1,8,88]
+v49 = aten.silu(v48) : f32[1,8,88]
+v50 = aten.linear(v47, $model.layers.0.mlp.up_proj.weight) : f32[1,8,88]
+v51 = aten.mul.Tensor(v49, v50) : f32[1,8,88]
+v52 = aten.linear(v51, $model.layers.0.mlp.down_proj.weight) : f32[1,8,64]
+v53 = aten.add.Tensor(v41, v52) : f32[1,8,64]
+""")
+    spinfx_golden(rep.to_text(stable=True), """
+spinfx report: llama
+
+[find-structure] 0 edits
+  counts: norm=5, norm-linears=5, qkv=2, gate-up=2, rope=2, attention=2, residual-writers=4, residual-readers=5
+  residual: embedding=model.embed_tokens.weight, writers=4, reader_norms=5, writer_kinds=linear, stop=end (no add extends the stream)
+  norm                   5 matches
+  norm-linears           5 matches
+  qkv                    2 matches
+  gate-up                2 matches
+  rope                   2 matches
+  attention              2 matches
+
+contract llama (L=2): satisfied
+  ok norm               expected    5, found    5
+  ok norm-linears       expected    5, found    5
+  ok qkv                expected    2, found    2
+  ok gate-up            expected    2, found    2
+  ok rope               expected    2, found    2
+  ok attention          expected    2, found    2
+  ok residual-writers   expected    4, found    4
+""")
+
+
+def test_golden_llama_untied(spinfx_golden):
+    _, prog, rep = traced("llama_untied")
+    spinfx_golden(graph_text(prog, module="model.layers.0"), """
+v0 = aten.pow.Tensor_Scalar(ext0, 2) : f32[1,8,64]
+v1 = aten.mean.dim(v0, [-1], True) : f32[1,8,1]
+v2 = aten.add.Tensor(v1, 1e-06) : f32[1,8,1]
+v3 = aten.rsqrt(v2) : f32[1,8,1]
+v4 = aten.mul.Tensor(ext0, v3) : f32[1,8,64]
+v5 = aten.mul.Tensor($model.layers.0.input_layernorm.weight, v4) : f32[1,8,64]
+v6 = aten.linear(v5, $model.layers.0.self_attn.q_proj.weight) : f32[1,8,64]
+v7 = aten.view(v6, [1, 8, -1, 16]) : f32[1,8,4,16]
+v8 = aten.transpose.int(v7, 1, 2) : f32[1,4,8,16]
+v9 = aten.linear(v5, $model.layers.0.self_attn.k_proj.weight) : f32[1,8,32]
+v10 = aten.view(v9, [1, 8, -1, 16]) : f32[1,8,2,16]
+v11 = aten.transpose.int(v10, 1, 2) : f32[1,2,8,16]
+v12 = aten.linear(v5, $model.layers.0.self_attn.v_proj.weight) : f32[1,8,32]
+v13 = aten.view(v12, [1, 8, -1, 16]) : f32[1,8,2,16]
+v14 = aten.transpose.int(v13, 1, 2) : f32[1,2,8,16]
+v15 = aten.unsqueeze(ext1, 1) : f32[1,1,8,16]
+v16 = aten.unsqueeze(ext2, 1) : f32[1,1,8,16]
+v17 = aten.mul.Tensor(v8, v15) : f32[1,4,8,16]
+v18 = aten.slice.Tensor(v8, 3, 0, 8) : f32[1,4,8,8]
+v19 = aten.slice.Tensor(v8, 3, 8, 9223372036854775807) : f32[1,4,8,8]
+v20 = aten.neg(v19) : f32[1,4,8,8]
+v21 = aten.cat([v20, v18], -1) : f32[1,4,8,16]
+v22 = aten.mul.Tensor(v21, v16) : f32[1,4,8,16]
+v23 = aten.add.Tensor(v17, v22) : f32[1,4,8,16]
+v24 = aten.mul.Tensor(v11, v15) : f32[1,2,8,16]
+v25 = aten.slice.Tensor(v11, 3, 0, 8) : f32[1,2,8,8]
+v26 = aten.slice.Tensor(v11, 3, 8, 9223372036854775807) : f32[1,2,8,8]
+v27 = aten.neg(v26) : f32[1,2,8,8]
+v28 = aten.cat([v27, v25], -1) : f32[1,2,8,16]
+v29 = aten.mul.Tensor(v28, v16) : f32[1,2,8,16]
+v30 = aten.add.Tensor(v24, v29) : f32[1,2,8,16]
+v31 = aten.unsqueeze(v30, 2) : f32[1,2,1,8,16]
+v32 = aten.expand(v31, [1, 2, 2, 8, 16]) : f32[1,2,2,8,16]
+v33 = aten.reshape(v32, [1, 4, 8, 16]) : f32[1,4,8,16]
+v34 = aten.unsqueeze(v14, 2) : f32[1,2,1,8,16]
+v35 = aten.expand(v34, [1, 2, 2, 8, 16]) : f32[1,2,2,8,16]
+v36 = aten.reshape(v35, [1, 4, 8, 16]) : f32[1,4,8,16]
+v37 = aten.scaled_dot_product_attention(v23, v33, v36, ext3, scale=0.25) : f32[1,4,8,16]
+v38 = aten.transpose.int(v37, 1, 2) : f32[1,8,4,16]
+v39 = aten.view(v38, [1, 8, -1]) : f32[1,8,64]
+v40 = aten.linear(v39, $model.layers.0.self_attn.o_proj.weight) : f32[1,8,64]
+v41 = aten.add.Tensor(ext0, v40) : f32[1,8,64]
+v42 = aten.pow.Tensor_Scalar(v41, 2) : f32[1,8,64]
+v43 = aten.mean.dim(v42, [-1], True) : f32[1,8,1]
+v44 = aten.add.Tensor(v43, 1e-06) : f32[1,8,1]
+v45 = aten.rsqrt(v44) : f32[1,8,1]
+v46 = aten.mul.Tensor(v41, v45) : f32[1,8,64]
+v47 = aten.mul.Tensor($model.layers.0.post_attention_layernorm.weight, v46) : f32[1,8,64]
+v48 = aten.linear(v47, $model.layers.0.mlp.gate_proj.weight) : f32[1,8,88]
+v49 = aten.silu(v48) : f32[1,8,88]
+v50 = aten.linear(v47, $model.layers.0.mlp.up_proj.weight) : f32[1,8,88]
+v51 = aten.mul.Tensor(v49, v50) : f32[1,8,88]
+v52 = aten.linear(v51, $model.layers.0.mlp.down_proj.weight) : f32[1,8,64]
+v53 = aten.add.Tensor(v41, v52) : f32[1,8,64]
+""")
+    spinfx_golden(rep.to_text(stable=True), """
+spinfx report: llama
+
+[find-structure] 0 edits
+  counts: norm=5, norm-linears=5, qkv=2, gate-up=2, rope=2, attention=2, residual-writers=4, residual-readers=5
+  residual: embedding=model.embed_tokens.weight, writers=4, reader_norms=5, writer_kinds=linear, stop=end (no add extends the stream)
+  norm                   5 matches
+  norm-linears           5 matches
+  qkv                    2 matches
+  gate-up                2 matches
+  rope                   2 matches
+  attention              2 matches
+
+contract llama (L=2): satisfied
+  ok norm               expected    5, found    5
+  ok norm-linears       expected    5, found    5
+  ok qkv                expected    2, found    2
+  ok gate-up            expected    2, found    2
+  ok rope               expected    2, found    2
+  ok attention          expected    2, found    2
+  ok residual-writers   expected    4, found    4
+""")
+
+
+def test_golden_mistral(spinfx_golden):
+    _, prog, rep = traced("mistral")
+    spinfx_golden(graph_text(prog, module="model.layers.0"), """
+v0 = aten.pow.Tensor_Scalar(ext0, 2) : f32[1,8,64]
+v1 = aten.mean.dim(v0, [-1], True) : f32[1,8,1]
+v2 = aten.add.Tensor(v1, 1e-06) : f32[1,8,1]
+v3 = aten.rsqrt(v2) : f32[1,8,1]
+v4 = aten.mul.Tensor(ext0, v3) : f32[1,8,64]
+v5 = aten.mul.Tensor($model.layers.0.input_layernorm.weight, v4) : f32[1,8,64]
+v6 = aten.linear(v5, $model.layers.0.self_attn.q_proj.weight) : f32[1,8,64]
+v7 = aten.view(v6, [1, 8, -1, 16]) : f32[1,8,4,16]
+v8 = aten.transpose.int(v7, 1, 2) : f32[1,4,8,16]
+v9 = aten.linear(v5, $model.layers.0.self_attn.k_proj.weight) : f32[1,8,32]
+v10 = aten.view(v9, [1, 8, -1, 16]) : f32[1,8,2,16]
+v11 = aten.transpose.int(v10, 1, 2) : f32[1,2,8,16]
+v12 = aten.linear(v5, $model.layers.0.self_attn.v_proj.weight) : f32[1,8,32]
+v13 = aten.view(v12, [1, 8, -1, 16]) : f32[1,8,2,16]
+v14 = aten.transpose.int(v13, 1, 2) : f32[1,2,8,16]
+v15 = aten.unsqueeze(ext1, 1) : f32[1,1,8,16]
+v16 = aten.unsqueeze(ext2, 1) : f32[1,1,8,16]
+v17 = aten.mul.Tensor(v8, v15) : f32[1,4,8,16]
+v18 = aten.slice.Tensor(v8, 3, 0, 8) : f32[1,4,8,8]
+v19 = aten.slice.Tensor(v8, 3, 8, 9223372036854775807) : f32[1,4,8,8]
+v20 = aten.neg(v19) : f32[1,4,8,8]
+v21 = aten.cat([v20, v18], -1) : f32[1,4,8,16]
+v22 = aten.mul.Tensor(v21, v16) : f32[1,4,8,16]
+v23 = aten.add.Tensor(v17, v22) : f32[1,4,8,16]
+v24 = aten.mul.Tensor(v11, v15) : f32[1,2,8,16]
+v25 = aten.slice.Tensor(v11, 3, 0, 8) : f32[1,2,8,8]
+v26 = aten.slice.Tensor(v11, 3, 8, 9223372036854775807) : f32[1,2,8,8]
+v27 = aten.neg(v26) : f32[1,2,8,8]
+v28 = aten.cat([v27, v25], -1) : f32[1,2,8,16]
+v29 = aten.mul.Tensor(v28, v16) : f32[1,2,8,16]
+v30 = aten.add.Tensor(v24, v29) : f32[1,2,8,16]
+v31 = aten.unsqueeze(v30, 2) : f32[1,2,1,8,16]
+v32 = aten.expand(v31, [1, 2, 2, 8, 16]) : f32[1,2,2,8,16]
+v33 = aten.reshape(v32, [1, 4, 8, 16]) : f32[1,4,8,16]
+v34 = aten.unsqueeze(v14, 2) : f32[1,2,1,8,16]
+v35 = aten.expand(v34, [1, 2, 2, 8, 16]) : f32[1,2,2,8,16]
+v36 = aten.reshape(v35, [1, 4, 8, 16]) : f32[1,4,8,16]
+v37 = aten.scaled_dot_product_attention(v23, v33, v36, ext3, scale=0.25) : f32[1,4,8,16]
+v38 = aten.transpose.int(v37, 1, 2) : f32[1,8,4,16]
+v39 = aten.view(v38, [1, 8, -1]) : f32[1,8,64]
+v40 = aten.linear(v39, $model.layers.0.self_attn.o_proj.weight) : f32[1,8,64]
+v41 = aten.add.Tensor(ext0, v40) : f32[1,8,64]
+v42 = aten.pow.Tensor_Scalar(v41, 2) : f32[1,8,64]
+v43 = aten.mean.dim(v42, [-1], True) : f32[1,8,1]
+v44 = aten.add.Tensor(v43, 1e-06) : f32[1,8,1]
+v45 = aten.rsqrt(v44) : f32[1,8,1]
+v46 = aten.mul.Tensor(v41, v45) : f32[1,8,64]
+v47 = aten.mul.Tensor($model.layers.0.post_attention_layernorm.weight, v46) : f32[1,8,64]
+v48 = aten.linear(v47, $model.layers.0.mlp.gate_proj.weight) : f32[1,8,88]
+v49 = aten.silu(v48) : f32[1,8,88]
+v50 = aten.linear(v47, $model.layers.0.mlp.up_proj.weight) : f32[1,8,88]
+v51 = aten.mul.Tensor(v49, v50) : f32[1,8,88]
+v52 = aten.linear(v51, $model.layers.0.mlp.down_proj.weight) : f32[1,8,64]
+v53 = aten.add.Tensor(v41, v52) : f32[1,8,64]
+""")
+    spinfx_golden(rep.to_text(stable=True), """
+spinfx report: mistral
+
+[find-structure] 0 edits
+  counts: norm=5, norm-linears=5, qkv=2, gate-up=2, rope=2, attention=2, residual-writers=4, residual-readers=5
+  residual: embedding=model.embed_tokens.weight, writers=4, reader_norms=5, writer_kinds=linear, stop=end (no add extends the stream)
+  norm                   5 matches
+  norm-linears           5 matches
+  qkv                    2 matches
+  gate-up                2 matches
+  rope                   2 matches
+  attention              2 matches
+
+contract mistral (L=2): satisfied
+  ok norm               expected    5, found    5
+  ok norm-linears       expected    5, found    5
+  ok qkv                expected    2, found    2
+  ok gate-up            expected    2, found    2
+  ok rope               expected    2, found    2
+  ok attention          expected    2, found    2
+  ok residual-writers   expected    4, found    4
+""")
+
+
+def test_golden_qwen2(spinfx_golden):
+    _, prog, rep = traced("qwen2")
+    spinfx_golden(graph_text(prog, module="model.layers.0"), """
+v0 = aten.pow.Tensor_Scalar(ext0, 2) : f32[1,8,64]
+v1 = aten.mean.dim(v0, [-1], True) : f32[1,8,1]
+v2 = aten.add.Tensor(v1, 1e-06) : f32[1,8,1]
+v3 = aten.rsqrt(v2) : f32[1,8,1]
+v4 = aten.mul.Tensor(ext0, v3) : f32[1,8,64]
+v5 = aten.mul.Tensor($model.layers.0.input_layernorm.weight, v4) : f32[1,8,64]
+v6 = aten.linear(v5, $model.layers.0.self_attn.q_proj.weight, $model.layers.0.self_attn.q_proj.bias) : f32[1,8,64]
+v7 = aten.view(v6, [1, 8, -1, 16]) : f32[1,8,4,16]
+v8 = aten.transpose.int(v7, 1, 2) : f32[1,4,8,16]
+v9 = aten.linear(v5, $model.layers.0.self_attn.k_proj.weight, $model.layers.0.self_attn.k_proj.bias) : f32[1,8,32]
+v10 = aten.view(v9, [1, 8, -1, 16]) : f32[1,8,2,16]
+v11 = aten.transpose.int(v10, 1, 2) : f32[1,2,8,16]
+v12 = aten.linear(v5, $model.layers.0.self_attn.v_proj.weight, $model.layers.0.self_attn.v_proj.bias) : f32[1,8,32]
+v13 = aten.view(v12, [1, 8, -1, 16]) : f32[1,8,2,16]
+v14 = aten.transpose.int(v13, 1, 2) : f32[1,2,8,16]
+v15 = aten.unsqueeze(ext1, 1) : f32[1,1,8,16]
+v16 = aten.unsqueeze(ext2, 1) : f32[1,1,8,16]
+v17 = aten.mul.Tensor(v8, v15) : f32[1,4,8,16]
+v18 = aten.slice.Tensor(v8, 3, 0, 8) : f32[1,4,8,8]
+v19 = aten.slice.Tensor(v8, 3, 8, 9223372036854775807) : f32[1,4,8,8]
+v20 = aten.neg(v19) : f32[1,4,8,8]
+v21 = aten.cat([v20, v18], -1) : f32[1,4,8,16]
+v22 = aten.mul.Tensor(v21, v16) : f32[1,4,8,16]
+v23 = aten.add.Tensor(v17, v22) : f32[1,4,8,16]
+v24 = aten.mul.Tensor(v11, v15) : f32[1,2,8,16]
+v25 = aten.slice.Tensor(v11, 3, 0, 8) : f32[1,2,8,8]
+v26 = aten.slice.Tensor(v11, 3, 8, 9223372036854775807) : f32[1,2,8,8]
+v27 = aten.neg(v26) : f32[1,2,8,8]
+v28 = aten.cat([v27, v25], -1) : f32[1,2,8,16]
+v29 = aten.mul.Tensor(v28, v16) : f32[1,2,8,16]
+v30 = aten.add.Tensor(v24, v29) : f32[1,2,8,16]
+v31 = aten.unsqueeze(v30, 2) : f32[1,2,1,8,16]
+v32 = aten.expand(v31, [1, 2, 2, 8, 16]) : f32[1,2,2,8,16]
+v33 = aten.reshape(v32, [1, 4, 8, 16]) : f32[1,4,8,16]
+v34 = aten.unsqueeze(v14, 2) : f32[1,2,1,8,16]
+v35 = aten.expand(v34, [1, 2, 2, 8, 16]) : f32[1,2,2,8,16]
+v36 = aten.reshape(v35, [1, 4, 8, 16]) : f32[1,4,8,16]
+v37 = aten.scaled_dot_product_attention(v23, v33, v36, ext3, scale=0.25) : f32[1,4,8,16]
+v38 = aten.transpose.int(v37, 1, 2) : f32[1,8,4,16]
+v39 = aten.view(v38, [1, 8, -1]) : f32[1,8,64]
+v40 = aten.linear(v39, $model.layers.0.self_attn.o_proj.weight) : f32[1,8,64]
+v41 = aten.add.Tensor(ext0, v40) : f32[1,8,64]
+v42 = aten.pow.Tensor_Scalar(v41, 2) : f32[1,8,64]
+v43 = aten.mean.dim(v42, [-1], True) : f32[1,8,1]
+v44 = aten.add.Tensor(v43, 1e-06) : f32[1,8,1]
+v45 = aten.rsqrt(v44) : f32[1,8,1]
+v46 = aten.mul.Tensor(v41, v45) : f32[1,8,64]
+v47 = aten.mul.Tensor($model.layers.0.post_attention_layernorm.weight, v46) : f32[1,8,64]
+v48 = aten.linear(v47, $model.layers.0.mlp.gate_proj.weight) : f32[1,8,88]
+v49 = aten.silu(v48) : f32[1,8,88]
+v50 = aten.linear(v47, $model.layers.0.mlp.up_proj.weight) : f32[1,8,88]
+v51 = aten.mul.Tensor(v49, v50) : f32[1,8,88]
+v52 = aten.linear(v51, $model.layers.0.mlp.down_proj.weight) : f32[1,8,64]
+v53 = aten.add.Tensor(v41, v52) : f32[1,8,64]
+""")
+    spinfx_golden(rep.to_text(stable=True), """
+spinfx report: qwen2
+
+[find-structure] 0 edits
+  counts: norm=5, norm-linears=5, qkv=2, gate-up=2, rope=2, attention=2, residual-writers=4, residual-readers=5
+  residual: embedding=model.embed_tokens.weight, writers=4, reader_norms=5, writer_kinds=linear, stop=end (no add extends the stream)
+  norm                   5 matches
+  norm-linears           5 matches
+  qkv                    2 matches
+  gate-up                2 matches
+  rope                   2 matches
+  attention              2 matches
+
+contract qwen2 (L=2): satisfied
+  ok norm               expected    5, found    5
+  ok norm-linears       expected    5, found    5
+  ok qkv                expected    2, found    2
+  ok gate-up            expected    2, found    2
+  ok rope               expected    2, found    2
+  ok attention          expected    2, found    2
+  ok residual-writers   expected    4, found    4
+""")
+
+
+def test_golden_gemma(spinfx_golden):
+    _, prog, rep = traced("gemma")
+    spinfx_golden(graph_text(prog, module="model.layers.0"), """
+v0 = aten.pow.Tensor_Scalar(ext0, 2) : f32[1,8,64]
+v1 = aten.mean.dim(v0, [-1], True) : f32[1,8,1]
+v2 = aten.add.Tensor(v1, 1e-06) : f32[1,8,1]
+v3 = aten.rsqrt(v2) : f32[1,8,1]
+v4 = aten.mul.Tensor(ext0, v3) : f32[1,8,64]
+v5 = aten.add.Tensor($model.layers.0.input_layernorm.weight, 1.0) : f32[64]
+v6 = aten.mul.Tensor(v4, v5) : f32[1,8,64]
+v7 = aten.linear(v6, $model.layers.0.self_attn.q_proj.weight) : f32[1,8,96]
+v8 = aten.view(v7, [1, 8, -1, 24]) : f32[1,8,4,24]
+v9 = aten.transpose.int(v8, 1, 2) : f32[1,4,8,24]
+v10 = aten.linear(v6, $model.layers.0.self_attn.k_proj.weight) : f32[1,8,24]
+v11 = aten.view(v10, [1, 8, -1, 24]) : f32[1,8,1,24]
+v12 = aten.transpose.int(v11, 1, 2) : f32[1,1,8,24]
+v13 = aten.linear(v6, $model.layers.0.self_attn.v_proj.weight) : f32[1,8,24]
+v14 = aten.view(v13, [1, 8, -1, 24]) : f32[1,8,1,24]
+v15 = aten.transpose.int(v14, 1, 2) : f32[1,1,8,24]
+v16 = aten.unsqueeze(ext1, 1) : f32[1,1,8,24]
+v17 = aten.unsqueeze(ext2, 1) : f32[1,1,8,24]
+v18 = aten.mul.Tensor(v9, v16) : f32[1,4,8,24]
+v19 = aten.slice.Tensor(v9, 3, 0, 12) : f32[1,4,8,12]
+v20 = aten.slice.Tensor(v9, 3, 12, 9223372036854775807) : f32[1,4,8,12]
+v21 = aten.neg(v20) : f32[1,4,8,12]
+v22 = aten.cat([v21, v19], -1) : f32[1,4,8,24]
+v23 = aten.mul.Tensor(v22, v17) : f32[1,4,8,24]
+v24 = aten.add.Tensor(v18, v23) : f32[1,4,8,24]
+v25 = aten.mul.Tensor(v12, v16) : f32[1,1,8,24]
+v26 = aten.slice.Tensor(v12, 3, 0, 12) : f32[1,1,8,12]
+v27 = aten.slice.Tensor(v12, 3, 12, 9223372036854775807) : f32[1,1,8,12]
+v28 = aten.neg(v27) : f32[1,1,8,12]
+v29 = aten.cat([v28, v26], -1) : f32[1,1,8,24]
+v30 = aten.mul.Tensor(v29, v17) : f32[1,1,8,24]
+v31 = aten.add.Tensor(v25, v30) : f32[1,1,8,24]
+v32 = aten.unsqueeze(v31, 2) : f32[1,1,1,8,24]
+v33 = aten.expand(v32, [1, 1, 4, 8, 24]) : f32[1,1,4,8,24]
+v34 = aten.view(v33, [1, 4, 8, 24]) : f32[1,4,8,24]
+v35 = aten.unsqueeze(v15, 2) : f32[1,1,1,8,24]
+v36 = aten.expand(v35, [1, 1, 4, 8, 24]) : f32[1,1,4,8,24]
+v37 = aten.view(v36, [1, 4, 8, 24]) : f32[1,4,8,24]
+v38 = aten.scaled_dot_product_attention(v24, v34, v37, ext3, scale=0.2041241452319315) : f32[1,4,8,24]
+v39 = aten.transpose.int(v38, 1, 2) : f32[1,8,4,24]
+v40 = aten.view(v39, [1, 8, -1]) : f32[1,8,96]
+v41 = aten.linear(v40, $model.layers.0.self_attn.o_proj.weight) : f32[1,8,64]
+v42 = aten.add.Tensor(ext0, v41) : f32[1,8,64]
+v43 = aten.pow.Tensor_Scalar(v42, 2) : f32[1,8,64]
+v44 = aten.mean.dim(v43, [-1], True) : f32[1,8,1]
+v45 = aten.add.Tensor(v44, 1e-06) : f32[1,8,1]
+v46 = aten.rsqrt(v45) : f32[1,8,1]
+v47 = aten.mul.Tensor(v42, v46) : f32[1,8,64]
+v48 = aten.add.Tensor($model.layers.0.post_attention_layernorm.weight, 1.0) : f32[64]
+v49 = aten.mul.Tensor(v47, v48) : f32[1,8,64]
+v50 = aten.linear(v49, $model.layers.0.mlp.gate_proj.weight) : f32[1,8,88]
+v51 = aten.gelu(v50, approximate='tanh') : f32[1,8,88]
+v52 = aten.linear(v49, $model.layers.0.mlp.up_proj.weight) : f32[1,8,88]
+v53 = aten.mul.Tensor(v51, v52) : f32[1,8,88]
+v54 = aten.linear(v53, $model.layers.0.mlp.down_proj.weight) : f32[1,8,64]
+v55 = aten.add.Tensor(v42, v54) : f32[1,8,64]
+""")
+    spinfx_golden(rep.to_text(stable=True), """
+spinfx report: gemma
+
+[find-structure] 0 edits
+  counts: norm=5, norm-linears=5, qkv=2, gate-up=2, rope=2, attention=2, residual-writers=4, residual-readers=5
+  residual: embedding=model.embed_tokens.weight, writers=4, reader_norms=5, writer_kinds=linear, stop=end (no add extends the stream)
+  norm                   5 matches
+  norm-linears           5 matches
+  qkv                    2 matches
+  gate-up                2 matches
+  rope                   2 matches
+  attention              2 matches
+
+contract gemma (L=2): satisfied
+  ok norm               expected    5, found    5
+  ok norm-linears       expected    5, found    5
+  ok qkv                expected    2, found    2
+  ok gate-up            expected    2, found    2
+  ok rope               expected    2, found    2
+  ok attention          expected    2, found    2
+  ok residual-writers   expected    4, found    4
+""")
+
+
+def test_golden_phi3(spinfx_golden):
+    _, prog, rep = traced("phi3")
+    spinfx_golden(graph_text(prog, module="model.layers.0"), """
+v0 = aten.pow.Tensor_Scalar(ext0, 2) : f32[1,8,64]
+v1 = aten.mean.dim(v0, [-1], True) : f32[1,8,1]
+v2 = aten.add.Tensor(v1, 1e-05) : f32[1,8,1]
+v3 = aten.rsqrt(v2) : f32[1,8,1]
+v4 = aten.mul.Tensor(ext0, v3) : f32[1,8,64]
+v5 = aten.mul.Tensor($model.layers.0.input_layernorm.weight, v4) : f32[1,8,64]
+v6 = aten.linear(v5, $model.layers.0.self_attn.qkv_proj.weight) : f32[1,8,128]
+v7 = aten.slice.Tensor(v6, 2, 0, 64) : f32[1,8,64]
+v8 = aten.slice.Tensor(v6, 2, 64, 96) : f32[1,8,32]
+v9 = aten.slice.Tensor(v6, 2, 96, 9223372036854775807) : f32[1,8,32]
+v10 = aten.view(v7, [1, 8, -1, 16]) : f32[1,8,4,16]
+v11 = aten.transpose.int(v10, 1, 2) : f32[1,4,8,16]
+v12 = aten.view(v8, [1, 8, -1, 16]) : f32[1,8,2,16]
+v13 = aten.transpose.int(v12, 1, 2) : f32[1,2,8,16]
+v14 = aten.view(v9, [1, 8, -1, 16]) : f32[1,8,2,16]
+v15 = aten.transpose.int(v14, 1, 2) : f32[1,2,8,16]
+v16 = aten.unsqueeze(ext1, 1) : f32[1,1,8,16]
+v17 = aten.unsqueeze(ext2, 1) : f32[1,1,8,16]
+v18 = aten.slice.Tensor(v11, 3, 16, 9223372036854775807) : f32[1,4,8,0]
+v19 = aten.slice.Tensor(v13, 3, 16, 9223372036854775807) : f32[1,2,8,0]
+v20 = aten.mul.Tensor(v11, v16) : f32[1,4,8,16]
+v21 = aten.slice.Tensor(v11, 3, 0, 8) : f32[1,4,8,8]
+v22 = aten.slice.Tensor(v11, 3, 8, 9223372036854775807) : f32[1,4,8,8]
+v23 = aten.neg(v22) : f32[1,4,8,8]
+v24 = aten.cat([v23, v21], -1) : f32[1,4,8,16]
+v25 = aten.mul.Tensor(v24, v17) : f32[1,4,8,16]
+v26 = aten.add.Tensor(v20, v25) : f32[1,4,8,16]
+v27 = aten.cat([v26, v18], -1) : f32[1,4,8,16]
+v28 = aten.mul.Tensor(v13, v16) : f32[1,2,8,16]
+v29 = aten.slice.Tensor(v13, 3, 0, 8) : f32[1,2,8,8]
+v30 = aten.slice.Tensor(v13, 3, 8, 9223372036854775807) : f32[1,2,8,8]
+v31 = aten.neg(v30) : f32[1,2,8,8]
+v32 = aten.cat([v31, v29], -1) : f32[1,2,8,16]
+v33 = aten.mul.Tensor(v32, v17) : f32[1,2,8,16]
+v34 = aten.add.Tensor(v28, v33) : f32[1,2,8,16]
+v35 = aten.cat([v34, v19], -1) : f32[1,2,8,16]
+v36 = aten.unsqueeze(v35, 2) : f32[1,2,1,8,16]
+v37 = aten.expand(v36, [1, 2, 2, 8, 16]) : f32[1,2,2,8,16]
+v38 = aten.reshape(v37, [1, 4, 8, 16]) : f32[1,4,8,16]
+v39 = aten.unsqueeze(v15, 2) : f32[1,2,1,8,16]
+v40 = aten.expand(v39, [1, 2, 2, 8, 16]) : f32[1,2,2,8,16]
+v41 = aten.reshape(v40, [1, 4, 8, 16]) : f32[1,4,8,16]
+v42 = aten.scaled_dot_product_attention(v27, v38, v41, ext3, scale=0.25) : f32[1,4,8,16]
+v43 = aten.transpose.int(v42, 1, 2) : f32[1,8,4,16]
+v44 = aten.reshape(v43, [1, 8, -1]) : f32[1,8,64]
+v45 = aten.linear(v44, $model.layers.0.self_attn.o_proj.weight) : f32[1,8,64]
+v46 = aten.add.Tensor(ext0, v45) : f32[1,8,64]
+v47 = aten.pow.Tensor_Scalar(v46, 2) : f32[1,8,64]
+v48 = aten.mean.dim(v47, [-1], True) : f32[1,8,1]
+v49 = aten.add.Tensor(v48, 1e-05) : f32[1,8,1]
+v50 = aten.rsqrt(v49) : f32[1,8,1]
+v51 = aten.mul.Tensor(v46, v50) : f32[1,8,64]
+v52 = aten.mul.Tensor($model.layers.0.post_attention_layernorm.weight, v51) : f32[1,8,64]
+v53 = aten.linear(v52, $model.layers.0.mlp.gate_up_proj.weight) : f32[1,8,176]
+v54 = aten.split.Tensor(v53, 88, -1) : (f32[1,8,88], f32[1,8,88])
+v55 = getitem(v54, 0) : f32[1,8,88]
+v56 = getitem(v54, 1) : f32[1,8,88]
+v57 = aten.silu(v55) : f32[1,8,88]
+v58 = aten.mul.Tensor(v56, v57) : f32[1,8,88]
+v59 = aten.linear(v58, $model.layers.0.mlp.down_proj.weight) : f32[1,8,64]
+v60 = aten.add.Tensor(v46, v59) : f32[1,8,64]
+""")
+    spinfx_golden(rep.to_text(stable=True), """
+spinfx report: phi3
+
+[find-structure] 0 edits
+  counts: norm=5, norm-linears=5, qkv=2, gate-up=2, rope=2, attention=2, residual-writers=4, residual-readers=5
+  residual: embedding=model.embed_tokens.weight, writers=4, reader_norms=5, writer_kinds=linear, stop=end (no add extends the stream)
+  norm                   5 matches
+  norm-linears           5 matches
+  qkv                    2 matches
+  gate-up                2 matches
+  rope                   2 matches
+  attention              2 matches
+
+contract phi3 (L=2): satisfied
+  ok norm               expected    5, found    5
+  ok norm-linears       expected    5, found    5
+  ok qkv                expected    2, found    2
+  ok gate-up            expected    2, found    2
+  ok rope               expected    2, found    2
+  ok attention          expected    2, found    2
+  ok residual-writers   expected    4, found    4
+""")
+
+
+def test_golden_opt(spinfx_golden):
+    _, prog, rep = traced("opt")
+    spinfx_golden(graph_text(prog, module="model.decoder.layers.0"), """
+v0 = aten.layer_norm(ext0, [64], $model.decoder.layers.0.self_attn_layer_norm.weight, $model.decoder.layers.0.self_attn_layer_norm.bias, 1e-05, False) : f32[1,8,64]
+v1 = aten.linear(v0, $model.decoder.layers.0.self_attn.q_proj.weight, $model.decoder.layers.0.self_attn.q_proj.bias) : f32[1,8,64]
+v2 = aten.mul.Tensor(v1, 0.25) : f32[1,8,64]
+v3 = aten.view(v2, [1, -1, 4, 16]) : f32[1,8,4,16]
+v4 = aten.transpose.int(v3, 1, 2) : f32[1,4,8,16]
+v5 = aten.linear(v0, $model.decoder.layers.0.self_attn.k_proj.weight, $model.decoder.layers.0.self_attn.k_proj.bias) : f32[1,8,64]
+v6 = aten.linear(v0, $model.decoder.layers.0.self_attn.v_proj.weight, $model.decoder.layers.0.self_attn.v_proj.bias) : f32[1,8,64]
+v7 = aten.view(v5, [1, -1, 4, 16]) : f32[1,8,4,16]
+v8 = aten.transpose.int(v7, 1, 2) : f32[1,4,8,16]
+v9 = aten.view(v6, [1, -1, 4, 16]) : f32[1,8,4,16]
+v10 = aten.transpose.int(v9, 1, 2) : f32[1,4,8,16]
+v11 = aten.scaled_dot_product_attention(v4, v8, v10, ext1, scale=1.0) : f32[1,4,8,16]
+v12 = aten.transpose.int(v11, 1, 2) : f32[1,8,4,16]
+v13 = aten.view(v12, [1, 8, -1]) : f32[1,8,64]
+v14 = aten.linear(v13, $model.decoder.layers.0.self_attn.out_proj.weight, $model.decoder.layers.0.self_attn.out_proj.bias) : f32[1,8,64]
+v15 = aten.add.Tensor(ext0, v14) : f32[1,8,64]
+v16 = aten.view(v15, [-1, 64]) : f32[8,64]
+v17 = aten.layer_norm(v16, [64], $model.decoder.layers.0.final_layer_norm.weight, $model.decoder.layers.0.final_layer_norm.bias, 1e-05, False) : f32[8,64]
+v18 = aten.linear(v17, $model.decoder.layers.0.fc1.weight, $model.decoder.layers.0.fc1.bias) : f32[8,88]
+v19 = aten.relu(v18) : f32[8,88]
+v20 = aten.linear(v19, $model.decoder.layers.0.fc2.weight, $model.decoder.layers.0.fc2.bias) : f32[8,64]
+v21 = aten.add.Tensor(v16, v20) : f32[8,64]
+v22 = aten.view(v21, [1, 8, 64]) : f32[1,8,64]
+""")
+    spinfx_golden(rep.to_text(stable=True), """
+spinfx report: opt
+
+[find-structure] 0 edits
+  counts: norm=5, norm-linears=5, qkv=2, gate-up=0, rope=0, attention=2, residual-writers=5, residual-readers=5
+  residual: embedding=model.decoder.embed_tokens.weight, writers=5, reader_norms=5, writer_kinds=embedding, linear, stop=end (no add extends the stream)
+  norm                   5 matches
+  norm-linears           5 matches
+  qkv                    2 matches
+  gate-up                0 matches  nearest miss: 0.25: expected aten.silu|aten.gelu|aten.relu (trying at mul_tensor_1 [aten.mul.Tensor in model.decoder.layers.0.self_attn])
+  rope                   0 matches  nearest miss: transpose_int [aten.transpose.int in model.decoder.layers.0.self_attn]: expected aten.cat (trying at scaled_dot_product_attention_default [aten.scaled_dot_product_attention in model.decoder.layers.0.self_attn])
+  attention              2 matches
+
+contract opt (L=2): satisfied
+  ok norm               expected    5, found    5
+  ok norm-linears       expected    5, found    5
+  ok qkv                expected    2, found    2
+  ok gate-up            expected    0, found    0
+  ok rope               expected    0, found    0
+  ok attention          expected    2, found    2
+  ok residual-writers   expected    5, found    5
+""")
+
+
+def test_golden_gpt2(spinfx_golden):
+    _, prog, rep = traced("gpt2")
+    spinfx_golden(graph_text(prog, module="transformer.h.0"), """
+v0 = aten.layer_norm(ext0, [64], $transformer.h.0.ln_1.weight, $transformer.h.0.ln_1.bias, 1e-05, False) : f32[1,8,64]
+v1 = aten.view(v0, [-1, 64]) : f32[8,64]
+v2 = aten.addmm($transformer.h.0.attn.c_attn.bias, v1, $transformer.h.0.attn.c_attn.weight) : f32[8,192]
+v3 = aten.view(v2, [1, 8, 192]) : f32[1,8,192]
+v4 = aten.split.Tensor(v3, 64, 2) : (f32[1,8,64], f32[1,8,64], f32[1,8,64])
+v5 = getitem(v4, 0) : f32[1,8,64]
+v6 = getitem(v4, 1) : f32[1,8,64]
+v7 = getitem(v4, 2) : f32[1,8,64]
+v8 = aten.view(v6, [1, 8, -1, 16]) : f32[1,8,4,16]
+v9 = aten.transpose.int(v8, 1, 2) : f32[1,4,8,16]
+v10 = aten.view(v7, [1, 8, -1, 16]) : f32[1,8,4,16]
+v11 = aten.transpose.int(v10, 1, 2) : f32[1,4,8,16]
+v12 = aten.view(v5, [1, 8, -1, 16]) : f32[1,8,4,16]
+v13 = aten.transpose.int(v12, 1, 2) : f32[1,4,8,16]
+v14 = aten.scaled_dot_product_attention(v13, v9, v11, ext1, scale=0.25) : f32[1,4,8,16]
+v15 = aten.transpose.int(v14, 1, 2) : f32[1,8,4,16]
+v16 = aten.view(v15, [1, 8, -1]) : f32[1,8,64]
+v17 = aten.view(v16, [-1, 64]) : f32[8,64]
+v18 = aten.addmm($transformer.h.0.attn.c_proj.bias, v17, $transformer.h.0.attn.c_proj.weight) : f32[8,64]
+v19 = aten.view(v18, [1, 8, 64]) : f32[1,8,64]
+v20 = aten.add.Tensor(v19, ext0) : f32[1,8,64]
+v21 = aten.layer_norm(v20, [64], $transformer.h.0.ln_2.weight, $transformer.h.0.ln_2.bias, 1e-05, False) : f32[1,8,64]
+v22 = aten.view(v21, [-1, 64]) : f32[8,64]
+v23 = aten.addmm($transformer.h.0.mlp.c_fc.bias, v22, $transformer.h.0.mlp.c_fc.weight) : f32[8,88]
+v24 = aten.view(v23, [1, 8, 88]) : f32[1,8,88]
+v25 = aten.mul.Tensor(v24, 0.5) : f32[1,8,88]
+v26 = aten.pow.Tensor_Scalar(v24, 3.0) : f32[1,8,88]
+v27 = aten.mul.Tensor(v26, 0.044715) : f32[1,8,88]
+v28 = aten.add.Tensor(v24, v27) : f32[1,8,88]
+v29 = aten.mul.Tensor(v28, 0.7978845608028654) : f32[1,8,88]
+v30 = aten.tanh(v29) : f32[1,8,88]
+v31 = aten.add.Tensor(v30, 1.0) : f32[1,8,88]
+v32 = aten.mul.Tensor(v25, v31) : f32[1,8,88]
+v33 = aten.view(v32, [-1, 88]) : f32[8,88]
+v34 = aten.addmm($transformer.h.0.mlp.c_proj.bias, v33, $transformer.h.0.mlp.c_proj.weight) : f32[8,64]
+v35 = aten.view(v34, [1, 8, 64]) : f32[1,8,64]
+v36 = aten.add.Tensor(v20, v35) : f32[1,8,64]
+""")
+    spinfx_golden(rep.to_text(stable=True), """
+spinfx report: gpt2
+
+[find-structure] 0 edits
+  counts: norm=5, norm-linears=5, qkv=2, gate-up=0, rope=0, attention=2, residual-writers=5, residual-readers=5
+  residual: embedding=transformer.wte.weight, writers=5, reader_norms=5, writer_kinds=embedding, linear_t, stop=end (no add extends the stream)
+  norm                   5 matches
+  norm-linears           5 matches
+  qkv                    2 matches
+  gate-up                0 matches  nearest miss: view_default_9 [aten.view in transformer.h.0.mlp.c_fc]: expected aten.silu|aten.gelu|aten.relu (trying at mul_tensor [aten.mul.Tensor in transformer.h.0.mlp.act])
+  rope                   0 matches  nearest miss: transpose_int_2 [aten.transpose.int in transformer.h.0.attn]: expected aten.cat (trying at scaled_dot_product_attention_default [aten.scaled_dot_product_attention in transformer.h.0.attn])
+  attention              2 matches
+
+contract gpt2 (L=2): satisfied
+  ok norm               expected    5, found    5
+  ok norm-linears       expected    5, found    5
+  ok qkv                expected    2, found    2
+  ok gate-up            expected    0, found    0
+  ok rope               expected    0, found    0
+  ok attention          expected    2, found    2
+  ok residual-writers   expected    5, found    5
+""")
+
+
+GOLDEN_TESTS = ['llama', 'llama_untied', 'mistral', 'qwen2', 'gemma', 'phi3', 'opt', 'gpt2']
