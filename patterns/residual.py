@@ -83,22 +83,28 @@ def residual_stream(graph: fx.Graph) -> Stream:
         st.stop_reason = "no token embedding (aten.embedding of a constant indexed by an input)"
         return st
     cur = emb
+    on_stream: set[fx.Node] = set()
+
+    def carry(n: fx.Node) -> None:
+        st.values.append(n)
+        on_stream.add(n)
+
     while True:
-        st.values.append(cur)
+        carry(cur)
         frontier = [cur]
         users: list[fx.Node] = []
         while frontier:  # views/casts of the stream are the stream
             n = frontier.pop()
             for u in n.users:
-                if u.op == "call_function" and u.target in VIEWS + CASTS and u not in st.values:
-                    st.values.append(u)
+                if u.op == "call_function" and u.target in VIEWS + CASTS and u not in on_stream:
+                    carry(u)
                     frontier.append(u)
                 else:
                     users.append(u)
         adds = [u for u in users if u.op == "call_function" and u.target is aten.add.Tensor
                 and all(_is_float(a) for a in u.args[:2]) and _same_shape(u, cur)]
         scales = [u for u in users if u.op == "call_function" and u.target is aten.mul.Tensor
-                  and all(_is_scalar(a) for a in u.args[:2] if a not in st.values)]
+                  and all(_is_scalar(a) for a in u.args[:2] if a not in on_stream)]
         for u in users:
             if u not in adds and u not in scales and u.op != "output":
                 st.readers.append(u)
@@ -115,7 +121,7 @@ def residual_stream(graph: fx.Graph) -> Stream:
             st.stop_reason = "end (no add extends the stream)"
             break
         add = adds[0]
-        other = [a for a in add.args[:2] if a not in st.values]
+        other = [a for a in add.args[:2] if a not in on_stream]
         w = _writer(other[0]) if len(other) == 1 else None
         if w is None:
             st.stop_reason = f"{describe(add)} adds {describe(other[0]) if other else '?'}, which is not a linear or an embedding"
