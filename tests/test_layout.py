@@ -51,3 +51,18 @@ def test_transformers_kernels_probe_is_not_us():
     if spec is not None:
         assert not os.path.realpath(spec.origin or "").startswith(str(REPO))
     import transformers  # noqa: F401  (crashes if a shadowing `kernels` is found)
+
+
+ENGINE = ["graph", "pattern", "match", "rule", "pipeline", "certify", "printer", "report", "errors"]
+
+
+def test_engine_is_small_and_knows_no_model_family():
+    import re
+
+    total = 0
+    families = re.compile(r"(?i:\b(llama|mistral|qwen2?|gemma|phi-?3|gpt-?2|smollm2?)\b)|\bOPT\b")
+    for name in ENGINE:
+        text = (REPO / "rewrite" / f"{name}.py").read_text()
+        total += len(text.splitlines())
+        assert not families.search(text), f"rewrite/{name}.py mentions {families.search(text).group(0)}"
+    assert total < 1500, f"the engine grew to {total} lines"
