@@ -1,1 +1,8 @@
-"""spinfx.passes"""
+"""spinfx.passes: one file per pass; each exports its rules and one Pass.
+
+`REGISTRY` maps a pass's kebab-case name (as written in recipes) to its class.
+"""
+from spinfx.passes.fold_norms import FoldNorms
+from spinfx.passes.structure import FindStructure
+
+REGISTRY = {p.name: p for p in (FindStructure, FoldNorms)}

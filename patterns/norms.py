@@ -32,7 +32,8 @@ RMSNORM = Op(aten.mul.Tensor, Var("gamma", where=is_const), Opt(CASTS, RMS_CORE)
 
 # core · (1 + w)   (Gemma: the weight is stored as an offset from one)
 RMSNORM_1P = Op(aten.mul.Tensor, Opt(CASTS, RMS_CORE),
-                Op(aten.add.Tensor, Opt(CASTS, Var("gamma1p", where=is_const)), 1.0), name="norm")
+                Op(aten.add.Tensor, Opt(CASTS, Var("gamma1p", where=is_const)), 1.0, name="one_plus"),
+                name="norm")
 
 RMSNORM_ATEN = Op(aten.rms_norm.default, Var("x"), Var("dims"), Var("gamma", where=is_const),
                   Var("eps"), name="norm")

@@ -3,12 +3,21 @@ from spinfx.errors import BadInput, SpinfxError, Unsupported
 
 __version__ = "0.1.0"
 
+from spinfx import passes, recipe  # noqa: E402  (registry and Recipe for users building recipes in code)
+
 
 def inspect(model, example_inputs=None, name=None):
     """What each structure finder sees in `model` and whether its family's contract holds (a Report)."""
     from spinfx.api import inspect as _inspect
 
     return _inspect(model, example_inputs, name)
+
+
+def rewrite(model, recipe="spinquant-w4a16", example_inputs=None, calib=None):
+    """Rewrite `model` with `recipe` (preset name, YAML path or Recipe); returns .module, .report."""
+    from spinfx.api import rewrite as _rewrite
+
+    return _rewrite(model, recipe, example_inputs, calib)
 
 
 def trace(model, example_inputs=None):
@@ -18,4 +27,4 @@ def trace(model, example_inputs=None):
     return load(model, example_inputs)[0]
 
 
-__all__ = ["SpinfxError", "BadInput", "Unsupported", "inspect", "trace", "__version__"]
+__all__ = ["SpinfxError", "BadInput", "Unsupported", "inspect", "rewrite", "trace", "__version__"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,42 @@ def inspect(model, example_inputs=None, name: str | None = None) -> Report:
         rep.contract = check_contract(fam, CONTRACTS[fam], {"L": int(layers)}, counts, misses)
     rep.extra["nodes"] = sum(1 for _ in prog.graph.nodes)
     return rep
+
+
+class RewrittenModule(torch.nn.Module):
+    """The rewritten program as an nn.Module with the original call signature (one traced shape:
+    the graph is specialized to the example inputs' shapes)."""
+
+    def __init__(self, prog: Program):
+        super().__init__()
+        self.gm = prog.gm
+        self._prog = prog
+
+    def forward(self, *args, **kwargs):
+        return self._prog(*args, **kwargs)
+
+
+@dataclass
+class Result:
+    module: torch.nn.Module
+    report: Report
+    program: Program
+
+
+def rewrite(model, recipe="spinquant-w4a16", example_inputs=None, calib=None, certify: bool = True) -> Result:
+    """Trace `model`, run the recipe's passes (certifying those that change weights), and return the
+    runnable rewritten module with its report."""
+    from spinfx.certify import finalize, to_master
+    from spinfx.recipe import load_recipe
+
+    rec = load_recipe(recipe)
+    prog, module = load(model, example_inputs)
+    to_master(prog)
+    ctx = Context(calib=calib, progress=progress)
+    results = run_pipeline(prog, rec.passes, ctx, certify=certify)
+    finalize(prog)
+    rep = Report(model=str(prog.meta.get("model_type") or prog.meta["class"]), recipe=rec.name, passes=results)
+    return Result(RewrittenModule(prog), rep, prog)
 
 
 def progress(msg: str) -> None:

@@ -1,0 +1,75 @@
+"""Recipes: an ordered list of passes with their options — a preset name, a YAML file, or a Recipe.
+
+    passes:
+      - fold-norms: {tie: untie}
+
+Presets (INTERFACE.md) are written in the same words. A preset whose passes are not built yet is
+refused with the list of what is available, never silently approximated.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spinfx.errors import BadInput
+from spinfx.pipeline import Pass
+
+PRESETS: dict[str, list[dict[str, dict]]] = {
+    "fold": [{"fold-norms": {}}],
+}
+
+
+@dataclass
+class Recipe:
+    name: str
+    passes: list[Pass] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "passes": [{p.name: p.options()} for p in self.passes]}
+
+
+def _build(name: str, steps: Any) -> Recipe:
+    from spinfx.passes import REGISTRY
+
+    if not isinstance(steps, list):
+        raise BadInput(f"recipe {name}: 'passes' must be a list of {{pass-name: {{options}}}}")
+    passes = []
+    for step in steps:
+        if not isinstance(step, dict) or len(step) != 1:
+            raise BadInput(f"recipe {name}: each pass is one mapping {{pass-name: {{options}}}}, got {step!r}")
+        (pname, opts), = step.items()
+        if pname not in REGISTRY:
+            raise BadInput(f"recipe {name}: unknown pass {pname!r}; known: {', '.join(sorted(REGISTRY))}")
+        cls = REGISTRY[pname]
+        opts = opts or {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        bad = set(opts) - known
+        if bad:
+            raise BadInput(f"recipe {name}: pass {pname} has no option(s) {', '.join(sorted(bad))}; "
+                           f"it takes: {', '.join(sorted(known)) or 'none'}")
+        passes.append(cls(**opts))
+    return Recipe(name, passes)
+
+
+def load_recipe(spec: str | Path | Recipe) -> Recipe:
+    if isinstance(spec, Recipe):
+        return spec
+    s = str(spec)
+    if s in PRESETS:
+        return _build(s, PRESETS[s])
+    p = Path(s)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise BadInput(f"recipe file {s} does not exist")
+        import yaml
+
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise BadInput(f"recipe file {s} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict) or "passes" not in data:
+            raise BadInput(f"recipe file {s} must have a top-level 'passes:' list")
+        return _build(p.stem, data["passes"])
+    raise BadInput(f"unknown recipe {s!r}; presets: {', '.join(PRESETS)} (or a path to a YAML recipe)")
