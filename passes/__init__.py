@@ -3,6 +3,7 @@
 `REGISTRY` maps a pass's kebab-case name (as written in recipes) to its class.
 """
 from spinfx.passes.fold_norms import FoldNorms
+from spinfx.passes.rotate import Rotate
 from spinfx.passes.structure import FindStructure
 
-REGISTRY = {p.name: p for p in (FindStructure, FoldNorms)}
+REGISTRY = {p.name: p for p in (FindStructure, FoldNorms, Rotate)}

@@ -42,7 +42,8 @@ LAYERNORM = Op(aten.layer_norm.default, Var("x"), Var("dims"), Var("gamma"), Var
                Var("eps"), name="norm")
 
 # A norm without a scale: what `fold-norms` leaves (and models that never had one).
-RMSNORM_PLAIN = Op(aten.mul.Tensor, Opt(CASTS, Var("x")), Op(aten.rsqrt.default, _denom), name="norm")
+RMSNORM_PLAIN = (Op(aten.mul.Tensor, Opt(CASTS, Var("x")), Op(aten.rsqrt.default, _denom), name="norm")
+                 | Op(aten.rms_norm.default, Var("x"), Var("dims"), None, Var("eps"), name="norm"))
 
 NORM = RMSNORM | RMSNORM_1P | RMSNORM_ATEN | LAYERNORM
 

@@ -18,6 +18,7 @@ from spinfx.pipeline import Pass
 
 PRESETS: dict[str, list[dict[str, dict]]] = {
     "fold": [{"fold-norms": {}}],
+    "rotate": [{"fold-norms": {}}, {"rotate": {"r1": "hadamard", "r2": "hadamard"}}],
 }
 
 

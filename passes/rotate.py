@@ -1,0 +1,256 @@
+"""rotate: SpinQuant/QuaRot rotations placed from the graph, certified exact.
+
+R1 (hidden × hidden) on the residual stream: every stream value x becomes x·R1. Writers change so
+they write rotated values — embeddings E ← E·R1, writer linears W ← R1ᵀ·W and b ← R1ᵀ·b — and
+readers undo it inside their weights — each linear after a stream-reading norm W ← W·R1. Sound only
+if every reader is a *scale-free* RMSNorm (rms(x·R) = rms(x)·R) feeding only linears and every writer
+is a linear or an embedding: anything else is refused, naming the node.
+
+R2 (head_dim × head_dim, one per layer) on the value path: v_proj's rows of every *KV* head
+W_v[h] ← R2ᵀ·W_v[h] (and its bias), o_proj's columns of every *query* head W_o[:, h] ← W_o[:, h]·R2.
+Attention mixes tokens, never features, so o_h·R2 reaches o_proj intact. Sound only when the v path
+goes linear → heads → (repeat_kv) → attention → heads → o_proj with nothing else on it.
+
+R3: an online Hadamard (spinfx::hadamard) on q and k *after* RoPE — q·H·(k·H)ᵀ = q·kᵀ — so the KV
+cache holds rotated keys. R4: an online Hadamard on down_proj's input with W_down ← W_down·H.
+
+Weight arithmetic is float64 (the pipeline's master weights); the pass is certified in float64.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from spinfx.errors import Unsupported
+from spinfx.graph import Program, add_const
+from spinfx.match import describe, find_all
+from spinfx.pattern import Op, Siblings, Var
+from spinfx.patterns.attention import QKV, ROPE_SITE, qkv_linears
+from spinfx.patterns.common import CASTS, HEAD_LAYOUT, VIEWS, linear_of
+from spinfx.patterns.norms import NORM, RMSNORM_PLAIN, norm_kind
+from spinfx.patterns.residual import residual_stream
+from spinfx.pipeline import Context, Pass, PassResult
+
+aten = torch.ops.aten
+LINEARS = (aten.linear.default, aten.addmm.default)
+
+SCALE_FREE_GROUP = Siblings(RMSNORM_PLAIN, linear_of(Var("normout")), bind="normout",
+                            min=1, all_users=True, through=CASTS + VIEWS, name="linears")
+
+
+def make_rotation(kind: str, n: int, seed: int) -> torch.Tensor:
+    """An n×n orthonormal float64 matrix: 'hadamard' (randomized Hadamard), 'random' (seeded QR)."""
+    from spinfx.kernels import hadamard_matrices as H
+
+    if kind == "hadamard":
+        return H.random_hadamard(n, seed)
+    if kind == "random":
+        return H.random_orthogonal(n, seed)
+    raise Unsupported(f"rotation kind must be 'hadamard', 'random' or 'none', not {kind!r}")
+
+
+class _Weights:
+    """Edits of named constants, refusing to transform one tensor twice in different roles."""
+
+    def __init__(self, prog: Program):
+        self.prog = prog
+        self.done: dict[str, str] = {}
+
+    def edit(self, node: fx.Node, role: str, fn) -> None:
+        fqn = node.target
+        if fqn in self.done and self.done[fqn] != role:
+            raise Unsupported(f"{fqn} is used as {self.done[fqn]} and as {role}: rotating it for one "
+                              f"would break the other (untie it first: fold-norms tie: untie)")
+        self.done[fqn] = role
+        self.prog.set_const(fqn, fn(self.prog.const(fqn)))
+
+
+def _lin(node: fx.Node) -> tuple[fx.Node, fx.Node | None, bool]:
+    """(weight node, bias node, transposed) of a linear / Conv1D addmm."""
+    if node.target is aten.addmm.default:
+        return node.args[2], node.args[0], True
+    return node.args[1], (node.args[2] if len(node.args) > 2 else None), False
+
+
+# ---- R1 -------------------------------------------------------------------------------------------
+
+
+def apply_r1(prog: Program, R: torch.Tensor, res: PassResult) -> None:
+    g = prog.graph
+    stream = residual_stream(g)
+    if stream.end is None:
+        raise Unsupported(f"R1: the residual stream could not be followed: {stream.stop_reason}")
+    groups = find_all(SCALE_FREE_GROUP, g)[0]
+    owner = {n: m for m in groups for n in m.nodes}
+    emb_w = stream.embedding.args[0]
+    tied = [u for u in emb_w.users if u.target in LINEARS]
+    # a tied embedding is rotated online and un-rotated before the final norm, which then reads the
+    # original stream: it is exempt from the scale-free requirement
+    exempt = set(stream.end.users) if tied else set()
+    readers: list = []
+    for r in stream.readers:
+        if r in exempt:
+            continue
+        if r in owner:
+            if owner[r] not in readers:
+                readers.append(owner[r])
+            continue
+        scaled = [m for m in find_all(NORM, g)[0] if r in m.nodes]
+        why = (f"it is a norm with a scale ({norm_kind(scaled[0])}); fold the norms first" if scaled else
+               "it is not a scale-free RMSNorm feeding only linears (e.g. a post-norm or a non-linear reader)")
+        raise Unsupported(f"R1: {describe(r)} reads the residual stream and {why}")
+    W = _Weights(prog)
+    for w in [None] + stream.writers:
+        node = stream.embedding if w is None else w.node
+        if node.target is aten.embedding.default:
+            if tied and node is stream.embedding:
+                _online_embedding(prog, stream, R, res)
+                continue
+            W.edit(node.args[0], "embedding", lambda E: E @ R)
+            continue
+        wn, bn, t = _lin(node)
+        W.edit(wn, "stream writer", (lambda M: M @ R) if t else (lambda M: R.T @ M))
+        if bn is not None:
+            W.edit(bn, "stream writer bias", lambda b: b @ R)
+    for m in readers:
+        for lm in m["linears"]:
+            node = lm.captures.get("linear") or lm.captures.get("linear_t")
+            wn, _, t = _lin(node)
+            if wn is emb_w and tied:
+                continue  # the tied lm_head reads the un-rotated stream (see _online_embedding)
+            W.edit(wn, "stream reader", (lambda M: R.T @ M) if t else (lambda M: M @ R))
+    res.findings["r1"] = {"dim": R.shape[0], "writers": len(stream.writers) + 1, "reader_norms": len(readers)}
+
+
+def _online_embedding(prog: Program, stream, R: torch.Tensor, res: PassResult) -> None:
+    """Tied embedding kept whole: rotate after the lookup, un-rotate before the final norm."""
+    g = prog.graph
+    emb = stream.embedding
+    rot = add_const(prog.gm, "spinfx.r1", R.clone())
+    with g.inserting_after(emb):
+        new = g.call_function(aten.matmul.default, (emb, rot))
+    new.meta = dict(emb.meta)
+    emb.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+    end = stream.end
+    rot_t = add_const(prog.gm, "spinfx.r1_t", R.T.contiguous().clone())
+    with g.inserting_after(end):
+        back = g.call_function(aten.matmul.default, (end, rot_t))
+    back.meta = dict(end.meta)
+    for u in list(end.users):
+        if u is not back and u.op != "output":
+            u.replace_input_with(end, back)
+    res.notes.append("R1 on a tied embedding (tie: keep): applied online after the lookup and undone "
+                     "before the final norm, so one matrix is stored")
+
+
+# ---- R2 -------------------------------------------------------------------------------------------
+
+
+def _o_proj(attn: fx.Node) -> fx.Node:
+    n = attn
+    while True:
+        users = list(n.users)
+        if len(users) != 1:
+            raise Unsupported(f"R2: the attention output {describe(attn)} has {len(users)} users; "
+                              f"expected one path to o_proj")
+        u = users[0]
+        if u.target in LINEARS:
+            return u
+        if u.target not in HEAD_LAYOUT:
+            raise Unsupported(f"R2: {describe(u)} sits between attention and o_proj and may mix heads")
+        n = u
+
+
+def apply_r2(prog: Program, kind: str, seed: int, res: PassResult) -> None:
+    W = _Weights(prog)
+    sites = find_all(QKV, prog.graph)[0]
+    if not sites:
+        raise Unsupported("R2: no attention with q/k/v projections of one input was found")
+    for i, m in enumerate(sites):
+        vh = m["v_heads"].meta["val"]            # [B, kv, S, hd]
+        kv, hd = vh.shape[1], vh.shape[-1]
+        q_heads = m["attn"].meta["val"].shape[1]
+        R = make_rotation(kind, hd, seed + 1000 + i)
+        lin = qkv_linears(m)
+        if "qkv" in lin:
+            v_node = lin["qkv"]
+            part = m.get("v_part")
+            start = _part_start(part)
+        else:
+            v_node, start = lin["v"], 0
+        wn, bn, t = _lin(v_node)
+
+        def rot_rows(M, start=start, t=t, R=R):
+            M = M.clone()
+            if t:  # Conv1D: output features are columns
+                blk = M[:, start:start + kv * hd].reshape(M.shape[0], kv, hd)
+                M[:, start:start + kv * hd] = (blk @ R).reshape(M.shape[0], kv * hd)
+            else:
+                blk = M[start:start + kv * hd].reshape(kv, hd, -1)
+                M[start:start + kv * hd] = (R.T @ blk).reshape(kv * hd, -1)
+            return M
+
+        def rot_bias(b, start=start, R=R):
+            b = b.clone()
+            b[start:start + kv * hd] = (b[start:start + kv * hd].reshape(kv, hd) @ R).reshape(-1)
+            return b
+
+        W.edit(wn, f"v rows (layer site {i})", rot_rows)
+        if bn is not None:
+            W.edit(bn, f"v bias (layer site {i})", rot_bias)
+        o = _o_proj(m["attn"])
+        own, _, ot = _lin(o)
+
+        def rot_cols(M, ot=ot, R=R):
+            if ot:  # Conv1D: input features are rows
+                return (R.T @ M.reshape(q_heads, hd, -1)).reshape(q_heads * hd, -1)
+            return (M.reshape(M.shape[0], q_heads, hd) @ R).reshape(M.shape[0], q_heads * hd)
+
+        W.edit(own, f"o columns (layer site {i})", rot_cols)
+    res.findings["r2"] = {"sites": len(sites)}
+
+
+def _part_start(part: fx.Node) -> int:
+    if part.target is aten.slice.Tensor:
+        return int(part.args[2])
+    # getitem(split(fused, size), idx)
+    split, idx = part.args[0], part.args[1]
+    size = split.args[1]
+    return int(size) * int(idx) if isinstance(size, int) else int(sum(size[:idx]))
+
+
+# ---- the pass -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rotate(Pass):
+    name = "rotate"
+    certify = True
+    r1: str = "hadamard"
+    r2: str = "hadamard"
+    r3: bool = False
+    r4: bool = False
+    seed: int = 0
+
+    def run(self, prog: Program, ctx: Context) -> PassResult:
+        res = PassResult(self.name, self.options())
+        if self.r1 != "none":
+            hidden = residual_stream(prog.graph).embedding.meta["val"].shape[-1]
+            apply_r1(prog, make_rotation(self.r1, hidden, self.seed), res)
+        if self.r2 != "none":
+            apply_r2(prog, self.r2, self.seed, res)
+        if self.r3:
+            apply_r3(prog, res)
+        if self.r4:
+            apply_r4(prog, res)
+        return res
+
+
+def apply_r3(prog: Program, res: PassResult) -> None:
+    raise Unsupported("R3 needs the online Hadamard op (spinfx::hadamard), not built yet")
+
+
+def apply_r4(prog: Program, res: PassResult) -> None:
+    raise Unsupported("R4 needs the online Hadamard op (spinfx::hadamard), not built yet")
