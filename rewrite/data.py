@@ -97,6 +97,9 @@ def perplexity(
 
     Each window is scored on its own (`model_fn(ids[1, ctx]) -> logits[1, ctx, vocab]`), predicting
     tokens 1..ctx-1 from their prefix. `progress(done, total, ppl_so_far)` is called after each window.
+
+    SmolLM2-135M-Instruct fp32 on Hamlet (52,803 tokens), ctx 512: first 8 windows 42.56; first 39
+    windows (the first 20,000 tokens: 39 × 511 = 19,929 predicted tokens) 40.79; all 103 windows 43.33.
     """
     nll, count = 0.0, 0
     for i, ids in enumerate(windows):

@@ -10,6 +10,7 @@ import fcntl
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -118,7 +119,8 @@ def _build_smollm2(out: Path) -> None:
     gguf = smollm2_gguf()
     missing = [pkg for pkg in ("gguf", "accelerate") if importlib.util.find_spec(pkg) is None]
     if missing:  # transformers reads GGUF files with `gguf` and refuses to without `accelerate`
-        raise BadInput(f"building the SmolLM2 cache needs {' '.join(missing)}: {sys.executable} -m pip install {' '.join(missing)}")
+        need = " ".join(missing)
+        raise BadInput(f"building the SmolLM2 cache needs {need}: {sys.executable} -m pip install {need}")
     log("building SmolLM2 cache (one time, ~30 s)…")
     t0 = time.perf_counter()
     model = tf.AutoModelForCausalLM.from_pretrained(
@@ -129,7 +131,7 @@ def _build_smollm2(out: Path) -> None:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out)  # safetensors
     tokenizer = tf.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     tokenizer.save_pretrained(out)
     log(f"  SmolLM2 cached at {out.parent / 'SmolLM2-135M-Instruct'} ({time.perf_counter() - t0:.0f} s)")
@@ -175,7 +177,8 @@ def _check_shards(path: Path) -> None:
             raise BadInput(f"{index}: not a valid weight index ({_one_line(e)})") from None
         missing = sorted(s for s in shards if not (path / s).is_file())
         if missing:
-            raise BadInput(f"{index}: missing shard {missing[0]}" + (f" (+{len(missing) - 1} more)" if missing[1:] else ""))
+            more = f" (+{len(missing) - 1} more)" if missing[1:] else ""
+            raise BadInput(f"{index}: missing shard {missing[0]}{more}")
 
 
 def _check_safetensors(file: Path) -> None:
@@ -189,7 +192,7 @@ def _check_safetensors(file: Path) -> None:
 
 
 def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()  # no terminal colour codes
     return text[0] if text else type(e).__name__
 
 

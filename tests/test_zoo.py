@@ -1,0 +1,97 @@
+"""The test zoo: deterministic, runnable, exportable, and with nothing left at its default value."""
+import pytest
+import torch
+from torch import nn
+
+from spinfx.errors import BadInput
+from spinfx.zoo import ZOO, build, random_llama
+
+
+def _blocks(model: nn.Module) -> nn.ModuleList:
+    return next(m for m in model.modules() if isinstance(m, nn.ModuleList))
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_same_seed_same_model(name):
+    a, b, c = build(name), build(name), build(name, seed=1)
+    sa, sb, sc = a.model.state_dict(), b.model.state_dict(), c.model.state_dict()
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert torch.equal(a.example_inputs["input_ids"], b.example_inputs["input_ids"])
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_export_matches_eager(name):
+    z = build(name)
+    with torch.no_grad():
+        eager = z.model(**z.example_inputs).logits
+    assert eager.shape == (1, 8, z.expect.vocab)
+    assert torch.isfinite(eager).all()
+    assert eager.std() > 0.1, "logits nearly constant: the random model is too weak to detect bad rewrites"
+    exported = torch.export.export(z.model, (), z.example_inputs, strict=False)
+    out = exported.module()(**z.example_inputs)
+    torch.testing.assert_close(out.logits, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_norms_and_biases_are_randomized(name):
+    z = build(name)
+    norms = [m for m in z.model.modules() if "norm" in type(m).__name__.lower()]
+    assert len(norms) == z.expect.norms
+    for norm in norms:
+        scale = norm.weight + 1 if z.expect.norm == "rms1p" else norm.weight
+        assert not torch.allclose(scale, torch.ones_like(scale)), norm
+        assert scale.std() > 0.05
+    biases = [p for n, p in z.model.named_parameters() if n.endswith(".bias")]
+    assert bool(biases) == (z.expect.norm == "layer" or z.expect.qkv_bias)
+    for bias in biases:
+        assert bias.abs().min() > 0
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_expect_describes_the_model(name):
+    z = build(name, layers=3)
+    e = z.expect
+    blocks = _blocks(z.model)
+    assert len(blocks) == e.layers == 3
+    assert sum(_is_linear(m) for m in blocks[0].modules()) == e.linears_per_layer
+    assert (z.model.lm_head.weight.data_ptr() == z.model.get_input_embeddings().weight.data_ptr()) == e.tied
+    assert any(type(m).__name__ == "Conv1D" for m in z.model.modules()) == (e.linear == "conv1d")
+    assert any(isinstance(m, nn.LayerNorm) for m in z.model.modules()) == (e.norm == "layer")
+    assert e.intermediate % 2 == 0 and e.intermediate & (e.intermediate - 1), "intermediate should not be 2^k"
+
+
+def test_zoo_covers_the_structures():
+    e = {name: build(name).expect for name in ZOO}
+    assert e["llama"].tied and not e["llama_untied"].tied
+    assert (e["llama"].heads, e["llama"].kv_heads, e["llama"].head_dim) == (4, 2, 16)
+    assert e["gemma"].heads * e["gemma"].head_dim != e["gemma"].hidden and e["gemma"].norm == "rms1p"
+    assert e["qwen2"].qkv_bias and e["phi3"].fused_qkv and e["phi3"].fused_gate_up
+    assert e["opt"].positions == "learned" and e["gpt2"].linear == "conv1d"
+
+
+def test_dtype():
+    z = build("llama", dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in z.model.parameters())
+    with torch.no_grad():
+        assert z.model(**z.example_inputs).logits.dtype == torch.bfloat16
+
+
+def test_random_llama_depths():
+    for layers in (4, 64):
+        z = random_llama(layers)
+        assert len(_blocks(z.model)) == z.expect.layers == layers
+    wide = random_llama(2, hidden=128, heads=8, kv_heads=4)
+    assert (wide.expect.hidden, wide.expect.head_dim, wide.expect.kv_heads) == (128, 16, 4)
+    with torch.no_grad():
+        assert torch.isfinite(wide.model(**wide.example_inputs).logits).all()
+
+
+def test_unknown_name():
+    with pytest.raises(BadInput, match="unknown zoo model"):
+        build("bert")
