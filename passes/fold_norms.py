@@ -24,7 +24,7 @@ import torch.fx as fx
 
 from spinfx.errors import Unsupported
 from spinfx.graph import Program, add_const
-from spinfx.match import describe, find_all
+from spinfx.match import arg, describe, find_all
 from spinfx.pattern import Siblings, Var
 from spinfx.patterns.common import CASTS, VIEWS, linear_node, linear_of
 from spinfx.patterns.norms import LAYERNORM, RMSNORM, RMSNORM_1P, RMSNORM_ATEN
@@ -150,7 +150,7 @@ def fold_rms_aten(m, st: _State):
         return None
     root = m.root
     with root.graph.inserting_before(root):
-        new = root.graph.call_function(aten.rms_norm.default, (root.args[0], root.args[1], None, root.args[3]))
+        new = root.graph.call_function(aten.rms_norm.default, (root.args[0], root.args[1], None, arg(root, 3)))
     new.meta = dict(root.meta)
     return new
 
@@ -176,7 +176,7 @@ def layer_to_rms(m, st: _State):
 
 
 def _affine_free(root: fx.Node, st: _State) -> fx.Node:
-    x, shape, eps = root.args[0], root.args[1], root.args[4] if len(root.args) > 4 else 1e-5
+    x, shape, eps = root.args[0], root.args[1], arg(root, 4)
     with root.graph.inserting_before(root):
         if x in st.centered:
             new = root.graph.call_function(aten.rms_norm.default, (x, shape, None, eps))

@@ -88,7 +88,8 @@ def apply_r1(prog: Program, R: torch.Tensor, res: PassResult) -> None:
     tied = [u for u in emb_w.users if u.target in LINEARS]
     # a tied embedding is rotated online and un-rotated before the final norm, which then reads the
     # original stream: it is exempt from the scale-free requirement
-    exempt = set(stream.end.users) if tied else set()
+    tail = set(stream.values[stream.values.index(stream.end):])  # the end and its casts/views
+    exempt = {r for r in stream.readers if tied and any(a in tail for a in r.all_input_nodes)}
     readers: list = []
     for r in stream.readers:
         if r in exempt:

@@ -1,0 +1,149 @@
+"""Rotations R1/R2 on every zoo family, per stage, in both tie modes: exact in float64 (certified and
+re-measured against the float64 original), ≤1e-4 relative in float32; the known traps closed; unsound
+structures refused with a message that names them."""
+import pytest
+import torch
+
+import spinfx
+from spinfx import zoo
+from spinfx.passes import FoldNorms, Rotate
+from spinfx.recipe import Recipe
+
+STAGES = {
+    "fold": lambda tie: [FoldNorms(tie=tie)],
+    "r1": lambda tie: [FoldNorms(tie=tie), Rotate(r1="hadamard", r2="none")],
+    "r1r2": lambda tie: [FoldNorms(tie=tie), Rotate(r1="hadamard", r2="hadamard")],
+    "r1r2-random": lambda tie: [FoldNorms(tie=tie), Rotate(r1="random", r2="random", seed=3)],
+}
+
+
+def _logits(model, ids):
+    return model(input_ids=ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("tie", ["untie", "keep"])
+@pytest.mark.parametrize("name", zoo.ZOO)
+def test_stage_is_exact(name, tie, stage):
+    zm = zoo.build(name)
+    recipe = Recipe(stage, STAGES[stage](tie))
+    if tie == "keep" and zm.expect.tied and zm.expect.norm == "layer":
+        with pytest.raises(spinfx.Unsupported, match="tied"):
+            spinfx.rewrite(zm.model, recipe, zm.example_inputs)
+        return
+    r = spinfx.rewrite(zm.model, recipe, zm.example_inputs)
+    for p in r.report.passes:
+        assert p.certificate["rel"] <= 1e-10, (p.name, p.certificate)
+    ids = zm.example_inputs["input_ids"]
+    ref = _logits(zm.model, ids)
+    rel = ((_logits(r.module, ids) - ref).abs().max() / ref.abs().max()).item()
+    assert rel <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma", "phi3", "gpt2"])
+def test_float64_logits_match_to_1e9(name):
+    # HF norms upcast to float32 even in a float64 model; in float64 *semantics* (every cast promoted,
+    # as the certificate runs) the rewritten model must equal the original to 1e-9, on fresh inputs
+    from spinfx.certify import compare
+
+    zm = zoo.build(name, dtype=torch.float64)
+    original = spinfx.trace(zm.model, zm.example_inputs)
+    r = spinfx.rewrite(zm.model, Recipe("rotate", STAGES["r1r2"]("untie")), zm.example_inputs)
+    assert compare(original, r.program, seeds=(7, 8))["max_abs"] <= 1e-9
+
+
+def test_rmsnorm_embedding_is_rotated_not_centered():
+    zm = zoo.build("llama_untied", dtype=torch.float64)
+    E = zm.model.model.embed_tokens.weight.detach().clone()
+    r = spinfx.rewrite(zm.model, Recipe("r1", STAGES["r1"]("untie")), zm.example_inputs)
+    E2 = r.program.const("model.embed_tokens.weight")
+    from spinfx.kernels.hadamard_matrices import random_hadamard
+
+    assert torch.allclose(E2, E @ random_hadamard(E.shape[1], 0), atol=1e-12)
+    assert E2.mean(dim=1).abs().max() > 1e-3  # rows keep their mean: no centering on RMSNorm models
+
+
+def test_tied_embedding_is_not_rotated_twice():
+    zm = zoo.build("llama", dtype=torch.float64)
+    E = zm.model.model.embed_tokens.weight.detach().clone()
+    keep = spinfx.rewrite(zm.model, Recipe("k", STAGES["r1"]("keep")), zm.example_inputs)
+    assert torch.equal(keep.program.const("model.embed_tokens.weight"), E)  # one matrix, untouched
+    assert any("online" in n for n in keep.report.passes[1].notes)
+    untie = spinfx.rewrite(zm.model, Recipe("u", STAGES["r1"]("untie")), zm.example_inputs)
+    from spinfx.kernels.hadamard_matrices import random_hadamard
+
+    R = random_hadamard(E.shape[1], 0)
+    gamma = zm.model.model.norm.weight.detach()
+    assert torch.allclose(untie.program.const("model.embed_tokens.weight"), E @ R, atol=1e-12)
+    assert torch.allclose(untie.program.const("lm_head.weight"), (E * gamma) @ R, atol=1e-12)
+
+
+def test_v_bias_is_rotated_per_kv_head():
+    zm = zoo.build("qwen2", dtype=torch.float64)
+    b = zm.model.model.layers[0].self_attn.v_proj.bias.detach().clone()
+    r = spinfx.rewrite(zm.model, Recipe("r2", [FoldNorms(), Rotate(r1="none", r2="random", seed=0)]), zm.example_inputs)
+    b2 = r.program.const("model.layers.0.self_attn.v_proj.bias")
+    kv, hd = zm.expect.kv_heads, zm.expect.head_dim
+    assert not torch.allclose(b, b2)
+    # same norms per KV head: an orthogonal map inside each head, never across heads
+    assert torch.allclose(b.reshape(kv, hd).norm(dim=1), b2.reshape(kv, hd).norm(dim=1), atol=1e-12)
+
+
+def test_forgetting_the_v_bias_is_caught():
+    from spinfx.passes import rotate
+
+    zm = zoo.build("qwen2")
+    orig = rotate._Weights.edit
+
+    def skip_bias(self, node, role, fn):
+        if "v bias" in role:
+            return
+        return orig(self, node, role, fn)
+
+    rotate._Weights.edit = skip_bias
+    try:
+        with pytest.raises(spinfx.SpinfxError, match="changed the model's function"):
+            spinfx.rewrite(zm.model, Recipe("r2", [FoldNorms(), Rotate(r1="none", r2="random")]), zm.example_inputs)
+    finally:
+        rotate._Weights.edit = orig
+
+
+class _Scale(torch.nn.Module):
+    def forward(self, x):
+        return x * 2.0
+
+
+def test_refuses_rotation_of_unfolded_norms():
+    zm = zoo.build("llama")
+    with pytest.raises(spinfx.Unsupported, match=r"input_layernorm.*norm with a scale.*fold the norms first"):
+        spinfx.rewrite(zm.model, Recipe("r1", [Rotate(r2="none")]), zm.example_inputs)
+
+
+def test_refuses_r2_when_something_sits_between_attention_and_o_proj():
+    zm = zoo.build("llama")
+    attn = zm.model.model.layers[1].self_attn
+    attn.o_proj = torch.nn.Sequential(_Scale(), attn.o_proj)
+    with pytest.raises(spinfx.Unsupported, match=r"R2: mul_tensor\S* \[aten.mul.Tensor in model.layers.1.self_attn.o_proj.0\] sits between attention and o_proj"):
+        spinfx.rewrite(zm.model, Recipe("r2", [FoldNorms(), Rotate(r1="none")]), zm.example_inputs)
+
+
+class _PostNormBlock(torch.nn.Module):
+    """A stream read by a linear with no norm in front (not rotation-invariant)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(32, 16)
+        self.norm = torch.nn.RMSNorm(16)
+        self.mix = torch.nn.Linear(16, 16)
+        self.head = torch.nn.Linear(16, 32)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        x = x + self.mix(torch.relu(x))     # the stream read by relu: not a norm
+        return self.head(self.norm(x))
+
+
+def test_refuses_r1_when_a_non_norm_reads_the_stream():
+    m = _PostNormBlock()
+    with pytest.raises(spinfx.Unsupported, match=r"R1: relu\S* \[aten.relu\] reads the residual stream"):
+        spinfx.rewrite(m, Recipe("r1", [FoldNorms(), Rotate(r2="none")]), (torch.randint(0, 32, (1, 5)),))
