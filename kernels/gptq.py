@@ -20,6 +20,8 @@ Math (float64 throughout):
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -28,7 +30,8 @@ from spinfx.kernels.quant_weight import QuantWeight
 
 
 class HessianAccumulator:
-    """H = (2 / n) Σ xᵀx over all n rows x ∈ R^K of the batches added; accumulated in float64."""
+    """H = (2 / n) Σ xᵀx over all n rows x ∈ R^K of the batches added; accumulated in float64.
+    (GPTQ's result does not depend on H's scale: the dampening is relative to mean(diag H).)"""
 
     def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
         self.in_features = in_features
@@ -47,13 +50,31 @@ class HessianAccumulator:
         return self.xtx * (2.0 / self.n)
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """Run the column loop single-threaded. Its ops are small (a few N-vectors, one [block, N] update),
+    and intra-op threads cost more than they save: on this shared 2-core machine a parallel region that
+    waits for a descheduled thread turned a 30 µs update into 10 ms."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _inverse_hessian_factor(h: Tensor, damp: float) -> Tensor:
-    """Upper Cholesky factor U of (H + damp·mean(diag H)·I)⁻¹."""
-    h = h + damp * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    chol, info = torch.linalg.cholesky_ex(h)
+    """Upper Cholesky factor U of (H + damp·mean(diag H)·I)⁻¹, with one Cholesky and one triangular solve.
+
+    With J the reversal permutation and J H J = L Lᵀ: H⁻¹ = (J L⁻ᵀ J)(J L⁻¹ J) = Uᵀ U for U = J L⁻¹ J,
+    which is upper triangular with a positive diagonal, hence the Cholesky factor.
+    """
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    h = h + damp * h.diagonal().mean() * eye
+    chol, info = torch.linalg.cholesky_ex(h.flip(0, 1))
     if int(info):
         raise ValueError(f"Hessian is not positive definite after dampening (damp={damp}); raise damp")
-    return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+    return torch.linalg.solve_triangular(chol, eye, upper=False).flip(0, 1)
 
 
 def gptq_quantize(w: Tensor, H: Tensor, bits: int, group_size: int | None, symmetric: bool = True,
@@ -68,53 +89,54 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int, group_size: int | None, symme
     if group_size is not None and k % group_size:
         raise ValueError(f"K={k} is not a multiple of group_size={group_size}")
     dtype = scale_dtype or w.dtype
-    W = w.detach().to(torch.float64).clone()
-    H = H.detach().to(device=W.device, dtype=torch.float64).clone()
+    # Work on Wᵀ [K, N] so that a column of W is a contiguous row and block updates are contiguous.
+    WT = w.detach().to(torch.float64).T.contiguous()
+    H = H.detach().to(device=WT.device, dtype=torch.float64).clone()
 
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    WT[dead] = 0.0
     order = torch.argsort(H.diagonal(), descending=True, stable=True) if act_order else None
     if order is not None:
-        W, H = W[:, order], H[order][:, order]
+        WT, H = WT[order], H[order][:, order]
     U = _inverse_hessian_factor(H, damp)
 
     gs = group_size or k
     groups = k // gs
-    S = W.new_empty(n, groups)
-    Z = None if symmetric else W.new_empty(n, groups)
+    S = WT.new_empty(groups, n)
+    Z = None if symmetric else WT.new_empty(groups, n)
     if group_size is None:
-        s, z = scale_zero(W.amin(1), W.amax(1), bits, symmetric, dtype)
-        S[:, 0] = s
+        S[0], z = scale_zero(WT.amin(0), WT.amax(0), bits, symmetric, dtype)
         if Z is not None:
-            Z[:, 0] = z
+            Z[0] = z
     bs = block_size if group_size is None else max(1, block_size // gs) * gs
 
-    Q = torch.empty_like(W)  # signed codes, in processing order
+    QT = torch.empty_like(WT)  # signed codes, in processing order
     for b0 in range(0, k, bs):
         b1 = min(b0 + bs, k)
-        W1, U1 = W[:, b0:b1], U[b0:b1, b0:b1]  # W1 is a view: updates land in W
-        E1 = W.new_empty(n, b1 - b0)
-        for i in range(b1 - b0):
-            col = b0 + i
-            g = col // gs
-            if group_size is not None and col % gs == 0:
-                s, z = scale_zero(W1[:, i:i + gs].amin(1), W1[:, i:i + gs].amax(1), bits, symmetric, dtype)
-                S[:, g] = s
-                if Z is not None:
-                    Z[:, g] = z
-            s, z = S[:, g], None if Z is None else Z[:, g]
-            q = quantize_values(W1[:, i], s, z, bits)
-            Q[:, col] = q
-            err = (W1[:, i] - (q if z is None else q - z) * s) / U1[i, i]
-            W1[:, i + 1:].addr_(err, U1[i, i + 1:], alpha=-1.0)
-            E1[:, i] = err
-        W[:, b1:].addmm_(E1, U[b0:b1, b1:], alpha=-1.0)
+        W1, U1 = WT[b0:b1], U[b0:b1, b0:b1]  # W1 is a view: updates land in WT
+        E1 = WT.new_empty(b1 - b0, n)
+        with _one_thread():
+            for i in range(b1 - b0):
+                col = b0 + i
+                g = col // gs
+                if group_size is not None and col % gs == 0:
+                    S[g], z = scale_zero(W1[i:i + gs].amin(0), W1[i:i + gs].amax(0), bits, symmetric, dtype)
+                    if Z is not None:
+                        Z[g] = z
+                s, z = S[g], None if Z is None else Z[g]
+                q = quantize_values(W1[i], s, z, bits)
+                QT[col] = q
+                err = (W1[i] - (q if z is None else q - z) * s) / U1[i, i]
+                W1[i + 1:] -= U1[i, i + 1:, None] * err
+                E1[i] = err
+        WT[b1:].addmm_(U[b0:b1, b1:].T, E1, alpha=-1.0)
 
     g_idx = None
     if order is not None:
         inverse = torch.argsort(order)
-        Q = Q[:, inverse]
+        QT = QT[inverse]
         if group_size is not None:
-            g_idx = (torch.arange(k, device=W.device) // gs)[inverse]
-    return build(Q, S, Z, bits=bits, group_size=group_size, g_idx=g_idx, dtype=dtype, bias=bias)
+            g_idx = (torch.arange(k, device=WT.device) // gs)[inverse]
+    return build(QT.T, S.T, None if Z is None else Z.T, bits=bits, group_size=group_size, g_idx=g_idx,
+                 dtype=dtype, bias=bias)

@@ -10,18 +10,24 @@ Three custom ops, all visible as single nodes in FX/Inductor graphs (tensors for
       CUDA: the fused Triton dequant-GEMM (`qlinear_triton`).
   spinfx::qlinear_int4pack(Tensor x, Tensor weight_int4pack, Tensor scale_and_zeros, Tensor? bias,
                            int group_size) -> Tensor
-      CPU int4 fast path: aten._weight_int4pack_mm_for_cpu on weights repacked once by
-      aten._convert_weight_to_int4pack_for_cpu; w = (u - 8) · scale + zero, scale_and_zeros [G, N, 2].
+      CPU fast path for every <= 4-bit layout with N % 16 == 0 and groups of 32..256 (or per-channel):
+      aten._weight_int4pack_mm_for_cpu on 4-bit codes u4 repacked once by
+      aten._convert_weight_to_int4pack_for_cpu; w = (u4 - 8) · scale + zero, scale_and_zeros [G, N, 2].
   spinfx::qlinear_int8pack(Tensor x, Tensor weight_int8, Tensor weight_scale, Tensor? bias) -> Tensor
       CPU int8 symmetric per-channel fast path: aten._weight_int8pack_mm, w = q · scale[n].
 
-`plan_qlinear(qw, dtype=, device=)` turns a `QuantWeight`/`MixedQuantWeight` into a `QLinearPlan`: an
-optional input-column permutation followed by one op call per K-range, summed. It picks the op per
-K-range and does any repacking once, ahead of time. `QLinear` is the nn.Module form of a plan.
+The two CPU fast paths compute in the dtype of their scale tensor: x is cast to it and y back to x's
+dtype. Plans store those scales in bfloat16, because in torch 2.13 only the bf16 variants of both aten
+kernels are fast (4096×4096, M=1, one thread: int4 1.1 ms in bf16 vs 71 ms in fp32 and 82 ms in fp16;
+int8 1.1 vs 31 ms) — so fp32 activations are rounded to bf16 on the way in (the "a16" of w4a16).
+
+`plan_qlinear(qw, device=, cpu_compute_dtype=)` turns a `QuantWeight`/`MixedQuantWeight` into a
+`QLinearPlan`: an optional input-column permutation followed by one op call per K-range, summed. It
+picks the op per K-range and does any repacking once, ahead of time. `QLinear` is the nn.Module form.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +46,9 @@ def dequant_linear(x: Tensor, weight_packed: Tensor, weight_scale: Tensor, weigh
     """`spinfx::qlinear` in plain torch ops: the CPU kernel and the Inductor decomposition.
 
     (u - zu) is an integer below 2^8, exact in every float dtype, so W is rounded once, in x's dtype.
+    Functional ops only: Inductor applies decompositions after functionalization. Eager, the [N, K]
+    temporaries make this slow (4096×4096, M=1: ≈ 200 ms); compiled with `qlinear_decompositions()`
+    it is one fused dequant loop + mm.
     """
     k, n = x.shape[-1], weight_packed.shape[0]
     dt = x.dtype
@@ -89,11 +98,11 @@ def qlinear_decompositions() -> dict:
 
 
 # --- CPU fast paths ------------------------------------------------------------------------------------
-def _flat_linear(x: Tensor, mm, bias: Tensor | None, n: int) -> Tensor:
-    """Run a 2-D [M, K] x [N, K]ᵀ kernel over x's leading dims."""
-    y = mm(x.reshape(-1, x.shape[-1]).contiguous())
+def _flat_linear(x: Tensor, mm, compute_dtype: torch.dtype, bias: Tensor | None, n: int) -> Tensor:
+    """Run a 2-D [M, K] x [N, K]ᵀ kernel in `compute_dtype` over x's leading dims; result in x's dtype."""
+    y = mm(x.reshape(-1, x.shape[-1]).to(compute_dtype).contiguous()).to(x.dtype)
     if bias is not None:
-        y = y + bias.to(y.dtype)
+        y = y + bias.to(x.dtype)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -101,10 +110,9 @@ def _flat_linear(x: Tensor, mm, bias: Tensor | None, n: int) -> Tensor:
     "spinfx::qlinear_int4pack", mutates_args=(), device_types="cpu",
     schema="(Tensor x, Tensor weight_int4pack, Tensor scale_and_zeros, Tensor? bias, int group_size) -> Tensor")
 def qlinear_int4pack(x, weight_int4pack, scale_and_zeros, bias, group_size):
-    sz = scale_and_zeros.to(x.dtype)  # the kernel wants scale/zero in the activation dtype
     return _flat_linear(
-        x, lambda x2: torch.ops.aten._weight_int4pack_mm_for_cpu(x2, weight_int4pack, group_size, sz),
-        bias, scale_and_zeros.shape[1])
+        x, lambda x2: torch.ops.aten._weight_int4pack_mm_for_cpu(x2, weight_int4pack, group_size, scale_and_zeros),
+        scale_and_zeros.dtype, bias, scale_and_zeros.shape[1])
 
 
 @qlinear_int4pack.register_fake
@@ -116,9 +124,8 @@ def _qlinear_int4pack_fake(x, weight_int4pack, scale_and_zeros, bias, group_size
     "spinfx::qlinear_int8pack", mutates_args=(), device_types="cpu",
     schema="(Tensor x, Tensor weight_int8, Tensor weight_scale, Tensor? bias) -> Tensor")
 def qlinear_int8pack(x, weight_int8, weight_scale, bias):
-    s = weight_scale.to(x.dtype)
-    return _flat_linear(x, lambda x2: torch.ops.aten._weight_int8pack_mm(x2, weight_int8, s),
-                        bias, weight_int8.shape[0])
+    return _flat_linear(x, lambda x2: torch.ops.aten._weight_int8pack_mm(x2, weight_int8, weight_scale),
+                        weight_scale.dtype, bias, weight_int8.shape[0])
 
 
 @qlinear_int8pack.register_fake
@@ -166,35 +173,55 @@ def run_plan(x: Tensor, perm: Tensor | None, calls: list[tuple[QLinearCall, dict
     return y
 
 
-def int4pack_eligible(qw: QuantWeight) -> bool:
-    """aten._weight_int4pack_mm_for_cpu: 4 bits, group 32..256, N % 16 == 0, and groups that are
-    contiguous after one input permutation (no g_idx, or every group has exactly group_size columns)."""
+def int4pack_group_size(qw: QuantWeight) -> int | None:
+    """The group size to run `qw` on aten._weight_int4pack_mm_for_cpu with, or None if it cannot:
+    at most 4 bits, N % 16 == 0, group 32..256 (per-channel: the largest of 256..32 dividing K, its one
+    scale repeated), and groups that are contiguous after one input permutation (no g_idx, or every
+    group has exactly group_size columns)."""
     n, k = qw.weight_shape
-    if qw.bits != 4 or qw.group_size not in INT4PACK_GROUP_SIZES or n % 16 or k % qw.group_size:
-        return False
-    if qw.weight_g_idx is None:
-        return True
-    counts = torch.bincount(qw.weight_g_idx.long(), minlength=qw.num_groups)
-    return qw.num_groups == k // qw.group_size and bool((counts == qw.group_size).all())
+    if qw.bits > 4 or n % 16:
+        return None
+    if qw.group_size is None:
+        return next((g for g in reversed(INT4PACK_GROUP_SIZES) if k % g == 0), None)
+    if qw.group_size not in INT4PACK_GROUP_SIZES or k % qw.group_size:
+        return None
+    if qw.weight_g_idx is not None:
+        counts = torch.bincount(qw.weight_g_idx.long(), minlength=qw.num_groups)
+        if qw.num_groups != k // qw.group_size or not bool((counts == qw.group_size).all()):
+            return None
+    return qw.group_size
 
 
 def int8pack_eligible(qw: QuantWeight) -> bool:
-    return qw.bits == 8 and qw.group_size is None and qw.symmetric
+    """aten._weight_int8pack_mm: 8 bits, symmetric, per-channel, K % 16 == 0 (torch 2.13's bf16 AVX-512
+    kernel reads K 16 at a time with no tail: other K segfault)."""
+    return qw.bits == 8 and qw.group_size is None and qw.symmetric and qw.in_features % 16 == 0
 
 
-def _int4pack_args(qw: QuantWeight, dtype: torch.dtype) -> tuple[Tensor | None, dict[str, Tensor]]:
-    """Repack for the CPU int4 kernel. Act-order becomes an input permutation: sorting columns by group
-    (stable) makes every group contiguous, and x @ Wᵀ = x[:, perm] @ W[:, perm]ᵀ."""
-    u = qw.unpack()
+def _int4pack_args(qw: QuantWeight, group_size: int, dtype: torch.dtype) -> tuple[Tensor | None, dict[str, Tensor]]:
+    """Repack for the CPU int4 kernel, which computes w = (u4 - 8)·scale + zero with u4 in [0, 15].
+
+    The codes c = u - zu (w = c·s) are re-based to u4 = c + 8 with zero = 0 whenever they fit — always
+    for 2/3 bits and symmetric 4 bits, so those run exactly (2/3-bit weights are held as 4-bit codes at
+    run time). Otherwise (asymmetric 4-bit) u4 = u and zero = (8 - zu)·s, rounded to `dtype`.
+    Act-order becomes an input permutation: sorting columns by group (stable) makes every group
+    contiguous, and x @ Wᵀ = x[:, perm] @ W[:, perm]ᵀ.
+    """
+    u, zu, s = qw.unpack(), qw.zero_unsigned(), qw.weight_scale.double()
+    codes = u - zu[:, qw.group_index()]
+    if int(codes.min()) >= -8 and int(codes.max()) <= 7:
+        u4, zero = codes + 8, torch.zeros_like(s)
+    else:
+        u4, zero = u, (8 - zu) * s
     perm = None
     if qw.weight_g_idx is not None:
         perm = torch.argsort(qw.weight_g_idx, stable=True)
-        u = u[:, perm]
-    s = qw.weight_scale.double()
-    # (u - zu)·s = (u - 8)·s + zero with zero = (8 - zu)·s = -zp·s
-    zero = torch.zeros_like(s) if qw.symmetric else -qw.weight_zero_point.double() * s
+        u4 = u4[:, perm]
+    if qw.group_size is None:  # per-channel, run group-wise: repeat its one scale (and zero)
+        groups = qw.in_features // group_size
+        s, zero = s.expand(-1, groups), zero.expand(-1, groups)
     sz = torch.stack([s, zero], -1).transpose(0, 1).contiguous().to(dtype)  # [G, N, 2]
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u4.contiguous(), 1)
     return perm, {"weight_int4pack": packed, "scale_and_zeros": sz}
 
 
@@ -209,59 +236,63 @@ def generic_attrs(qw: QuantWeight) -> dict[str, int]:
     return {"bits": qw.bits, "group_size": qw.group_size or qw.in_features}
 
 
-def _plan_one(qw: QuantWeight, k_start: int, dtype: torch.dtype, device: torch.device,
+def _plan_one(qw: QuantWeight, k_start: int, compute_dtype: torch.dtype | None, device: torch.device,
               bias: Tensor | None) -> tuple[Tensor | None, QLinearCall]:
     """(input permutation or None, call) for one uniform-width matrix covering K-range k_start.."""
+    qw = _to(qw, device)
     k_range = (k_start, k_start + qw.in_features)
-    if device.type == "cpu" and int4pack_eligible(qw):
-        perm, tensors = _int4pack_args(qw, dtype)
+    fast = device.type == "cpu" and compute_dtype is not None
+    int4_group = int4pack_group_size(qw) if fast else None
+    if int4_group is not None:
+        perm, tensors = _int4pack_args(qw, int4_group, compute_dtype)
         return perm, QLinearCall(torch.ops.spinfx.qlinear_int4pack.default, {**tensors, "bias": bias},
-                                 {"group_size": qw.group_size}, *k_range)
-    if device.type == "cpu" and int8pack_eligible(qw):
+                                 {"group_size": int4_group}, *k_range)
+    if fast and int8pack_eligible(qw):
         tensors = {"weight_int8": (qw.unpack() - 128).to(torch.int8),
-                   "weight_scale": qw.weight_scale[:, 0].to(dtype).contiguous(), "bias": bias}
+                   "weight_scale": qw.weight_scale[:, 0].to(compute_dtype).contiguous(), "bias": bias}
         return None, QLinearCall(torch.ops.spinfx.qlinear_int8pack.default, tensors, {}, *k_range)
     return None, QLinearCall(torch.ops.spinfx.qlinear.default, generic_tensors(qw, bias), generic_attrs(qw),
                              *k_range)
 
 
-def plan_qlinear(qw: QuantWeight | MixedQuantWeight, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> QLinearPlan:
-    """Choose ops and prepack for activations of `dtype` on `device` (tensors are moved there).
+def plan_qlinear(qw: QuantWeight | MixedQuantWeight, *, device: torch.device | str = "cpu",
+                 cpu_compute_dtype: torch.dtype | None = torch.bfloat16) -> QLinearPlan:
+    """Choose ops and prepack for `device` (tensors are moved there); plans work for any activation dtype.
 
-    CPU: int4 group 32..256 with N % 16 == 0 -> qlinear_int4pack (act-order as an input permutation);
-    int8 symmetric per-channel -> qlinear_int8pack; everything else -> qlinear. CUDA: qlinear (Triton).
-    A MixedQuantWeight is its permutation plus one call per segment, each chosen the same way.
+    CPU: 2/3/4 bits with N % 16 == 0, group 32..256 or per-channel -> qlinear_int4pack (act-order as
+    an input permutation; see `int4pack_group_size`); int8 symmetric per-channel with K % 16 == 0 ->
+    qlinear_int8pack; both compute in `cpu_compute_dtype` (None: no fast paths, e.g. for exact float64
+    checks). Everything else -> qlinear, exact in the activation dtype.
+    CUDA: qlinear (Triton). A MixedQuantWeight is its permutation plus one call per segment, each chosen
+    the same way.
     """
     device = torch.device(device)
     n, k = qw.weight_shape
-    bias = None if qw.bias is None else qw.bias.to(device, dtype)
+    bias = None if qw.bias is None else qw.bias.to(device)
     if isinstance(qw, QuantWeight):
-        perm, call = _plan_one(_to(qw, device), 0, dtype, device, bias)
+        perm, call = _plan_one(qw, 0, cpu_compute_dtype, device, bias)
         return QLinearPlan(perm, (call,), k, n)
     calls, start = [], 0
     for i, seg in enumerate(qw.segments):
         # segments have contiguous groups (no g_idx), so they never add a permutation of their own
-        calls.append(_plan_one(_to(seg, device), start, dtype, device, bias if i == 0 else None)[1])
+        calls.append(_plan_one(seg, start, cpu_compute_dtype, device, bias if i == 0 else None)[1])
         start += seg.in_features
     return QLinearPlan(qw.perm.to(device), tuple(calls), k, n)
 
 
 def _to(qw: QuantWeight, device: torch.device) -> QuantWeight:
-    def mv(t):
-        return None if t is None else t.to(device)
-    return QuantWeight(mv(qw.weight_packed), mv(qw.weight_scale), mv(qw.weight_zero_point), mv(qw.weight_g_idx),
-                       qw.bits, qw.group_size, qw.weight_shape, mv(qw.bias))
+    names = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx", "bias")
+    return replace(qw, **{n: None if getattr(qw, n) is None else getattr(qw, n).to(device) for n in names})
 
 
 # --- module --------------------------------------------------------------------------------------------
 class QLinear(nn.Module):
     """nn.Linear replacement running a `QLinearPlan`; the plan's tensors are buffers (state_dict, .to)."""
 
-    def __init__(self, qw: QuantWeight | MixedQuantWeight, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(self, qw: QuantWeight | MixedQuantWeight, *, device: torch.device | str = "cpu",
+                 cpu_compute_dtype: torch.dtype | None = torch.bfloat16) -> None:
         super().__init__()
-        plan = plan_qlinear(qw, dtype=dtype, device=device)
+        plan = plan_qlinear(qw, device=device, cpu_compute_dtype=cpu_compute_dtype)
         self.in_features, self.out_features = plan.in_features, plan.out_features
         # structure only (op, argument names, attrs, K-range); forward reads the tensors from buffers
         self.calls = tuple(QLinearCall(c.op, dict.fromkeys(c.tensors), c.attrs, c.k_start, c.k_end)
@@ -273,12 +304,12 @@ class QLinear(nn.Module):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, bits: int = 4, group_size: int | None = 128, symmetric: bool = True,
-                   dtype: torch.dtype | None = None) -> QLinear:
+                   cpu_compute_dtype: torch.dtype | None = torch.bfloat16) -> QLinear:
         """RTN-quantize an nn.Linear (for GPTQ: `QLinear(gptq_quantize(...))`)."""
         w = linear.weight.detach()
         qw = quantize_rtn(w, bits, group_size, symmetric,
                           bias=None if linear.bias is None else linear.bias.detach())
-        return cls(qw, dtype=dtype or w.dtype, device=w.device)
+        return cls(qw, device=w.device, cpu_compute_dtype=cpu_compute_dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return run_plan(x, self.perm, [(c, {name: getattr(self, f"c{i}_{name}") for name in c.tensors})

@@ -45,7 +45,7 @@ def pack_int32(u: Tensor, bits: int) -> Tensor:
 def unpack_int32(packed: Tensor, bits: int, cols: int) -> Tensor:
     """int32 [R, W] -> int32 [R, cols] unsigned values; inverse of `pack_int32` (bit-exact).
 
-    Plain torch ops (shift, and, reshape, slice) so Inductor can fuse it into the consumer.
+    Plain functional torch ops (shift, and, reshape, slice) so Inductor can fuse it into the consumer.
     """
     pf = pack_factor(bits)
     shifts = torch.arange(pf, dtype=torch.int32, device=packed.device) * bits

@@ -25,8 +25,11 @@ from torch import Tensor
 
 from spinfx.kernels.quant_pack import pack_factor, pack_int32, unpack_int32
 
+
 @dataclass(frozen=True, eq=False)
 class QuantWeight:
+    """One `pack-quantized` matrix (see the module docstring); fields use compressed-tensors' names."""
+
     weight_packed: Tensor  # int32 [N, ceil(K / (32 // bits))], packed along K (see quant_pack)
     weight_scale: Tensor  # float [N, G] in the weight dtype; per-channel: [N, 1]
     weight_zero_point: Tensor | None  # int8 [N, G], signed q-domain zero (unpacked); None: symmetric
@@ -239,15 +242,12 @@ class MixedQuantWeight:
                                 None if self.bias is None else self.bias[start:end])
 
 
-def dequantize(qw: QuantWeight | MixedQuantWeight) -> Tensor:
-    """Reference dequantization -> W [N, K] in the scale dtype.
-
-    (u - zu) * s is computed exactly in float64 and rounded once to the scale dtype.
-    """
+def dequantize(qw: QuantWeight | MixedQuantWeight, dtype: torch.dtype | None = None) -> Tensor:
+    """Reference dequantization -> W [N, K], computed exactly in float64 ((u - zu) · s) and rounded once
+    to `dtype` (default: the scale dtype; pass torch.float64 for the exact values)."""
     if isinstance(qw, MixedQuantWeight):
-        stored = torch.cat([dequantize(s) for s in qw.segments], dim=1)
+        stored = torch.cat([dequantize(s, dtype) for s in qw.segments], dim=1)
         return torch.empty_like(stored).index_copy_(1, qw.perm, stored)
     g = qw.group_index()
     w = (qw.unpack() - qw.zero_unsigned()[:, g]).double() * qw.weight_scale.double()[:, g]
-    return w.to(qw.weight_scale.dtype)
-
+    return w.to(dtype or qw.weight_scale.dtype)
