@@ -27,7 +27,7 @@ from spinfx.errors import Unsupported
 from spinfx.graph import Program, add_const
 from spinfx.match import describe, find_all
 from spinfx.pattern import Op, Siblings, Var
-from spinfx.patterns.attention import QKV, ROPE_SITE, qkv_linears
+from spinfx.patterns.attention import ATTENTION, QKV, ROPE_SITE, qkv_linears
 from spinfx.patterns.common import CASTS, HEAD_LAYOUT, VIEWS, linear_of
 from spinfx.patterns.norms import NORM, RMSNORM_PLAIN, norm_kind
 from spinfx.patterns.residual import residual_stream
@@ -237,6 +237,7 @@ class Rotate(Pass):
 
     def run(self, prog: Program, ctx: Context) -> PassResult:
         res = PassResult(self.name, self.options())
+        downs = mlp_down_projections(prog) if self.r4 else []  # found before R1 edits the stream
         if self.r1 != "none":
             hidden = residual_stream(prog.graph).embedding.meta["val"].shape[-1]
             apply_r1(prog, make_rotation(self.r1, hidden, self.seed), res)
@@ -245,13 +246,83 @@ class Rotate(Pass):
         if self.r3:
             apply_r3(prog, res)
         if self.r4:
-            apply_r4(prog, res)
+            apply_r4(prog, downs, res)
         return res
 
 
+def _online(g: fx.Graph, x: fx.Node, plan, before: fx.Node | None = None) -> fx.Node:
+    """Insert spinfx::hadamard(x) (x @ M over the last dim) right after x, or right before `before`."""
+    import spinfx.kernels.hadamard  # noqa: F401  (registers torch.ops.spinfx.hadamard)
+
+    ctx = g.inserting_before(before) if before is not None else g.inserting_after(x)
+    with ctx:
+        h = g.call_function(torch.ops.spinfx.hadamard.default, (x, list(plan.ks), plan.block, False))
+    h.meta = {"val": x.meta["val"], "module": x.meta.get("module", ""), "module_type": "online-hadamard"}
+    return h
+
+
+def _plan(n: int, what: str):
+    from spinfx.kernels.hadamard_matrices import plan
+
+    try:
+        return plan(n)
+    except ValueError as e:
+        raise Unsupported(f"{what}: no Hadamard transform of size {n}: {e}") from None
+
+
 def apply_r3(prog: Program, res: PassResult) -> None:
-    raise Unsupported("R3 needs the online Hadamard op (spinfx::hadamard), not built yet")
+    """q·H and k·H after RoPE: attention scores unchanged, the KV cache holds rotated keys."""
+    g = prog.graph
+    sites = find_all(ROPE_SITE, g)[0]
+    keys = ("rope_q", "rope_k")
+    if not sites:
+        # no RoPE (learned positions): nothing sits between the projections and attention, so the
+        # rotation goes on attention's q and k inputs directly
+        sites = find_all(ATTENTION, g)[0]
+        keys = ("q_in", "k_in")
+        if not sites:
+            raise Unsupported("R3: no attention (scaled_dot_product_attention) was found")
+        res.notes.append("R3: the model has no RoPE; q and k are rotated at attention's inputs")
+    plans = set()
+    for m in sites:
+        for key in keys:
+            node = m[key]
+            p = _plan(node.meta["val"].shape[-1], "R3")
+            plans.add(p.describe())
+            h = _online(g, node, p)
+            node.replace_all_uses_with(h, delete_user_cb=lambda u, h=h: u is not h)
+    res.findings["r3"] = {"sites": len(sites), "hadamard": ", ".join(sorted(plans))}
 
 
-def apply_r4(prog: Program, res: PassResult) -> None:
-    raise Unsupported("R4 needs the online Hadamard op (spinfx::hadamard), not built yet")
+def _reads_attention(node: fx.Node) -> bool:
+    x = node.args[1] if node.target is aten.addmm.default else node.args[0]
+    while x.op == "call_function" and x.target in HEAD_LAYOUT + CASTS:
+        x = x.args[0]
+    return x.op == "call_function" and x.target is aten.scaled_dot_product_attention.default
+
+
+def mlp_down_projections(prog: Program) -> list[fx.Node]:
+    """Linears that write the MLP's output into the residual stream (not attention's o_proj)."""
+    stream = residual_stream(prog.graph)
+    downs = [w.node for w in stream.writers if w.node.target in LINEARS and not _reads_attention(w.node)]
+    if not downs:
+        raise Unsupported("R4: no MLP down projection writes into the residual stream")
+    return downs
+
+
+def apply_r4(prog: Program, downs: list[fx.Node], res: PassResult) -> None:
+    """An online Hadamard on the MLP's down projection input, W_down ← W_down·H."""
+    g = prog.graph
+    W = _Weights(prog)
+    plans = set()
+    for d in downs:
+        wn, _, t = _lin(d)
+        xi = 1 if t else 0
+        x = d.args[xi]
+        p = _plan(x.meta["val"].shape[-1], f"R4 at {describe(d)}")
+        plans.add(p.describe())
+        M = p.matrix()
+        h = _online(g, x, p, before=d)
+        d.replace_input_with(x, h)
+        W.edit(wn, "down projection", (lambda A, M=M: M.T @ A) if t else (lambda A, M=M: A @ M))
+    res.findings["r4"] = {"sites": len(downs), "hadamard": ", ".join(sorted(plans))}

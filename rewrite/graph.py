@@ -13,7 +13,7 @@ Canonical form (what every pattern may rely on):
     fully-qualified name (`model.layers.0.self_attn.q_proj.weight`); tied tensors appear once, under
     their first name, the others recorded in `Program.aliases`;
   * placeholders only for the user inputs the graph reads;
-  * no runtime asserts, no no-op casts/clones/aliases, no dead nodes;
+  * no runtime asserts, no no-op casts/clones/aliases, no dead nodes; views spelled as reshape;
   * every node has `meta["val"]` (a FakeTensor or a Python scalar) and `meta["module"]` (the module
     path it came from, "" for the top level) with `meta["module_type"]` (class name).
 """
@@ -38,7 +38,10 @@ _NOOP_IF_SAME = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, ate
 _IDENTITY = {aten.clone.default, aten.alias.default, aten.lift_fresh_copy.default, aten.detach.default}
 _ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default,
             aten.sym_constrain_range_for_size.default, aten._assert_async.msg}
-_RENAME = {aten._unsafe_view.default: aten.reshape.default}  # its clone() was dropped above
+# view -> reshape: export records views that are valid for the strides seen at trace time; a rewrite
+# that changes a producer's layout (an inserted op returning a contiguous tensor) would break them.
+# In a functional inference graph reshape means the same and copies only when it must.
+_RENAME = {aten._unsafe_view.default: aten.reshape.default, aten.view.default: aten.reshape.default}
 
 
 @dataclass
@@ -226,7 +229,6 @@ def _from_exported(ep: torch.export.ExportedProgram, module_prefix: str) -> Prog
             attr_nodes[canon] = a
         env[n] = attr_nodes[canon]
 
-    cloned: set = set()  # sources of dropped clones
     for n in gm_src.graph.nodes:
         if n.op == "placeholder":
             continue
@@ -242,13 +244,9 @@ def _from_exported(ep: torch.export.ExportedProgram, module_prefix: str) -> Prog
         src = new_args[0] if new_args else None
         if n.target in _IDENTITY or (n.target in _NOOP_IF_SAME and _same_meta(src, n)):
             env[n] = src
-            if n.target is aten.clone.default:
-                cloned.add(src)
             continue
         target = _RENAME.get(n.target, n.target)
-        if target is aten.view.default and src in cloned:
-            target = aten.reshape.default  # the clone that made it contiguous is gone: reshape copies if needed
-        if target in (aten.view.default, aten.reshape.default) and isinstance(src, fx.Node) and _same_shape(src, n):
+        if target is aten.reshape.default and isinstance(src, fx.Node) and _same_shape(src, n):
             env[n] = src
             continue
         new = graph.call_function(target, tuple(new_args), dict(new_kwargs))

@@ -19,6 +19,7 @@ from spinfx.pipeline import Pass
 PRESETS: dict[str, list[dict[str, dict]]] = {
     "fold": [{"fold-norms": {}}],
     "rotate": [{"fold-norms": {}}, {"rotate": {"r1": "hadamard", "r2": "hadamard"}}],
+    "spinquant": [{"fold-norms": {}}, {"rotate": {"r1": "hadamard", "r2": "hadamard", "r3": True, "r4": True}}],
 }
 
 

@@ -11,9 +11,10 @@ from spinfx.recipe import Recipe
 
 STAGES = {
     "fold": lambda tie: [FoldNorms(tie=tie)],
-    "r1": lambda tie: [FoldNorms(tie=tie), Rotate(r1="hadamard", r2="none")],
-    "r1r2": lambda tie: [FoldNorms(tie=tie), Rotate(r1="hadamard", r2="hadamard")],
-    "r1r2-random": lambda tie: [FoldNorms(tie=tie), Rotate(r1="random", r2="random", seed=3)],
+    "+r1": lambda tie: [FoldNorms(tie=tie), Rotate(r1="hadamard", r2="none")],
+    "+r2": lambda tie: [FoldNorms(tie=tie), Rotate(r1="hadamard", r2="hadamard")],
+    "+r3": lambda tie: [FoldNorms(tie=tie), Rotate(r1="hadamard", r2="hadamard", r3=True)],
+    "+r4": lambda tie: [FoldNorms(tie=tie), Rotate(r1="hadamard", r2="hadamard", r3=True, r4=True)],
 }
 
 
@@ -48,14 +49,14 @@ def test_float64_logits_match_to_1e9(name):
 
     zm = zoo.build(name, dtype=torch.float64)
     original = spinfx.trace(zm.model, zm.example_inputs)
-    r = spinfx.rewrite(zm.model, Recipe("rotate", STAGES["r1r2"]("untie")), zm.example_inputs)
+    r = spinfx.rewrite(zm.model, Recipe("rotate", STAGES["+r4"]("untie")), zm.example_inputs)
     assert compare(original, r.program, seeds=(7, 8))["max_abs"] <= 1e-9
 
 
 def test_rmsnorm_embedding_is_rotated_not_centered():
     zm = zoo.build("llama_untied", dtype=torch.float64)
     E = zm.model.model.embed_tokens.weight.detach().clone()
-    r = spinfx.rewrite(zm.model, Recipe("r1", STAGES["r1"]("untie")), zm.example_inputs)
+    r = spinfx.rewrite(zm.model, Recipe("r1", STAGES["+r1"]("untie")), zm.example_inputs)
     E2 = r.program.const("model.embed_tokens.weight")
     from spinfx.kernels.hadamard_matrices import random_hadamard
 
@@ -66,10 +67,10 @@ def test_rmsnorm_embedding_is_rotated_not_centered():
 def test_tied_embedding_is_not_rotated_twice():
     zm = zoo.build("llama", dtype=torch.float64)
     E = zm.model.model.embed_tokens.weight.detach().clone()
-    keep = spinfx.rewrite(zm.model, Recipe("k", STAGES["r1"]("keep")), zm.example_inputs)
+    keep = spinfx.rewrite(zm.model, Recipe("k", STAGES["+r1"]("keep")), zm.example_inputs)
     assert torch.equal(keep.program.const("model.embed_tokens.weight"), E)  # one matrix, untouched
     assert any("online" in n for n in keep.report.passes[1].notes)
-    untie = spinfx.rewrite(zm.model, Recipe("u", STAGES["r1"]("untie")), zm.example_inputs)
+    untie = spinfx.rewrite(zm.model, Recipe("u", STAGES["+r1"]("untie")), zm.example_inputs)
     from spinfx.kernels.hadamard_matrices import random_hadamard
 
     R = random_hadamard(E.shape[1], 0)
@@ -147,3 +148,30 @@ def test_refuses_r1_when_a_non_norm_reads_the_stream():
     m = _PostNormBlock()
     with pytest.raises(spinfx.Unsupported, match=r"R1: relu\S* \[aten.relu\] reads the residual stream"):
         spinfx.rewrite(m, Recipe("r1", [FoldNorms(), Rotate(r2="none")]), (torch.randint(0, 32, (1, 5)),))
+
+
+def test_random_orthogonal_rotations_are_exact_too():
+    zm = zoo.build("qwen2")
+    r = spinfx.rewrite(zm.model, Recipe("random", [FoldNorms(), Rotate(r1="random", r2="random", seed=3)]),
+                       zm.example_inputs)
+    assert all(p.certificate["rel"] <= 1e-10 for p in r.report.passes)
+
+
+def test_r3_goes_after_rope_and_r4_before_down_proj():
+    zm = zoo.build("llama")
+    r = spinfx.rewrite(zm.model, "spinquant", zm.example_inputs)
+    g = r.program.graph
+    had = [n for n in g.nodes if n.op == "call_function" and n.target is torch.ops.spinfx.hadamard.default]
+    assert len(had) == 3 * 2  # q and k per layer (R3) + down_proj input per layer (R4)
+    for h in had:
+        src = h.args[0]
+        users = list(h.users)
+        if src.target is torch.ops.aten.add.Tensor:  # R3: the RoPE output (t·cos + rot(t)·sin)
+            assert h.meta["module"].endswith("self_attn")
+        else:  # R4: straight into down_proj
+            assert users[0].target is torch.ops.aten.linear.default
+            assert users[0].args[1].target.endswith("mlp.down_proj.weight")
+    # non-power-of-two sizes: Gemma head_dim 24 (12×2), intermediate 88 (44×2)
+    rg = spinfx.rewrite(zoo.build("gemma").model, "spinquant", zoo.build("gemma").example_inputs)
+    f = rg.report.passes[1].findings
+    assert f["r3"]["hadamard"] == "exact 12×2^1" and f["r4"]["hadamard"] == "exact 44×2^1"

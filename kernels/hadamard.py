@@ -1,0 +1,140 @@
+"""Online Hadamard rotation: the `spinfx::hadamard` op, its plain-torch body, and a dense reference.
+
+`spinfx::hadamard(Tensor x, int[] ks, int block, bool transpose=False) -> Tensor` applies the
+normalized (orthonormal) Hadamard transform of a `HadamardPlan` over the last dim of x:
+y = x @ M, M = plan.matrix() (block-diagonal with `block`-sized blocks, each
+H_{ks[0]} ⊗ … ⊗ H_{ks[-1]} ⊗ H_{2^m} / √block); `transpose=True` gives x @ Mᵀ = the inverse.
+Leading dims are free; the output has x's shape and dtype (half types compute in float32).
+Never a dense n×n matmul: each K factor is a K×K matmul over its axis, the 2^m part a butterfly,
+so the cost is O(n·(Σ K + m)) per row.
+
+The op is the plain transform; the random-sign ("random Hadamard") variant lives on the weight
+side: random_hadamard(n, seed) = diag(s)·M, and x @ diag(s)·M = hadamard(x ⊙ s), so the signs fold
+into the preceding weights. Offline, weights rotate through the same transform without building M:
+W' = W @ M is hadamard_transform(W, plan) row by row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from spinfx.kernels.hadamard_matrices import (
+    FACTORS,
+    MAX_FACTOR,
+    HadamardPlan,
+    compute_dtype,
+    constructible_orders,
+    factor_tensor,
+    hadamard_matrix,
+    plan,
+    random_hadamard,
+    random_orthogonal,
+)
+
+__all__ = [
+    "FACTORS",
+    "MAX_FACTOR",
+    "HadamardPlan",
+    "constructible_orders",
+    "hadamard",
+    "hadamard_dense_reference",
+    "hadamard_matrix",
+    "hadamard_transform",
+    "hadamard_triton",
+    "plan",
+    "random_hadamard",
+    "random_orthogonal",
+]
+
+
+def _butterfly(y: torch.Tensor, log2: int) -> torch.Tensor:
+    """Unnormalized Walsh–Hadamard transform (Sylvester order) of each row of y (rows, 2^log2).
+
+    H_{2^m} = H_2^{⊗m} acts on each bit of the column index independently, so a pass may take
+    the bits in any order. Radix-4 passes (two bits each, one read and one write of y) from the
+    top bits down, then one radix-2 pass on bit 0 when log2 is odd. Views, adds and stack only,
+    so Inductor fuses the passes when this is traced.
+    """
+    rows, span = y.shape[0], 1 << log2
+    while span >= 4:
+        span //= 4
+        # q = 2·hi + lo over the two bits just above `span`: H_2 on lo, then H_2 on hi.
+        a, b, c, d = y.reshape(-1, 4, span).unbind(1)
+        s, t, u, v = a + b, a - b, c + d, c - d
+        y = torch.stack((s + u, t + v, s - u, t - v), 1)
+    if span == 2:
+        a, b = y.reshape(-1, 2, 1).unbind(1)
+        y = torch.stack((a + b, a - b), 1)
+    return y.reshape(rows, -1)
+
+
+def hadamard_transform(x: torch.Tensor, plan: HadamardPlan, transpose: bool = False) -> torch.Tensor:
+    """x @ M (or x @ Mᵀ) over the last dim, in plain torch (reshapes, matmuls with the small
+    K factors, adds), traceable by Dynamo so Inductor can fuse it. The CPU body of the op."""
+    if x.shape[-1] != plan.n:
+        raise ValueError(f"last dim {x.shape[-1]} != plan n={plan.n}")
+    cdtype = compute_dtype(x.dtype)
+    scale = plan.block**-0.5
+    y = x.reshape(-1, plan.block).to(cdtype)
+    outer, inner = y.shape[0], plan.block
+    for i, k in enumerate(plan.ks):
+        inner //= k
+        # The normalization rides on the first factor: no extra pass over y.
+        h = factor_tensor(int(k), cdtype, x.device, transpose, float(scale) if i == 0 else 1.0)
+        y3 = y.reshape(outer, k, inner)
+        # out[o, j, s] = Σ_k y[o, k, s]·h[k, j]. A broadcast matmul hᵀ @ y3 is fastest when the
+        # trailing run s is long; einsum (k moved last, one mm) when it is short.
+        y = torch.matmul(h.T, y3) if inner >= 16 else torch.einsum("oks,kj->ojs", y3, h)
+        outer *= k
+    if not plan.ks:
+        y = y * scale
+    y = _butterfly(y.reshape(-1, 1 << plan.log2), plan.log2)
+    return y.reshape(x.shape).to(x.dtype)
+
+
+def hadamard_dense_reference(x: torch.Tensor, plan: HadamardPlan, transpose: bool = False) -> torch.Tensor:
+    """x @ M with the dense float64 M = plan.matrix(), for tests (n² memory and flops)."""
+    m = plan.matrix(torch.float64).to(x.device)
+    return (x.to(torch.float64) @ (m.T if transpose else m)).to(x.dtype)
+
+
+def hadamard_triton(x: torch.Tensor, plan: HadamardPlan, transpose: bool = False) -> torch.Tensor:
+    """The Triton body: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (set before triton
+    is first imported). Triton is imported here, on first use."""
+    from spinfx.kernels.hadamard_triton import triton_transform
+
+    return triton_transform(x, plan, transpose)
+
+
+@torch.library.custom_op("spinfx::hadamard", mutates_args=())
+def hadamard_op(x: torch.Tensor, ks: list[int], block: int, transpose: bool = False) -> torch.Tensor:
+    """Normalized Hadamard transform over the last dim of x, plan given as (ks, block).
+
+    CUDA tensors run the Triton kernel; everything else the plain-torch transform.
+    """
+    p = HadamardPlan.from_op_args(x.shape[-1], ks, block)
+    if x.is_cuda:
+        return hadamard_triton(x, p, transpose)
+    return hadamard_transform(x, p, transpose).contiguous()  # match the fake impl (contiguous)
+
+
+@hadamard_op.register_fake
+def _hadamard_fake(x, ks, block, transpose=False):
+    return x.new_empty(x.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    _, ctx.ks, ctx.block, ctx.transpose = inputs
+
+
+def _backward(ctx, grad):
+    # y = x @ M  =>  dL/dx = dL/dy @ Mᵀ: the same op with transpose flipped.
+    return hadamard_op(grad, ctx.ks, ctx.block, not ctx.transpose), None, None, None
+
+
+hadamard_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def hadamard(x: torch.Tensor, plan: HadamardPlan, transpose: bool = False) -> torch.Tensor:
+    """torch.ops.spinfx.hadamard for a plan."""
+    return torch.ops.spinfx.hadamard(x, list(plan.ks), plan.block, transpose)
