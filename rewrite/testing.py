@@ -56,7 +56,7 @@ def assert_golden(actual: str, expected: str, _depth: int = 1) -> None:
         return
     frame = sys._getframe(_depth)
     if accepting():
-        _rewrite_inline(frame.f_code.co_filename, frame.f_lineno, a)
+        _rewrite_inline(frame.f_code.co_filename, frame.f_lineno, a, e)
         return
     diff = "\n".join(difflib.unified_diff(e.splitlines(), a.splitlines(), "expected (golden)", "actual",
                                           lineterm="", n=2))
@@ -70,7 +70,7 @@ def _literal(text: str) -> str:
     return repr(text)
 
 
-def _rewrite_inline(path: str, lineno: int, actual: str) -> None:
+def _rewrite_inline(path: str, lineno: int, actual: str, expected: str) -> None:
     shift = sum(d for line, d in _SHIFTS.get(path, []) if line < lineno)
     cur_line = lineno + shift
     with open(path) as f:
@@ -79,7 +79,8 @@ def _rewrite_inline(path: str, lineno: int, actual: str) -> None:
     best = None
     for node in ast.walk(tree):
         if (isinstance(node, ast.Call) and node.args and node.lineno <= cur_line <= node.end_lineno
-                and isinstance(node.args[-1], ast.Constant) and isinstance(node.args[-1].value, str)):
+                and isinstance(node.args[-1], ast.Constant) and isinstance(node.args[-1].value, str)
+                and _norm(node.args[-1].value) == expected):  # the string that holds this golden
             if best is None or node.lineno >= best.lineno:
                 best = node
     if best is None:
