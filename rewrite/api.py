@@ -102,25 +102,60 @@ class RewrittenModule(torch.nn.Module):
 
 @dataclass
 class Result:
+    """`module` runs the rewritten program for the traced input signature only (no `generate`, no KV
+    cache). To keep the HF interface, `save` a checkpoint and `spinfx.load` it (the model class with
+    the rewritten weights and online ops re-attached), or use `torch.compile(backend="spinfx")`."""
+
     module: torch.nn.Module
     report: Report
     program: Program
+    source: torch.nn.Module | None = None  # the model that was rewritten (its config names the checkpoint)
+    source_dir: Path | None = None         # its HF directory, when it was loaded from one (tokenizer files)
+
+    def save(self, out, force: bool = False) -> Path:
+        """Write a checkpoint directory (spinfx.offline: safetensors, config, tokenizer, reports),
+        verified by loading it back; an existing `out` is refused unless `force`."""
+        from spinfx.offline import save
+
+        return save(self, out, force=force, progress=progress)
 
 
 def rewrite(model, recipe="spinquant-w4a16", example_inputs=None, calib=None, certify: bool = True) -> Result:
     """Trace `model`, run the recipe's passes (certifying those that change weights), and return the
-    runnable rewritten module with its report."""
-    from spinfx.certify import finalize, to_master
+    runnable rewritten module with its report. `calib`: a 1-D tensor of token ids (real text); when
+    given, the report carries activation statistics at every linear's input before and after."""
     from spinfx.recipe import load_recipe
 
     rec = load_recipe(recipe)
     prog, module = load(model, example_inputs)
+    rep = apply_recipe(prog, rec, calib, certify)
+    source_dir = None
+    if isinstance(model, (str, Path)):
+        from spinfx.hf import resolve_source
+
+        source_dir = resolve_source(model)
+    return Result(RewrittenModule(prog), rep, prog, module, source_dir)
+
+
+def apply_recipe(prog: Program, recipe, calib=None, certify: bool = True) -> Report:
+    """Run `recipe` on `prog` in place and return the report: float64 master weights, the passes
+    (certified), weights back to their dtypes. Shared by `rewrite` and the torch.compile backend."""
+    from spinfx.certify import finalize, to_master
+    from spinfx.recipe import load_recipe
+    from spinfx.stats import compare_stats, linear_input_stats, token_batches
+
+    rec = load_recipe(recipe)
+    batches = token_batches(prog, calib, limit=16) if calib is not None else None
+    before = linear_input_stats(prog, batches) if batches else None
     to_master(prog)
     ctx = Context(calib=calib, progress=progress)
     results = run_pipeline(prog, rec.passes, ctx, certify=certify)
     finalize(prog)
-    rep = Report(model=str(prog.meta.get("model_type") or prog.meta["class"]), recipe=rec.name, passes=results)
-    return Result(RewrittenModule(prog), rep, prog)
+    rep = Report(model=str(prog.meta.get("model_type") or prog.meta.get("class", "")), recipe=rec.name,
+                 passes=results)
+    if batches:
+        rep.extra["activations"] = compare_stats(before, linear_input_stats(prog, batches))
+    return rep
 
 
 def progress(msg: str) -> None:

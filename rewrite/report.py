@@ -104,6 +104,17 @@ class Report:
             if p.certificate:
                 c = p.certificate
                 lines.append(f"  certified: max |Δ| {c['max_abs']:.2e} (relative {c['rel']:.2e} ≤ {c['tolerance']:.0e}), {c['dtype']}")
+        acts = self.extra.get("activations")
+        if acts:
+            med = acts["median"]
+            lines.append(f"\nactivations at linear inputs (median over {len(acts['layers'])} linears, real text): "
+                         f"max|x| {med['max_abs_before']:.3g} → {med['max_abs_after']:.3g}, "
+                         f"kurtosis {med['kurtosis_before']:.3g} → {med['kurtosis_after']:.3g}")
+            if verbose:
+                for k, row in acts["layers"].items():
+                    b, a = row["before"], row["after"]
+                    lines.append(f"  {k:<40} max|x| {b['max_abs']:8.3g} → {a['max_abs']:8.3g}   "
+                                 f"kurtosis {b['kurtosis']:8.3g} → {a['kurtosis']:8.3g}")
         if self.contract is not None:
             c = self.contract
             status = "satisfied" if c.ok else "BROKEN"
