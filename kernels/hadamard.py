@@ -37,6 +37,7 @@ __all__ = [
     "HadamardPlan",
     "constructible_orders",
     "hadamard",
+    "hadamard_decompositions",
     "hadamard_dense_reference",
     "hadamard_matrix",
     "hadamard_transform",
@@ -79,8 +80,14 @@ def hadamard_transform(x: torch.Tensor, plan: HadamardPlan, transpose: bool = Fa
     outer, inner = y.shape[0], plan.block
     for i, k in enumerate(plan.ks):
         inner //= k
-        # The normalization rides on the first factor: no extra pass over y.
-        h = factor_tensor(int(k), cdtype, x.device, transpose, float(scale) if i == 0 else 1.0)
+        s = scale if i == 0 else 1.0  # the normalization rides on the first factor: no extra pass
+        if torch.compiler.is_compiling():
+            # Traced: read the factor off the plan (a tensor attribute; Inductor folds the prep)
+            # rather than a cache keyed by ints that a recompile may have made symbolic.
+            h = plan.factors[i].to(device=x.device, dtype=cdtype)
+            h = (h.T if transpose else h) * s
+        else:
+            h = factor_tensor(k, cdtype, x.device, transpose, s)
         y3 = y.reshape(outer, k, inner)
         # out[o, j, s] = Σ_k y[o, k, s]·h[k, j]. A broadcast matmul hᵀ @ y3 is fastest when the
         # trailing run s is long; einsum (k moved last, one mm) when it is short.
@@ -108,14 +115,15 @@ def hadamard_triton(x: torch.Tensor, plan: HadamardPlan, transpose: bool = False
 
 @torch.library.custom_op("spinfx::hadamard", mutates_args=())
 def hadamard_op(x: torch.Tensor, ks: list[int], block: int, transpose: bool = False) -> torch.Tensor:
-    """Normalized Hadamard transform over the last dim of x, plan given as (ks, block).
-
-    CUDA tensors run the Triton kernel; everything else the plain-torch transform.
-    """
+    """Normalized Hadamard transform over the last dim of x, plan given as (ks, block): the
+    plain-torch transform (CPU and any non-CUDA device); CUDA runs the Triton kernel."""
     p = HadamardPlan.from_op_args(x.shape[-1], ks, block)
-    if x.is_cuda:
-        return hadamard_triton(x, p, transpose)
     return hadamard_transform(x, p, transpose).contiguous()  # match the fake impl (contiguous)
+
+
+@hadamard_op.register_kernel("cuda")
+def _hadamard_cuda(x, ks, block, transpose=False):
+    return hadamard_triton(x, HadamardPlan.from_op_args(x.shape[-1], ks, block), transpose)
 
 
 @hadamard_op.register_fake
@@ -138,3 +146,17 @@ hadamard_op.register_autograd(_backward, setup_context=_setup_context)
 def hadamard(x: torch.Tensor, plan: HadamardPlan, transpose: bool = False) -> torch.Tensor:
     """torch.ops.spinfx.hadamard for a plan."""
     return torch.ops.spinfx.hadamard(x, list(plan.ks), plan.block, transpose)
+
+
+def _decompose_hadamard(x, ks, block, transpose=False):
+    if x.device.type == "cuda":  # keep the Triton kernel
+        return NotImplemented
+    return hadamard_transform(x, HadamardPlan.from_op_args(x.shape[-1], ks, block), transpose)
+
+
+def hadamard_decompositions() -> dict:
+    """Extra decompositions for Inductor (`compile_fx(..., decompositions={**select_decomp_table(), **this})`):
+    off CUDA, `spinfx::hadamard` becomes its plain-torch transform, whose butterfly passes Inductor
+    fuses with each other and with the neighbours (bench, n = 64, M = 1: 0.03 ms vs 0.09 ms eager).
+    Without them the op stays one opaque node running its eager body."""
+    return {torch.ops.spinfx.hadamard.default: _decompose_hadamard}
