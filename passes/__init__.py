@@ -3,7 +3,8 @@
 `REGISTRY` maps a pass's kebab-case name (as written in recipes) to its class.
 """
 from spinfx.passes.fold_norms import FoldNorms
+from spinfx.passes.mappings import CheckMappings
 from spinfx.passes.rotate import Rotate
 from spinfx.passes.structure import FindStructure
 
-REGISTRY = {p.name: p for p in (FindStructure, FoldNorms, Rotate)}
+REGISTRY = {p.name: p for p in (FindStructure, FoldNorms, Rotate, CheckMappings)}
