@@ -104,3 +104,18 @@ def test_smollm2_inspect_counts():
     res = rep["passes"][0]["findings"]["residual"]
     assert res["embedding"] == "model.embed_tokens.weight" and res["writers"] == 60
     assert rep["contract"]["satisfied"] and rep["contract"]["env"] == {"L": 30}
+
+
+def test_spinfx_trace_levels(monkeypatch, capsys):
+    zm = zoo.build("llama")
+    monkeypatch.setenv("SPINFX_TRACE", "1")
+    spinfx.rewrite(zm.model, "fold", zm.example_inputs)
+    err = capsys.readouterr().err
+    assert "[spinfx] fold-norms:" in err and "fold-rms=5/5" in err and "matched at" not in err
+    monkeypatch.setenv("SPINFX_TRACE", "2")
+    spinfx.rewrite(zm.model, "fold", zm.example_inputs)
+    err = capsys.readouterr().err
+    assert "fold-rms (passes/fold_norms.py:" in err and "matched at mul_tensor" in err
+    monkeypatch.setenv("SPINFX_TRACE", "3")
+    spinfx.rewrite(zm.model, "fold", zm.example_inputs)
+    assert "graph before fold-norms:" in capsys.readouterr().err
