@@ -281,7 +281,7 @@ def apply_r3(prog: Program, res: PassResult) -> None:
         sites = find_all(ATTENTION, g)[0]
         keys = ("q_in", "k_in")
         if not sites:
-            raise Unsupported("R3: no attention (scaled_dot_product_attention) was found")
+            raise Unsupported("R3: no attention site (scaled_dot_product_attention or matmul-softmax-matmul) was found")
         res.notes.append("R3: the model has no RoPE; q and k are rotated at attention's inputs")
     plans = set()
     for m in sites:
@@ -294,17 +294,18 @@ def apply_r3(prog: Program, res: PassResult) -> None:
     res.findings["r3"] = {"sites": len(sites), "hadamard": ", ".join(sorted(plans))}
 
 
-def _reads_attention(node: fx.Node) -> bool:
+def _reads_attention(node: fx.Node, attn_roots: set) -> bool:
     x = node.args[1] if node.target is aten.addmm.default else node.args[0]
     while x.op == "call_function" and x.target in HEAD_LAYOUT + CASTS:
         x = x.args[0]
-    return x.op == "call_function" and x.target is aten.scaled_dot_product_attention.default
+    return x in attn_roots
 
 
 def mlp_down_projections(prog: Program) -> list[fx.Node]:
     """Linears that write the MLP's output into the residual stream (not attention's o_proj)."""
     stream = residual_stream(prog.graph)
-    downs = [w.node for w in stream.writers if w.node.target in LINEARS and not _reads_attention(w.node)]
+    attn_roots = {m.root for m in find_all(ATTENTION, prog.graph)[0]}
+    downs = [w.node for w in stream.writers if w.node.target in LINEARS and not _reads_attention(w.node, attn_roots)]
     if not downs:
         raise Unsupported("R4: no MLP down projection writes into the residual stream")
     return downs

@@ -2,7 +2,7 @@
 
 ROPE(t)     t·cos + rotate_half(t)·sin, rotate_half(t) = cat(-t[..., h/2:], t[..., :h/2]); also the
             partial form cat(rope(t), t[..., r:]) (Phi-3). Captures `cos`, `sin`; the output is named.
-ATTENTION   every scaled-dot-product attention call (an attention site), `attn`.
+ATTENTION   every attention site, `attn`: scaled_dot_product_attention, or the eager matmul/softmax form.
 ROPE_SITE   an attention whose q and k both come through RoPE: captures `rope_q`, `rope_k` (the
             nodes after which R3 goes), `cos`, `sin`.
 QKV         an attention whose q, k, v are projections of one input `x` — three linears (`q`, `k`,
@@ -17,7 +17,7 @@ import torch
 
 from spinfx.pattern import ANY, Chain, Op, Opt, Var, is_const, is_number
 
-from spinfx.patterns.common import HEAD_LAYOUT, VIEWS, linear_of
+from spinfx.patterns.common import CASTS, HEAD_LAYOUT, VIEWS, linear_of
 
 aten = torch.ops.aten
 SDPA = (aten.scaled_dot_product_attention.default,)
@@ -44,10 +44,19 @@ def _repeat_kv(p):
     return Op(VIEWS, Op(aten.expand.default, Op(aten.unsqueeze.default, p, 2), ANY), ANY) | p
 
 
-ATTENTION = Op(SDPA, Var("q_in"), Var("k_in"), Var("v_in"), name="attn")
+def attention(q, k, v, name: str = "attn"):
+    """softmax(q·kᵀ·scale + mask)·v: one `aten.scaled_dot_product_attention`, or HF's eager spelling
+    matmul(softmax(matmul(q, kᵀ)·scale + mask), v) (casts around the softmax optional)."""
+    scores = Op(aten.matmul.default, q, Op(aten.transpose.int, k, ANY, ANY))
+    scaled = Opt(aten.mul.Tensor, scores, Var(None, where=is_number))
+    masked = Opt(aten.add.Tensor, scaled, ANY)
+    probs = Opt(CASTS, Op(aten.softmax.int, masked, -1))
+    return Op(SDPA, q, k, v, name=name) | Op(aten.matmul.default, probs, v, name=name)
 
-ROPE_SITE = Op(SDPA, rope(Var("tq"), "tq", "rope_q"), _repeat_kv(rope(Var("tk"), "tk", "rope_k")), ANY,
-               name="attn")
+
+ATTENTION = attention(Var("q_in"), Var("k_in"), Var("v_in"))
+
+ROPE_SITE = attention(rope(Var("tq"), "tq", "rope_q"), _repeat_kv(rope(Var("tk"), "tk", "rope_k")), ANY)
 
 
 def _fused_part(role: str):
@@ -63,11 +72,9 @@ def _heads(role: str):
     return Op(HEAD_LAYOUT, Chain(HEAD_LAYOUT, scaled, 2), name=f"{role}_heads")
 
 
-QKV = Op(SDPA,
-         rope(_heads("q"), "q_heads", "rope_q") | _heads("q"),
-         _repeat_kv(rope(_heads("k"), "k_heads", "rope_k") | _heads("k")),
-         _repeat_kv(_heads("v")),
-         name="attn")
+QKV = attention(rope(_heads("q"), "q_heads", "rope_q") | _heads("q"),
+                _repeat_kv(rope(_heads("k"), "k_heads", "rope_k") | _heads("k")),
+                _repeat_kv(_heads("v")))
 
 
 def qkv_linears(m) -> dict:

@@ -175,3 +175,17 @@ def test_r3_goes_after_rope_and_r4_before_down_proj():
     rg = spinfx.rewrite(zoo.build("gemma").model, "spinquant", zoo.build("gemma").example_inputs)
     f = rg.report.passes[1].findings
     assert f["r3"]["hadamard"] == "exact 12×2^1" and f["r4"]["hadamard"] == "exact 44×2^1"
+
+
+@pytest.mark.parametrize("name", ["llama", "phi3", "gpt2"])
+def test_eager_attention_is_found_and_rotated_exactly(name):
+    import transformers
+
+    zm = zoo.build(name)
+    eager = transformers.AutoModelForCausalLM.from_config(zm.config, attn_implementation="eager").eval()
+    eager.load_state_dict(zm.model.state_dict())
+    rep = spinfx.inspect(eager, zm.example_inputs)
+    assert rep.contract.ok, rep.contract.problems
+    r = spinfx.rewrite(eager, "spinquant", zm.example_inputs)
+    assert all(p.certificate["rel"] <= 1e-10 for p in r.report.passes)
+    assert r.report.passes[1].findings["r3"]["sites"] == 2
