@@ -19,8 +19,10 @@ Canonical form (what every pattern may rely on):
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -98,12 +100,20 @@ class Program:
 def from_module(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None) -> Program:
     """torch.export (non-strict) of `model(*args, **kwargs)` into the canonical form."""
     kwargs = dict(kwargs or {})
-    with torch.no_grad():
+    with torch.no_grad(), _quiet():
         ep = torch.export.export(model, tuple(args), kwargs, strict=False)
-    prog = _from_exported(ep, module_prefix="")
+        prog = _from_exported(ep, module_prefix="")
     flat = pytree.tree_leaves((tuple(args), kwargs))
     prog.examples = [flat[i] for i in prog.input_positions]
     return prog
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch 2.13's export warns about its own pytree internals (LeafSpec); not the user's business."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        yield
 
 
 _SOURCE_PART = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_][A-Za-z0-9_]*)")
@@ -158,9 +168,9 @@ def from_dynamo(gm: fx.GraphModule, example_inputs: list) -> Program:
         lifted = _Lifted(gm, slots)
         for fqn, t in consts.items():
             _set_tensor(lifted, fqn, t.detach())
-        with torch.no_grad():
+        with torch.no_grad(), _quiet():
             ep = torch.export.export(lifted, tuple(user), strict=False)
-        prog = _from_exported(ep, module_prefix="L['self'].")
+            prog = _from_exported(ep, module_prefix="L['self'].")
     prog.in_spec = prog.out_spec = None
     prog.examples = [user[i] for i in prog.input_positions]
     return prog
