@@ -21,6 +21,11 @@ PRESETS: dict[str, list[dict[str, dict]]] = {
     "rotate": [{"fold-norms": {}}, {"rotate": {"r1": "hadamard", "r2": "hadamard"}}],
     "spinquant": [{"fold-norms": {}}, {"rotate": {"r1": "hadamard", "r2": "hadamard", "r3": True, "r4": True}}],
 }
+_W4 = {"bits": 4, "group_size": 128, "symmetric": True, "method": "rtn"}
+PRESETS["w4a16"] = [{"quantize": {"weights": _W4, "ignore": ["lm_head"]}}]
+PRESETS["spinquant-w4a16"] = PRESETS["spinquant"] + PRESETS["w4a16"]
+PRESETS["spinquant-w4a4kv4"] = PRESETS["spinquant"] + [
+    {"quantize": {"weights": _W4, "ignore": ["lm_head"], "activations": {"bits": 4}, "kv_cache": {"bits": 4}}}]
 
 
 @dataclass

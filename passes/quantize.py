@@ -1,0 +1,585 @@
+"""quantize: every linear becomes one `spinfx::qlinear` node with packed 2/3/4/8-bit weights.
+
+    aten.linear(x, W, b)            ⇒  spinfx.qlinear(x, $m.weight_packed, $m.weight_scale,
+    aten.addmm(b, x, W[in, out])    ⇒                 $m.weight_zero_point?, $m.weight_g_idx?, b, bits, group)
+
+`m` is the linear's original module path (node meta "module"), so the new constants are named like a
+compressed-tensors `pack-quantized` module's tensors and checkpoints mirror the graph. The graph keeps
+this generic, device-independent op; `lower-qlinear` turns it into the CPU fast paths for execution.
+
+Options (the recipe's words):
+  weights      {bits: 4, group_size: 128, symmetric: true, method: rtn|gptq, act_order: false, damp: 0.01}
+               group_size null = per channel. A layer whose K is not a multiple of the group takes the
+               largest smaller one of 128, 64, 32 that divides K (SmolLM2's 576: 128 → 64), else per
+               channel; the report says so.
+  ignore       module names kept in float (default [lm_head]).
+  overrides    [{pattern: "re:.*down_proj", bits: 8, ...}]: weight options per module, applied in order.
+               A name is a module path or its last dotted parts ("down_proj", "mlp.down_proj");
+               "re:<regex>" must match the whole path. Matched against the ORIGINAL module paths.
+  activations  {bits: 8|4}: per-token symmetric fake quantization of the quantized linears' inputs.
+  kv_cache     {bits: 4, symmetric: false}: per-head, per-token fake quantization of attention's k, v.
+  samples      calibration windows GPTQ uses (default 128), cut from `ctx.calib` (a 1-D token tensor).
+
+Certificate (float64, ≤ 1e-10): the result equals the *input* program with every quantized W replaced by
+dequantize(Q(W)) (activation quantizers included on both sides): packing, op and wiring are exact. What
+quantizing costs is reported per layer: ‖W − Ŵ‖/‖W‖, and for GPTQ the output error on the calibration
+inputs next to the one RTN would give.
+
+Drivers read `quantized_layers(prog)` → {module: QuantLayer}: the `QuantWeight` a checkpoint stores
+(`QuantWeight.to_compressed_tensors()`), the float weight it replaced, method and errors. It lives in
+`prog.meta["quant"]` and survives `lower-qlinear`, which swaps the graph's tensors for runtime-packed ones.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from spinfx.errors import BadInput
+from spinfx.graph import Program, add_const
+from spinfx.kernels.gptq import gptq_quantize
+from spinfx.kernels.qlinear import generic_attrs, generic_tensors, plan_qlinear  # registers spinfx::qlinear*
+from spinfx.kernels.quant_pack import SUPPORTED_BITS
+from spinfx.kernels.quant_rtn import quantize_rtn
+from spinfx.kernels.quant_weight import QuantWeight, dequantize
+from spinfx.passes.actquant import check_bits, quantize_inputs, quantize_kv
+from spinfx.pattern import Var
+from spinfx.patterns.common import linear_node, linear_of
+from spinfx.pipeline import Context, Pass, PassResult
+from spinfx.rule import Rule, find
+
+LINEARS = Rule("linear", linear_of(Var("x")))
+FALLBACK_GROUPS = (128, 64, 32)
+EXACT = 1e-10
+
+
+# ---- options ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How one weight is quantized (the `weights:` options)."""
+
+    bits: int = 4
+    group_size: int | None = 128  # None: per channel
+    symmetric: bool = True
+    method: str = "rtn"           # "rtn" | "gptq"
+    act_order: bool = False       # GPTQ: process columns by decreasing Hessian diagonal (g_idx layout)
+    damp: float = 0.01            # GPTQ: H += damp · mean(diag H) · I
+
+    def updated(self, opts: dict, where: str) -> Scheme:
+        known = {f.name for f in dataclasses.fields(self)}
+        bad = set(opts) - known
+        if bad:
+            raise BadInput(f"quantize: {where} has no option(s) {', '.join(sorted(bad))}; "
+                           f"weight options: {', '.join(sorted(known))}")
+        s = dataclasses.replace(self, **opts)
+        if s.bits not in SUPPORTED_BITS:
+            raise BadInput(f"quantize: {where}: bits must be one of {SUPPORTED_BITS}, got {s.bits!r}")
+        if s.method not in ("rtn", "gptq"):
+            raise BadInput(f"quantize: {where}: method must be 'rtn' or 'gptq', got {s.method!r}")
+        if s.group_size is not None and (not isinstance(s.group_size, int) or s.group_size < 1):
+            raise BadInput(f"quantize: {where}: group_size must be a positive integer or null, got {s.group_size!r}")
+        return s
+
+
+def name_matches(pattern: str, module: str) -> bool:
+    """`re:<regex>` matches the whole module path; a plain name is the path or its last dotted parts."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], module) is not None
+    return module == pattern or module.endswith("." + pattern)
+
+
+def group_for(k: int, group: int | None) -> int | None:
+    """The configured group if it divides K, else the largest smaller one of 128, 64, 32 that does
+    (group 128: 64, then 32), else None (per channel)."""
+    if group is None or k % group == 0:
+        return group
+    return next((g for g in FALLBACK_GROUPS if g < group and k % g == 0), None)
+
+
+# ---- what the pass leaves for drivers ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class QuantLayer:
+    """One quantized weight, as drivers need it."""
+
+    weight: QuantWeight            # what a checkpoint stores: weight.to_compressed_tensors()
+    source: str                    # FQN of the float weight it replaced
+    method: str                    # "rtn" | "gptq"
+    error: float                   # ‖W − Ŵ‖ / ‖W‖
+    input_bits: int | None = None  # per-token activation fake quantization of its input (None: float)
+    output_error: float | None = None      # GPTQ: ‖X(W − Ŵ)ᵀ‖ / ‖XWᵀ‖ on the calibration inputs X
+    rtn_output_error: float | None = None  # the same for the RTN weight (what GPTQ improved on)
+
+    def to_dict(self) -> dict:
+        qw = self.weight
+        d = {"bits": qw.bits, "group_size": qw.group_size, "symmetric": qw.symmetric,
+             "act_order": qw.weight_g_idx is not None, "method": self.method, "shape": list(qw.weight_shape),
+             "error": round(self.error, 6), "bits_per_weight": round(qw.bits_per_weight(), 4)}
+        if self.input_bits is not None:
+            d["input_bits"] = self.input_bits
+        if self.output_error is not None:
+            d["output_error"] = round(self.output_error, 6)
+            d["rtn_output_error"] = round(self.rtn_output_error, 6)
+        return d
+
+
+def quantized_layers(prog: Program) -> dict[str, QuantLayer]:
+    """{original module path: QuantLayer} of every weight the quantize pass replaced."""
+    return prog.meta.get("quant", {})
+
+
+@dataclass(eq=False)
+class _Layer:
+    """One float weight to quantize and the linears that read it."""
+
+    weight: str               # FQN of the float weight
+    module: str               # module path of the first linear reading it: names the new tensors
+    nodes: list[fx.Node]      # the linears reading it
+    transposed: bool          # Conv1D addmm: W is stored [in, out]
+    scheme: Scheme
+    group_size: int | None = None  # after the fallback rule
+
+    def x_arg(self) -> int:
+        return 1 if self.transposed else 0
+
+    def w_arg(self) -> int:
+        return 2 if self.transposed else 1
+
+    def bias(self, node: fx.Node) -> fx.Node | None:
+        if self.transposed:
+            return node.args[0]
+        return node.args[2] if len(node.args) > 2 else None
+
+    def master(self, prog: Program) -> torch.Tensor:
+        """W as [out, in] (float64 during a pipeline run)."""
+        w = prog.const(self.weight)
+        return w.T if self.transposed else w
+
+    def storage_dtype(self, prog: Program) -> torch.dtype:
+        return prog.meta.get("dtypes", {}).get(self.weight, prog.const(self.weight).dtype)
+
+
+# ---- the pass -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Quantize(Pass):
+    name = "quantize"
+    certify = False  # certified inside run(), against the dequantized reference (module docstring)
+    weights: dict = field(default_factory=dict)
+    ignore: list = field(default_factory=lambda: ["lm_head"])
+    overrides: list = field(default_factory=list)
+    activations: dict | None = None
+    kv_cache: dict | None = None
+    samples: int = 128
+
+    def run(self, prog: Program, ctx: Context) -> PassResult:
+        from spinfx.certify import certify_equal
+
+        res = PassResult(self.name, self.options())
+        stats = find(prog.gm, [LINEARS])[f"{LINEARS.where}:{LINEARS.name}"]
+        layers, ignored = self._layers(prog, stats.found, res)
+        stats.applied, stats.declined = sum(len(l.nodes) for l in layers), len(ignored)
+        res.rules = [stats]
+        if ignored:
+            res.notes.append(f"kept in float (ignore): {', '.join(sorted(set(ignored)))}")
+        input_bits = self._quantize_activations(prog, layers, res)
+
+        t0 = time.perf_counter()
+        done = {l.weight: _rtn(prog, l) for l in layers if l.scheme.method == "rtn"}  # → (QuantLayer, Ŵ)
+        gptq = [l for l in layers if l.scheme.method == "gptq"]
+        if gptq:
+            done.update(_calibrate(prog, gptq, self._calibration(prog, ctx), ctx.progress, res))
+        res.findings["seconds_quantizing"] = round(time.perf_counter() - t0, 2)
+
+        reference, out = prog.clone(), {}
+        for l in layers:
+            layer, w_hat = done.pop(l.weight)
+            _dequantized_into(reference, l, w_hat)
+            _to_qlinear(prog, l, layer.weight)
+            out[l.module] = dataclasses.replace(layer, input_bits=input_bits)
+        cert = certify_equal(reference, prog, EXACT, what=f"{self.name} (qlinear against its dequantized weights)")
+        cert["reference"] = "the input program with each quantized W replaced by dequantize(Q(W))"
+        res.certificate = cert
+
+        prog.meta["quant"] = {**quantized_layers(prog), **out}
+        _summarize(out, res)
+        return res
+
+    # -- which weights, how ---------------------------------------------------------------------------
+    def _layers(self, prog: Program, matches: list, res: PassResult) -> tuple[list[_Layer], list[str]]:
+        base = Scheme().updated(dict(self.weights), "weights")
+        for o in self.overrides:
+            if not isinstance(o, dict) or not isinstance(o.get("pattern"), str):
+                raise BadInput(f"quantize: each override is {{pattern: NAME, <weight options>}}, got {o!r}")
+            base.updated({k: v for k, v in o.items() if k != "pattern"}, f"override {o['pattern']!r}")
+        by_weight: dict[str, _Layer] = {}
+        ignored: list[str] = []
+        for m in matches:
+            node, transposed = linear_node(m)
+            w = node.args[2 if transposed else 1].target
+            module = node.meta.get("module") or w.rsplit(".", 1)[0]
+            if any(name_matches(p, module) for p in self.ignore):
+                ignored.append(module)
+            elif w in by_weight:
+                by_weight[w].nodes.append(node)
+            else:
+                scheme = base
+                for o in self.overrides:
+                    if name_matches(o["pattern"], module):
+                        scheme = scheme.updated({k: v for k, v in o.items() if k != "pattern"}, o["pattern"])
+                by_weight[w] = _Layer(w, module, [node], transposed, scheme)
+        fallbacks: dict[tuple, list[str]] = defaultdict(list)
+        for l in by_weight.values():
+            k = l.master(prog).shape[1]
+            l.group_size = group_for(k, l.scheme.group_size)
+            if l.group_size != l.scheme.group_size:
+                fallbacks[(k, l.scheme.group_size, l.group_size)].append(l.module)
+            if l.scheme.method == "gptq" and len(l.nodes) > 1:
+                l.scheme = dataclasses.replace(l.scheme, method="rtn")
+                res.notes.append(f"{l.module}: its weight is read by {len(l.nodes)} linears with different "
+                                 f"inputs; quantized with RTN (GPTQ needs one input distribution)")
+        for (k, want, got), mods in sorted(fallbacks.items(), key=lambda kv: str(kv[0])):
+            to = f"group {got}" if got else "per channel"
+            res.notes.append(f"group {want} does not divide K={k}: {len(mods)} layer(s) use {to} "
+                             f"({_examples(mods)})")
+        return list(by_weight.values()), ignored
+
+    def _quantize_activations(self, prog: Program, layers: list[_Layer], res: PassResult) -> int | None:
+        bits = None
+        if self.activations is not None:
+            _only(self.activations, {"bits"}, "activations")
+            bits = check_bits(self.activations.get("bits"), "activations")
+            n = quantize_inputs(prog, [(node, l.x_arg()) for l in layers for node in l.nodes], bits)
+            res.findings["activations"] = {"bits": bits, "quantizers": n, "scheme": "per-token symmetric, dynamic"}
+        if self.kv_cache is not None:
+            _only(self.kv_cache, {"bits", "symmetric"}, "kv_cache")
+            kv_bits = check_bits(self.kv_cache.get("bits"), "kv_cache")
+            symmetric = bool(self.kv_cache.get("symmetric", False))
+            n = quantize_kv(prog, kv_bits, symmetric)
+            res.findings["kv_cache"] = {"bits": kv_bits, "attention_sites": n,
+                                        "scheme": f"per head and token, {'symmetric' if symmetric else 'asymmetric'}"}
+            prog.meta["kv_cache"] = {"bits": kv_bits, "symmetric": symmetric}
+        if self.activations is not None or self.kv_cache is not None:
+            res.notes.append("activations/KV are fake-quantized (rounded to the integer grid and scaled back "
+                             "in float): torch._int_mm is slower than the float matmul on this CPU")
+        return bits
+
+    def _calibration(self, prog: Program, ctx: Context) -> list[list]:
+        from spinfx.stats import token_batches
+
+        if not isinstance(ctx.calib, torch.Tensor) or ctx.calib.is_floating_point():
+            raise BadInput("quantize: method gptq needs calibration text: pass calib=<1-D tensor of token ids> "
+                           "(e.g. spinfx.rewrite(model, recipe, calib=tokens))")
+        batches = token_batches(prog, ctx.calib.reshape(-1), limit=self.samples)
+        if not batches:
+            raise BadInput(f"quantize: {ctx.calib.numel()} calibration tokens do not fill one window of the "
+                           f"traced input shape")
+        return batches
+
+
+def _only(opts, keys: set, what: str) -> None:
+    if not isinstance(opts, dict) or set(opts) - keys:
+        raise BadInput(f"quantize: {what} takes {{{', '.join(sorted(keys))}}}, got {opts!r}")
+
+
+def _examples(mods: list[str], n: int = 3) -> str:
+    return ", ".join(mods[:n]) + (f", … (+{len(mods) - n})" if len(mods) > n else "")
+
+
+def _summarize(out: dict[str, QuantLayer], res: PassResult) -> None:
+    if not out:
+        res.notes.append("no linear was quantized")
+        return
+    weights = {m: q.weight.out_features * q.weight.in_features for m, q in out.items()}
+    stored = sum(q.weight.bits_per_weight() * weights[m] for m, q in out.items())
+    worst = max(out, key=lambda m: out[m].error)
+    res.findings["quantized"] = {
+        "layers": len(out), "weights": sum(weights.values()),
+        "bits_per_weight": round(stored / sum(weights.values()), 4),
+        "error_mean": round(sum(q.error for q in out.values()) / len(out), 5),
+        "error_max": round(out[worst].error, 5), "worst": worst}
+    res.findings["layers"] = {m: q.to_dict() for m, q in out.items()}  # per layer: ‖W − Ŵ‖/‖W‖ and more
+
+
+# ---- weights ----------------------------------------------------------------------------------------
+
+
+def _rel(d: torch.Tensor, w: torch.Tensor) -> float:
+    return (d.norm() / w.norm()).item() if w.norm() > 0 else 0.0
+
+
+def _rtn(prog: Program, l: _Layer) -> tuple[QuantLayer, torch.Tensor]:
+    """(the layer, Ŵ [out, in] in float64)."""
+    w = l.master(prog).double()
+    s = l.scheme
+    qw = quantize_rtn(w, s.bits, l.group_size, s.symmetric, scale_dtype=l.storage_dtype(prog))
+    w_hat = dequantize(qw, torch.float64)
+    return QuantLayer(qw, l.weight, "rtn", _rel(w - w_hat, w)), w_hat
+
+
+def _to_qlinear(prog: Program, l: _Layer, qw: QuantWeight) -> None:
+    """Replace the linears reading l.weight by spinfx.qlinear over new named constants."""
+    g = prog.graph
+    consts = {}
+    for role, t in generic_tensors(qw, None).items():
+        if t is not None:
+            fqn = f"{l.module}.{role}"
+            if t.is_floating_point():  # stored as computed (the weight's dtype); finalize keeps it
+                prog.meta.setdefault("dtypes", {})[fqn] = t.dtype
+            consts[role] = add_const(prog.gm, fqn, t)
+    attrs = generic_attrs(qw)
+    w_node = l.nodes[0].args[l.w_arg()]
+    for node in l.nodes:
+        with g.inserting_before(node):
+            q = g.call_function(torch.ops.spinfx.qlinear.default, (
+                node.args[l.x_arg()], consts["weight_packed"], consts["weight_scale"],
+                consts.get("weight_zero_point"), consts.get("weight_g_idx"), l.bias(node),
+                attrs["bits"], attrs["group_size"]))
+        q.meta = dict(node.meta)
+        node.replace_all_uses_with(q)
+        g.erase_node(node)
+    drop_const(prog, w_node)
+
+
+def _dequantized_into(ref: Program, l: _Layer, w_hat: torch.Tensor) -> None:
+    """In the reference copy, make l's linears read Ŵ = dequantize(Q(W)) (a new constant, so a weight
+    shared with a non-linear reader, e.g. a tied embedding, stays as it was)."""
+    node = add_const(ref.gm, f"{l.module}.weight_dequantized", w_hat.T.contiguous() if l.transposed else w_hat)
+    names = {n.name for n in l.nodes}
+    for n in [n for n in ref.graph.nodes if n.name in names]:
+        w = n.args[l.w_arg()]
+        n.replace_input_with(w, node)
+        drop_const(ref, w)
+
+
+def drop_const(prog: Program, node: fx.Node) -> None:
+    """Remove an unused get_attr node and its tensor (canonical form: one get_attr per constant)."""
+    if node.users:
+        return
+    fqn = node.target
+    prog.graph.erase_node(node)
+    owner, _, leaf = fqn.rpartition(".")
+    del (prog.gm.get_submodule(owner) if owner else prog.gm)._buffers[leaf]
+    prog.aliases.pop(fqn, None)
+
+
+# ---- GPTQ calibration ---------------------------------------------------------------------------------
+
+
+class _Gram:
+    """Σ xᵀx over the rows of a linear's inputs, for GPTQ's H = (2/n) Σ xᵀx.
+
+    Like kernels.gptq.HessianAccumulator, but the products run in float32 on ≥4096 rows at a time and
+    only the sums are float64: on this CPU that is 1.8× faster (62 vs 33 GFLOP/s at K=1536), and the
+    Hessians are most of GPTQ's cost (SmolLM2, 128×512 tokens: ≈13 TFLOP)."""
+
+    ROWS = 4096
+
+    def __init__(self, k: int):
+        self.xtx = torch.zeros(k, k, dtype=torch.float64)
+        self.n = 0
+        self.rows: list[torch.Tensor] = []
+
+    def add(self, x: torch.Tensor) -> None:
+        self.rows.append(x.detach().reshape(-1, self.xtx.shape[0]).float())
+        if sum(r.shape[0] for r in self.rows) >= self.ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.rows:
+            x = torch.cat(self.rows)
+            self.xtx += (x.T @ x).double()
+            self.n += x.shape[0]
+            self.rows = []
+
+    def hessian(self) -> torch.Tensor:
+        self._flush()
+        return self.xtx * (2.0 / self.n)
+
+
+def _output_errors(w: torch.Tensor, h: torch.Tensor, *w_hats: torch.Tensor) -> list[float]:
+    """‖X(W − Ŵ)ᵀ‖ / ‖XWᵀ‖ = √(tr(ΔHΔᵀ) / tr(WHWᵀ)) for each Ŵ, with H ∝ XᵀX (float32 is plenty here)."""
+    w, h = w.float(), h.float()
+    ref = ((w @ h) * w).sum()
+    return [((((w - wh.float()) @ h) * (w - wh.float())).sum() / ref).clamp_min(0).sqrt().item() for wh in w_hats]
+
+
+def _calibrate(prog: Program, layers: list[_Layer], batches: list[list], progress: Callable | None,
+               res: PassResult) -> dict[str, tuple[QuantLayer, torch.Tensor]]:
+    """GPTQ, layer by layer, with each layer's Hessian taken on inputs that already went through the
+    quantized layers before it (sequential GPTQ).
+
+    The graph runs on a copy in the model's dtype, segment by segment over all calibration windows:
+    a segment ends right before the first linear of an input group (q/k/v share one input, gate/up
+    another), whose Hessian is then complete; its linears are GPTQ-quantized and their Ŵ written into
+    the copy, and the next segment continues from the values each window left alive. Memory: the
+    Hessians of one group plus, per window, the values alive across a segment boundary (≈ the residual
+    stream and a layer's input) — never the activations of the whole model. The lm_head and anything
+    after the last quantized linear never run.
+    """
+    from spinfx.certify import finalize
+
+    t0 = time.perf_counter()
+    run = prog.clone()
+    finalize(run)  # float constants back to the model's dtype
+    nodes = list(run.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    by_name = {n.name: n for n in nodes}
+    groups: dict[fx.Node, list[_Layer]] = defaultdict(list)
+    for l in layers:
+        groups[by_name[l.nodes[0].name].args[l.x_arg()]].append(l)
+    cuts: dict[int, list[fx.Node]] = defaultdict(list)
+    for x, ls in groups.items():
+        cuts[min(pos[by_name[l.nodes[0].name]] for l in ls)].append(x)
+    last_read = {a: i for i, n in enumerate(nodes) for a in n.all_input_nodes}
+    free_after: dict[int, list[fx.Node]] = defaultdict(list)  # values whose last reader is node i
+    for a, i in last_read.items():
+        free_after[i].append(a)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+
+    def value(a):
+        return run.const(a.target) if a.op == "get_attr" else env[a]
+
+    grams = {x: _Gram(x.meta["val"].shape[-1]) for x in groups}
+    envs = [dict(zip(placeholders, b)) for b in batches]
+    out: dict[str, tuple[QuantLayer, torch.Tensor]] = {}
+    start, last_note = 0, t0
+    with torch.no_grad():
+        for cut in sorted(cuts):
+            for env in envs:
+                for i in range(start, cut):
+                    n = nodes[i]
+                    if n.op == "call_function":
+                        env[n] = n.target(*fx.node.map_arg(n.args, value), **fx.node.map_arg(n.kwargs, value))
+                        if n in grams:
+                            grams[n].add(env[n])
+                    for dead in free_after.get(i, ()):
+                        env.pop(dead, None)
+            for x in cuts[cut]:
+                h = grams.pop(x).hessian()
+                for l in groups[x]:
+                    out[l.weight] = _gptq_one(prog, run, l, h)
+            start = cut
+            if progress is not None and (time.perf_counter() - last_note > 10 or len(out) == len(layers)):
+                last_note = time.perf_counter()
+                progress(f"gptq: {len(out)}/{len(layers)} layers ({groups[cuts[cut][-1]][-1].module}), "
+                         f"{last_note - t0:.0f} s")
+    tokens = sum(t.numel() for b in batches for t in b if isinstance(t, torch.Tensor) and not t.is_floating_point())
+    res.notes.append(f"GPTQ: {len(layers)} layers on {len(batches)} calibration windows ({tokens} tokens), "
+                     f"sequential (each Hessian from the already-quantized layers' outputs), "
+                     f"{time.perf_counter() - t0:.0f} s")
+    return out
+
+
+def _gptq_one(prog: Program, run: Program, l: _Layer, h: torch.Tensor) -> tuple[QuantLayer, torch.Tensor]:
+    w = l.master(prog).double()
+    s = l.scheme
+    dtype = l.storage_dtype(prog)
+    qw = gptq_quantize(w, h, s.bits, l.group_size, s.symmetric, act_order=s.act_order, damp=s.damp,
+                       scale_dtype=dtype)
+    w_hat = dequantize(qw, torch.float64)
+    rtn = dequantize(quantize_rtn(w, s.bits, l.group_size, s.symmetric, scale_dtype=dtype), torch.float64)
+    stored = w_hat.T if l.transposed else w_hat
+    run.set_const(l.weight, stored.to(run.const(l.weight).dtype).contiguous())  # later layers see Ŵ
+    err, rtn_err = _output_errors(w, h, w_hat, rtn)
+    layer = QuantLayer(qw, l.weight, "gptq", _rel(w - w_hat, w), output_error=err, rtn_output_error=rtn_err)
+    return layer, w_hat
+
+
+# ---- runtime lowering -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LowerQLinear(Pass):
+    """lower-qlinear: each generic spinfx.qlinear becomes its CPU fast path (`kernels.qlinear.plan_qlinear`):
+    spinfx.qlinear_int4pack (≤ 4 bits, N % 16 == 0, groups 32..256; act-order as one input
+    index_select) or spinfx.qlinear_int8pack (8-bit symmetric per channel), over tensors repacked once
+    and named `<module>.<role>`. Layouts without a fast path keep the generic op. Run it last: the fast
+    kernels compute in `compute_dtype` (bfloat16: the only fast variant in torch 2.13), so the result is
+    checked in the model's dtype against the generic graph with the declared `tolerance` (relative max
+    |Δ| of the outputs), not in float64. Checkpoints still come from `quantized_layers(prog)`."""
+
+    name = "lower-qlinear"
+    tolerance = 3e-2
+    device: str = "cpu"
+    compute_dtype: str = "bfloat16"
+
+    def run(self, prog: Program, ctx: Context) -> PassResult:
+        res = PassResult(self.name, self.options())
+        dtype = getattr(torch, self.compute_dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            raise BadInput(f"lower-qlinear: compute_dtype {self.compute_dtype!r} is not a torch dtype")
+        generic = prog.clone()
+        layers = quantized_layers(prog)
+        ops: dict[str, int] = defaultdict(int)
+        for node in [n for n in prog.graph.nodes if n.target is torch.ops.spinfx.qlinear.default]:
+            module = node.args[1].target.rpartition(".")[0]
+            plan = plan_qlinear(layers[module].weight, device=self.device, cpu_compute_dtype=dtype)
+            (call,) = plan.calls
+            ops[call.op.name()] += 1
+            if call.op is not torch.ops.spinfx.qlinear.default:
+                _lower_one(prog, node, module, plan.perm, call)
+        res.findings["ops"] = dict(ops)
+        res.certificate = _check_native(generic, prog, self.tolerance, self.name)
+        return res
+
+
+def _lower_one(prog: Program, node: fx.Node, module: str, perm: torch.Tensor | None, call) -> None:
+    g = prog.graph
+    x, bias = node.args[0], node.args[5]
+    old = [a for a in node.args[1:5] if isinstance(a, fx.Node)]
+    node.args = (x,)  # release the generic tensors before their names are reused
+    for a in old:
+        drop_const(prog, a)
+    with g.inserting_before(node):
+        if perm is not None:
+            x_val = x.meta["val"]
+            x = g.call_function(torch.ops.aten.index_select.default, (x, -1, add_const(prog.gm, f"{module}.input_perm", perm)))
+            x.meta = {**node.meta, "val": x_val}
+    kwargs = {}
+    for role, t in call.tensors.items():
+        if role == "bias":
+            kwargs[role] = bias
+            continue
+        fqn = f"{module}.{role}"
+        if t.is_floating_point():
+            prog.meta.setdefault("dtypes", {})[fqn] = t.dtype  # bf16 scales stay bf16 after finalize
+        kwargs[role] = add_const(prog.gm, fqn, t)
+    with g.inserting_before(node):
+        new = g.call_function(call.op, (x,), {**kwargs, **call.attrs})
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    g.erase_node(node)
+
+
+def _check_native(before: Program, after: Program, tol: float, what: str) -> dict:
+    """Relative max |Δ| of the outputs, both programs in their final dtypes, on seeded random inputs."""
+    from torch.utils import _pytree as pytree
+
+    from spinfx.certify import CertificateError, finalize, random_inputs
+
+    b, a = before.clone(), after.clone()
+    finalize(b)
+    finalize(a)
+    xs = [x.to(e.dtype) if isinstance(x, torch.Tensor) else x for x, e in zip(random_inputs(before.examples, 0), before.examples)]
+    with torch.no_grad():
+        ob = [t for t in pytree.tree_leaves(b.gm(*xs)) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        oa = [t for t in pytree.tree_leaves(a.gm(*xs)) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    max_abs = max((x.double() - y.double()).abs().max().item() for x, y in zip(ob, oa))
+    ref = max(x.double().abs().max().item() for x in ob)
+    cert = {"max_abs": max_abs, "rel": max_abs / ref, "tolerance": tol, "seeds": [0],
+            "dtype": f"{ob[0].dtype} (model dtype; fast kernels compute in bfloat16)",
+            "reference": "the generic spinfx.qlinear graph"}
+    if not cert["rel"] <= tol:
+        raise CertificateError(f"{what} changed the outputs by {cert['rel']:.3e} relative > tolerance {tol:.0e}")
+    return cert
