@@ -239,7 +239,10 @@ class Rotate(Pass):
         res = PassResult(self.name, self.options())
         downs = mlp_down_projections(prog) if self.r4 else []  # found before R1 edits the stream
         if self.r1 != "none":
-            hidden = residual_stream(prog.graph).embedding.meta["val"].shape[-1]
+            stream = residual_stream(prog.graph)
+            if stream.embedding is None:
+                raise Unsupported(f"R1: the residual stream could not be followed: {stream.stop_reason}")
+            hidden = stream.embedding.meta["val"].shape[-1]
             apply_r1(prog, make_rotation(self.r1, hidden, self.seed), res)
         if self.r2 != "none":
             apply_r2(prog, self.r2, self.seed, res)

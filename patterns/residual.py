@@ -133,10 +133,12 @@ def residual_stream(graph: fx.Graph) -> Stream:
 
 
 def _is_scalar(a) -> bool:
+    """A number, a 0-dim tensor or a one-element constant — not a computed one-element tensor: with one
+    token, a norm's rsqrt(mean(x²)) has numel 1 too, and it must stay a reader, not a stream scaling."""
     if isinstance(a, (int, float)):
         return True
     v = a.meta.get("val") if isinstance(a, fx.Node) else None
-    return isinstance(v, torch.Tensor) and v.numel() == 1
+    return isinstance(v, torch.Tensor) and (v.dim() == 0 or (a.op == "get_attr" and v.numel() == 1))
 
 
 def _same_shape(a: fx.Node, b: fx.Node) -> bool:

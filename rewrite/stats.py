@@ -18,6 +18,19 @@ aten = torch.ops.aten
 _LINEARS = {aten.linear.default: 0, aten.addmm.default: 1}
 
 
+def _input_arg(n: fx.Node) -> int | None:
+    """Which argument of n is a linear's input: aten.linear / addmm (Conv1D), or any spinfx.qlinear*
+    op (the quantized linears read x first)."""
+    if n.op != "call_function":
+        return None
+    if n.target in _LINEARS:
+        return _LINEARS[n.target]
+    if isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "spinfx" \
+            and n.target.__name__.startswith("qlinear"):
+        return 0
+    return None
+
+
 class _Moments:
     """Running power sums in float64 (kept as tensors: no device sync per batch)."""
 
@@ -49,8 +62,9 @@ class _Recorder(fx.Interpreter):
 
     def run_node(self, n: fx.Node):
         out = super().run_node(n)
-        if n.op == "call_function" and n.target in _LINEARS:
-            x = self.env[n.args[_LINEARS[n.target]]]
+        arg = _input_arg(n)
+        if arg is not None:
+            x = self.env[n.args[arg]]
             self.moments.setdefault(n.meta.get("module") or n.name, _Moments()).add(x)
         return out
 

@@ -263,3 +263,14 @@ def test_smollm2_w4_g64_size_and_group_fallback():
     assert len(layers) == 210 and stored * 8 / weights <= 4.6  # lm_head (= the tied embedding) excluded
     assert g64.report.pass_result("quantize").findings["quantized"]["bits_per_weight"] == pytest.approx(
         stored * 8 / weights, abs=1e-3)
+
+
+def test_activation_statistics_see_the_quantized_linears():
+    """The report's per-layer activation statistics are taken at the inputs of spinfx.qlinear too (the
+    quantized linears are the ones whose inputs matter), after the rewrite as before it."""
+    zm = zoo.build("llama")
+    calib = torch.randint(0, zm.expect.vocab, (4096,), generator=torch.Generator().manual_seed(0))
+    r = spinfx.rewrite(zm.model, "spinquant-w4a16", zm.example_inputs, calib=calib)
+    acts = r.report.extra["activations"]
+    quantized = set(quantized_layers(r.program))
+    assert quantized and quantized <= set(acts["layers"]), sorted(quantized - set(acts["layers"]))

@@ -189,3 +189,21 @@ def test_eager_attention_is_found_and_rotated_exactly(name):
     r = spinfx.rewrite(eager, "spinquant", zm.example_inputs)
     assert all(p.certificate["rel"] <= 1e-10 for p in r.report.passes)
     assert r.report.passes[1].findings["r3"]["sites"] == 2
+
+
+def test_one_token_graph_rotates_exactly():
+    """A decode-shaped graph (one token): the norm's rsqrt(mean(x²)) has one element there and must not
+    be taken for a scalar scaling of the stream (it was: "the stream ... is extended twice")."""
+    zm = zoo.build("llama")
+    ids = zm.example_inputs["input_ids"][:, :1]
+    r = spinfx.rewrite(zm.model, "spinquant", {"input_ids": ids, "use_cache": False})
+    r1 = r.report.pass_result("rotate")
+    assert r1.certificate["rel"] <= 1e-10
+    torch.testing.assert_close(_logits(r.module, ids), _logits(zm.model, ids), rtol=1e-4, atol=1e-5)
+
+
+def test_refuses_r1_without_a_token_embedding():
+    zm = zoo.build("llama")
+    emb = zm.model.get_input_embeddings()(zm.example_inputs["input_ids"]).detach()
+    with pytest.raises(spinfx.Unsupported, match="R1: the residual stream could not be followed: no token embedding"):
+        spinfx.rewrite(zm.model, "rotate", {"inputs_embeds": emb, "use_cache": False})
