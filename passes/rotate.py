@@ -233,6 +233,9 @@ class Rotate(Pass):
     r2: str = "hadamard"
     r3: bool = False
     r4: bool = False
+    # R4's Hadamard block (None: exact when constructible). Tensor parallelism needs a block that
+    # divides I/T so the online transform stays rank-local (a block-diagonal rotation is still exact).
+    r4_block: int | None = None
     seed: int = 0
 
     def run(self, prog: Program, ctx: Context) -> PassResult:
@@ -249,7 +252,7 @@ class Rotate(Pass):
         if self.r3:
             apply_r3(prog, res)
         if self.r4:
-            apply_r4(prog, downs, res)
+            apply_r4(prog, downs, res, self.r4_block)
         return res
 
 
@@ -264,11 +267,11 @@ def _online(g: fx.Graph, x: fx.Node, plan, before: fx.Node | None = None) -> fx.
     return h
 
 
-def _plan(n: int, what: str):
+def _plan(n: int, what: str, block: int | None = None):
     from spinfx.kernels.hadamard_matrices import plan
 
     try:
-        return plan(n)
+        return plan(n, block)
     except ValueError as e:
         raise Unsupported(f"{what}: no Hadamard transform of size {n}: {e}") from None
 
@@ -314,7 +317,7 @@ def mlp_down_projections(prog: Program) -> list[fx.Node]:
     return downs
 
 
-def apply_r4(prog: Program, downs: list[fx.Node], res: PassResult) -> None:
+def apply_r4(prog: Program, downs: list[fx.Node], res: PassResult, block: int | None = None) -> None:
     """An online Hadamard on the MLP's down projection input, W_down ← W_down·H."""
     g = prog.graph
     W = _Weights(prog)
@@ -323,7 +326,7 @@ def apply_r4(prog: Program, downs: list[fx.Node], res: PassResult) -> None:
         wn, _, t = _lin(d)
         xi = 1 if t else 0
         x = d.args[xi]
-        p = _plan(x.meta["val"].shape[-1], f"R4 at {describe(d)}")
+        p = _plan(x.meta["val"].shape[-1], f"R4 at {describe(d)}", block)
         plans.add(p.describe())
         M = p.matrix()
         h = _online(g, x, p, before=d)

@@ -1,0 +1,372 @@
+"""Tensor parallelism drivers: simulated ranks, real gloo processes, sharded checkpoints.
+
+  simulate(progs, inputs)        all T rank programs in one process (one thread per rank; the functional
+                                 all_reduce sums the ranks' values in rank order): what `shard` certifies with
+  certify_sharded(...)           that check in float64 against the unsharded program
+  run_ranks(fn, tp, *args)       fn(rank, tp, *args) in T processes on torch.distributed (gloo, CPU); returns
+                                 each rank's result (torch.multiprocessing spawn, a rendezvous file)
+  shard_checkpoint(src, out, T)  a saved checkpoint directory -> one safetensors file per rank
+                                 (`model.rank00-of-04.safetensors`) + `spinfx_tp.json` (every tensor's layout,
+                                 dtype and shape): consolidation needs no process group
+  consolidate(dir, out)          the rank files back into the unsharded checkpoint, bit for bit
+
+A user's command (two ranks on CPU; see README "Tensor parallel"):
+
+    torchrun --nproc-per-node 2 -m spinfx.tp smollm2 --recipe w4a16 --prompt "To be, or not"
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from spinfx.errors import BadInput, SpinfxError
+from spinfx.graph import Program
+
+ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
+WAIT = torch.ops._c10d_functional.wait_tensor.default
+META = "spinfx_tp.json"
+
+
+# ---- simulated ranks ------------------------------------------------------------------------------
+
+
+class _Exchange:
+    def __init__(self, tp: int):
+        self.tp = tp
+        self.slots: list[Any] = [None] * tp
+        self.barrier = threading.Barrier(tp)
+
+    def all_reduce(self, rank: int, x: torch.Tensor) -> torch.Tensor:
+        self.slots[rank] = x
+        self.barrier.wait()
+        total = self.slots[0].clone()
+        for t in self.slots[1:]:
+            total = total + t
+        self.barrier.wait()
+        return total
+
+
+class _RankInterpreter(fx.Interpreter):
+    def __init__(self, gm, rank: int, ex: _Exchange):
+        super().__init__(gm)
+        self.rank, self.ex = rank, ex
+
+    def call_function(self, target, args, kwargs):
+        if target is ALL_REDUCE:
+            return self.ex.all_reduce(self.rank, args[0])
+        if target is WAIT:
+            return args[0]
+        return super().call_function(target, args, kwargs)
+
+
+def simulate(progs: list[Program], flat_inputs: list) -> list:
+    """Run rank programs together (flat inputs, as `Program.gm` takes them); each rank's outputs."""
+    ex = _Exchange(len(progs))
+    outs: list[Any] = [None] * len(progs)
+    errors: list[BaseException] = []
+
+    def work(r: int) -> None:
+        try:
+            with torch.no_grad():
+                outs[r] = _RankInterpreter(progs[r].gm, r, ex).run(*flat_inputs)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            ex.barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(len(progs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
+    return outs
+
+
+def rank_programs(prog: Program, tp: int, group: str | None = None) -> list[Program]:
+    """All T rank-local copies of `prog` (the input is not changed)."""
+    from spinfx.passes.shard import shard_program
+
+    out = []
+    for r in range(tp):
+        p = prog.clone()
+        shard_program(p, tp, r, group)
+        out.append(p)
+    return out
+
+
+def certify_sharded(before: Program, tp: int, mine: Program | None = None, rank: int = 0,
+                    tol: float = 1e-10, what: str = "shard", seeds=(0, 1)) -> dict:
+    """All ranks (rank `rank` given as `mine`, the others built from `before`) run together in float64 on
+    seeded random inputs; every rank's outputs must equal the unsharded program's."""
+    from spinfx.certify import CertificateError, as_fp64, random_inputs
+
+    progs = []
+    for r in range(tp):
+        if mine is not None and r == rank:
+            progs.append(mine)
+            continue
+        p = before.clone()
+        from spinfx.passes.shard import shard_program
+
+        shard_program(p, tp, r, (mine.meta.get("tp", {}).get("group") if mine is not None else None))
+        progs.append(p)
+    ref, ranks = as_fp64(before), [as_fp64(p) for p in progs]
+    max_abs = ref_max = 0.0
+    for s in seeds:
+        xs = random_inputs(before.examples, s)
+        with torch.no_grad():
+            want = [t for t in pytree.tree_leaves(ref.gm(*xs)) if isinstance(t, torch.Tensor)]
+        for got in simulate(ranks, xs):
+            got = [t for t in pytree.tree_leaves(got) if isinstance(t, torch.Tensor)]
+            for x, y in zip(want, got, strict=True):
+                if x.shape != y.shape:
+                    raise CertificateError(f"{what}: output shape changed {tuple(x.shape)} -> {tuple(y.shape)}")
+                max_abs = max(max_abs, (x.double() - y.double()).abs().max().item())
+                ref_max = max(ref_max, x.double().abs().max().item())
+    rel = max_abs / ref_max if ref_max else max_abs
+    cert = {"max_abs": max_abs, "rel": rel, "tolerance": tol, "seeds": list(seeds), "dtype": "float64",
+            "ranks": tp, "reference": "the unsharded program; all ranks simulated in one process"}
+    if not rel <= tol:
+        raise CertificateError(f"{what} changed the model's function: relative {rel:.3e} > tolerance {tol:.0e} "
+                               f"(T = {tp})")
+    return cert
+
+
+# ---- real processes ------------------------------------------------------------------------------
+
+
+def _worker(rank: int, tp: int, init: str, fn: Callable, args: tuple, results) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=tp)
+    try:
+        out = fn(rank, tp, *args)
+        results.put((rank, "ok", out))
+    except BaseException as e:  # noqa: BLE001 - sent to the parent as one line
+        results.put((rank, "error", f"{type(e).__name__}: {e}"))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def run_ranks(fn: Callable, tp: int, *args, timeout: float = 600) -> list:
+    """fn(rank, tp, *args) in `tp` spawned processes joined in one gloo process group (CPU). `fn` must be
+    importable (a module-level function); its return values come back in rank order."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    with tempfile.TemporaryDirectory() as d:
+        init = f"file://{d}/rendezvous"
+        procs = [ctx.Process(target=_worker, args=(r, tp, init, fn, args, results)) for r in range(tp)]
+        for p in procs:
+            p.start()
+        got: dict[int, Any] = {}
+        errors = []
+        for _ in range(tp):
+            rank, status, out = results.get()
+            if status == "ok":
+                got[rank] = out
+            else:
+                errors.append(f"rank {rank}: {out}")
+        for p in procs:
+            p.join(timeout)
+    if errors:
+        raise SpinfxError("tensor-parallel run failed: " + "; ".join(errors))
+    return [got[r] for r in range(tp)]
+
+
+# ---- sharded checkpoints -------------------------------------------------------------------------
+
+
+def rank_file(rank: int, tp: int) -> str:
+    w = max(2, len(str(tp - 1)))
+    return f"model.rank{rank:0{w}d}-of-{tp:0{w}d}.safetensors"
+
+
+def _module_and_kind(name: str, layouts: dict) -> tuple[str | None, str]:
+    module, _, kind = name.rpartition(".")
+    return (module, kind) if module in layouts else (None, kind)
+
+
+def shard_tensors_by_layout(tensors: dict[str, torch.Tensor], layouts: dict, tp: int) -> list[dict[str, torch.Tensor]]:
+    """A checkpoint's tensors -> each rank's (layouts: module -> tp_specs.Layout; others replicated)."""
+    from spinfx.kernels import tp_specs as specs
+
+    grouped: dict[str | None, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        module, kind = _module_and_kind(name, layouts)
+        if module is None:
+            grouped.setdefault(None, {})[name] = t
+        else:
+            grouped.setdefault(module, {})[kind] = t
+    ranks: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
+    for module, ts in grouped.items():
+        for r in range(tp):
+            if module is None:
+                ranks[r].update(ts)
+                continue
+            try:
+                local = specs.shard_tensors(layouts[module], ts, r, zp_packed=True)
+            except specs.LayoutError as e:
+                raise SpinfxError(f"shard {module}: {e}") from None
+            ranks[r].update({f"{module}.{k}": v for k, v in local.items()})
+    return ranks
+
+
+def consolidate_tensors(ranks: list[dict[str, torch.Tensor]], layouts: dict) -> dict[str, torch.Tensor]:
+    from spinfx.kernels import tp_specs as specs
+
+    tp = len(ranks)
+    out: dict[str, torch.Tensor] = {}
+    per_module: dict[str, list[dict[str, torch.Tensor]]] = {}
+    names = list(dict.fromkeys(n for r in ranks for n in r))
+    for name in names:
+        module, kind = _module_and_kind(name, layouts)
+        if module is None:
+            copies = [r[name] for r in ranks]
+            for c in copies[1:]:
+                if c.dtype != copies[0].dtype or c.shape != copies[0].shape or not torch.equal(c, copies[0]):
+                    raise SpinfxError(f"consolidate: replicated tensor {name} differs between rank files")
+            out[name] = copies[0]
+        else:
+            if module not in per_module:
+                per_module[module] = [{} for _ in range(tp)]
+            for r in range(tp):
+                if name in ranks[r]:
+                    per_module[module][r][kind] = ranks[r][name]
+    for module, rs in per_module.items():
+        try:
+            full = specs.consolidate_tensors(layouts[module], rs, zp_packed=True, what=module)
+        except specs.LayoutError as e:
+            raise SpinfxError(f"consolidate {module}: {e}") from None
+        out.update({f"{module}.{k}": v for k, v in full.items()})
+    return out
+
+
+def save_sharded(tensors: dict[str, torch.Tensor], layouts: dict, tp: int, out: Path,
+                 extra: dict | None = None) -> list[Path]:
+    """Write rank files + metadata into the existing directory `out`."""
+    from safetensors.torch import save_file
+
+    ranks = shard_tensors_by_layout(tensors, layouts, tp)
+    files = []
+    for r, ts in enumerate(ranks):
+        f = out / rank_file(r, tp)
+        save_file({k: v.contiguous() for k, v in ts.items()}, str(f), metadata={"tp": str(tp), "rank": str(r)})
+        files.append(f)
+    meta = {"format": "spinfx-tp", "version": 1, "tp": tp, "files": [f.name for f in files],
+            "layouts": {m: lay.to_dict() for m, lay in sorted(layouts.items())},
+            "tensors": {n: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+                        for n, t in sorted(tensors.items())},
+            **(extra or {})}
+    (out / META).write_text(json.dumps(meta, indent=1))
+    return files
+
+
+def read_sharded(d: Path) -> tuple[dict, list[dict[str, torch.Tensor]]]:
+    from safetensors.torch import load_file
+
+    mp = d / META
+    if not mp.is_file():
+        raise BadInput(f"{d} has no {META}: not a spinfx tensor-parallel checkpoint")
+    meta = json.loads(mp.read_text())
+    ranks = []
+    for f in meta["files"]:
+        if not (d / f).is_file():
+            raise BadInput(f"{d}: rank file {f} is missing")
+        ranks.append(load_file(str(d / f)))
+    return meta, ranks
+
+
+def layouts_from_meta(meta: dict) -> dict:
+    from spinfx.kernels.tp_specs import Layout
+
+    return {m: Layout.from_dict(d) for m, d in meta["layouts"].items()}
+
+
+def shard_checkpoint(src: Path, out: Path, tp: int, layouts: dict) -> Path:
+    """An unsharded checkpoint directory -> rank files + metadata + the other files (config, tokenizer,
+    reports) copied, written to a temporary sibling and renamed."""
+    tensors = read_safetensors(src)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for f in src.iterdir():
+            if f.is_file() and not (f.name.endswith(".safetensors") or f.name == "model.safetensors.index.json"):
+                shutil.copy2(f, tmp / f.name)
+        extra = {"unsharded_files": sorted(f.name for f in src.iterdir()
+                                           if f.name.endswith(".safetensors") or f.name == "model.safetensors.index.json")}
+        save_sharded(tensors, layouts, tp, tmp, extra)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def consolidate(d: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> Path:
+    """Rank files of `d` -> the unsharded checkpoint in `out` (no process group needed), checked tensor by
+    tensor against the recorded dtypes and shapes."""
+    d, out = Path(d), Path(out)
+    if out.exists() and not force:
+        raise BadInput(f"{out} exists (use --force to replace it)")
+    meta, ranks = read_sharded(d)
+    full = consolidate_tensors(ranks, layouts_from_meta(meta))
+    want = meta["tensors"]
+    if set(full) != set(want):
+        missing, extra = sorted(set(want) - set(full)), sorted(set(full) - set(want))
+        raise SpinfxError(f"consolidate: tensors differ from the recorded checkpoint (missing {missing[:3]}, extra {extra[:3]})")
+    for n, t in full.items():
+        if str(t.dtype).removeprefix("torch.") != want[n]["dtype"] or list(t.shape) != want[n]["shape"]:
+            raise SpinfxError(f"consolidate: {n} came back as {t.dtype} {list(t.shape)}, recorded {want[n]}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for f in d.iterdir():
+            if f.is_file() and f.name != META and f.name not in meta["files"]:
+                shutil.copy2(f, tmp / f.name)
+        write_safetensors(full, tmp / "model.safetensors")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_safetensors(d: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(d).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(file), metadata={"format": "pt"})
+    os.chmod(file, 0o644)
+
+
+def checkpoint_layouts(prog: Program, tp: int) -> dict:
+    """module -> Layout for a rewritten (unsharded) program, as its checkpoint names the modules."""
+    from spinfx.passes.shard import plan_shard
+
+    return plan_shard(prog, tp).by_module()
