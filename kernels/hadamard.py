@@ -69,9 +69,11 @@ def _butterfly(y: torch.Tensor, log2: int) -> torch.Tensor:
     return y.reshape(rows, -1)
 
 
-def hadamard_transform(x: torch.Tensor, plan: HadamardPlan, transpose: bool = False) -> torch.Tensor:
+def hadamard_transform(x: torch.Tensor, plan: HadamardPlan, transpose: bool = False,
+                       constants: bool = False) -> torch.Tensor:
     """x @ M (or x @ Mᵀ) over the last dim, in plain torch (reshapes, matmuls with the small
-    K factors, adds), traceable by Dynamo so Inductor can fuse it. The CPU body of the op."""
+    K factors, adds), traceable by Dynamo so Inductor can fuse it. The CPU body of the op.
+    `constants`: build the K factors from Python numbers (for tracing under fake tensors)."""
     if x.shape[-1] != plan.n:
         raise ValueError(f"last dim {x.shape[-1]} != plan n={plan.n}")
     cdtype = compute_dtype(x.dtype)
@@ -81,8 +83,13 @@ def hadamard_transform(x: torch.Tensor, plan: HadamardPlan, transpose: bool = Fa
     for i, k in enumerate(plan.ks):
         inner //= k
         s = scale if i == 0 else 1.0  # the normalization rides on the first factor: no extra pass
-        if torch.compiler.is_compiling():
-            # Traced: read the factor off the plan (a tensor attribute; Inductor folds the prep)
+        if constants:
+            # Inductor's decomposition, on fake tensors: the factor is made from Python numbers inside
+            # the trace (a graph constant); a real cached tensor would meet fake ones and crash.
+            h = torch.tensor(plan.factors[i].tolist(), dtype=torch.float64, device=x.device)
+            h = ((h.T if transpose else h) * s).to(cdtype)
+        elif torch.compiler.is_compiling():
+            # Dynamo: read the factor off the plan (a tensor attribute; Inductor folds the prep)
             # rather than a cache keyed by ints that a recompile may have made symbolic.
             h = plan.factors[i].to(device=x.device, dtype=cdtype)
             h = (h.T if transpose else h) * s
@@ -151,7 +158,7 @@ def hadamard(x: torch.Tensor, plan: HadamardPlan, transpose: bool = False) -> to
 def _decompose_hadamard(x, ks, block, transpose=False):
     if x.device.type == "cuda":  # keep the Triton kernel
         return NotImplemented
-    return hadamard_transform(x, HadamardPlan.from_op_args(x.shape[-1], ks, block), transpose)
+    return hadamard_transform(x, HadamardPlan.from_op_args(x.shape[-1], ks, block), transpose, constants=True)
 
 
 def hadamard_decompositions() -> dict:

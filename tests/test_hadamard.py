@@ -251,6 +251,32 @@ def test_decompositions_open_the_op_for_inductor():
     assert torch.allclose(gm(x), f(x), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("n", [1536, 576, 64])
+def test_decompositions_under_inductor_fake_tensors(n):
+    """Inductor runs decompositions on fake tensors: a plan with a dense factor (1536 = 12·2^7) must
+    not reach for a real cached tensor there (it crashed); the op is gone from the compiled code."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    p = plan(n)
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.append(gm)
+        return compile_fx(gm, example_inputs, decompositions={**select_decomp_table(), **hadamard_decompositions()})
+
+    def f(x, t):
+        return hadamard(x * 2.0, p, transpose=t) + 1.0
+
+    torch._dynamo.reset()
+    x = torch.randn(3, n, dtype=torch.float32)
+    for t in (False, True):
+        got = torch.compile(f, backend=backend, fullgraph=True)(x, t)
+        want = hadamard_dense_reference((x * 2.0).double(), p, transpose=t) + 1.0
+        assert torch.allclose(got.double(), want, rtol=0, atol=1e-5)
+    assert seen
+
+
 def test_plan_from_op_args_roundtrip_and_validation():
     for n in (576, 1040, 29568, 4096):
         p = plan(n)
