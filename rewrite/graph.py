@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -72,8 +73,9 @@ class Program:
         return dict(self.gm.named_buffers())
 
     def clone(self) -> "Program":
-        """Deep copy: graph and tensors. Passes may then mutate the copy freely."""
-        gm = copy.deepcopy(self.gm)
+        """Copy of the graph sharing the constant tensors (copy-on-write: constants are replaced with
+        set_const, never modified in place), so certificates cost no copy of the weights."""
+        gm = copy.deepcopy(self.gm, {id(t): t for t in itertools.chain(self.gm.buffers(), self.gm.parameters())})
         return Program(gm, self.in_spec, self.out_spec, list(self.input_positions),
                        copy.deepcopy(self.aliases), dict(self.meta), list(self.examples))
 
