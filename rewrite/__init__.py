@@ -13,11 +13,19 @@ def inspect(model, example_inputs=None, name=None):
     return _inspect(model, example_inputs, name)
 
 
-def rewrite(model, recipe="spinquant-w4a16", example_inputs=None, calib=None):
+def rewrite(model, recipe=recipe.DEFAULT_RECIPE, example_inputs=None, calib=None):
     """Rewrite `model` with `recipe` (preset name, YAML path or Recipe); returns .module, .report."""
     from spinfx.api import rewrite as _rewrite
 
     return _rewrite(model, recipe, example_inputs, calib)
+
+
+def load(path):
+    """A checkpoint directory written by `Result.save` / `spinfx rewrite` (or any HF model directory)
+    as a runnable model: the model class, online rotations re-attached; `generate` works."""
+    from spinfx.offline import load as _load
+
+    return _load(path)
 
 
 def trace(model, example_inputs=None):
@@ -27,4 +35,4 @@ def trace(model, example_inputs=None):
     return load(model, example_inputs)[0]
 
 
-__all__ = ["SpinfxError", "BadInput", "Unsupported", "inspect", "rewrite", "trace", "__version__"]
+__all__ = ["SpinfxError", "BadInput", "Unsupported", "inspect", "load", "rewrite", "trace", "__version__"]

@@ -11,7 +11,9 @@ import torch
 from spinfx.errors import BadInput, SpinfxError
 from spinfx.graph import Program, from_module
 from spinfx.pipeline import Context, run_pipeline
+from spinfx.printer import print_graph
 from spinfx.report import Report, check_contract
+from spinfx.recipe import DEFAULT_RECIPE
 
 
 def model_facts(model: torch.nn.Module) -> dict[str, Any]:
@@ -120,7 +122,7 @@ class Result:
         return save(self, out, force=force, progress=progress)
 
 
-def rewrite(model, recipe="spinquant-w4a16", example_inputs=None, calib=None, certify: bool = True) -> Result:
+def rewrite(model, recipe=DEFAULT_RECIPE, example_inputs=None, calib=None, certify: bool = True) -> Result:
     """Trace `model`, run the recipe's passes (certifying those that change weights), and return the
     runnable rewritten module with its report. `calib`: a 1-D tensor of token ids (real text); when
     given, the report carries activation statistics at every linear's input before and after."""
@@ -147,6 +149,8 @@ def apply_recipe(prog: Program, recipe, calib=None, certify: bool = True) -> Rep
     rec = load_recipe(recipe)
     batches = token_batches(prog, calib, limit=16) if calib is not None else None
     before = linear_input_stats(prog, batches) if batches else None
+    layer = first_block(prog)  # one decoder layer's graph before/after, for the report's picture
+    layer_before = print_graph(prog.gm, module=layer) if layer else None
     to_master(prog)
     ctx = Context(calib=calib, progress=progress)
     results = run_pipeline(prog, rec.passes, ctx, certify=certify)
@@ -155,7 +159,19 @@ def apply_recipe(prog: Program, recipe, calib=None, certify: bool = True) -> Rep
                  passes=results)
     if batches:
         rep.extra["activations"] = compare_stats(before, linear_input_stats(prog, batches))
+    if layer:
+        rep.extra["layer_graph"] = {"module": layer, "before": layer_before,
+                                    "after": print_graph(prog.gm, module=layer)}
     return rep
+
+
+def first_block(prog: Program) -> str | None:
+    """The module path of the first repeated block (`model.layers.0`, `transformer.h.0`): the module
+    ending in `.0` whose `.1` sibling exists, shortest first."""
+    modules = {n.meta.get("module", "") for n in prog.graph.nodes}
+    prefixes = {m[: m.index(".0.") + 2] if ".0." in m else m for m in modules if m.endswith(".0") or ".0." in m}
+    blocks = sorted((p for p in prefixes if any(m.startswith(p[:-1] + "1") for m in modules)), key=len)
+    return blocks[0] if blocks else None
 
 
 def progress(msg: str) -> None:

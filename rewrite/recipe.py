@@ -16,6 +16,8 @@ from typing import Any
 from spinfx.errors import BadInput
 from spinfx.pipeline import Pass
 
+DEFAULT_RECIPE = "spinquant-w4a16"  # what spinfx.rewrite, the backend and the CLI use when not told
+
 PRESETS: dict[str, list[dict[str, dict]]] = {
     "fold": [{"fold-norms": {}}],
     "rotate": [{"fold-norms": {}}, {"rotate": {"r1": "hadamard", "r2": "hadamard"}}],

@@ -1,0 +1,209 @@
+"""The torch.compile backend: found by name without importing spinfx, same outputs as the offline
+rewrite, static KV cache updates written back, graph breaks reported, rewrites reused on recompile."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import spinfx
+from spinfx import backend, zoo
+from spinfx.errors import BadInput
+
+
+def compiled(model, recipe, **options):
+    torch._dynamo.reset()
+    return torch.compile(model, backend="spinfx", options={"recipe": recipe, **options})
+
+
+def test_backend_by_name_in_a_fresh_process_without_importing_spinfx(tmp_path):
+    code = textwrap.dedent("""
+        import sys, torch, transformers
+        transformers.logging.set_verbosity_error()
+        cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       max_position_embeddings=64, tie_word_embeddings=False)
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+        ids = torch.randint(0, 128, (1, 8))
+        assert "spinfx" not in sys.modules
+        m = torch.compile(model, backend="spinfx", options={"recipe": "spinquant", "inductor": False})
+        with torch.no_grad():
+            got = m(input_ids=ids, use_cache=False).logits
+        import spinfx
+        ref = spinfx.rewrite(model, "spinquant", {"input_ids": ids, "use_cache": False}).module(
+            input_ids=ids, use_cache=False).logits
+        assert torch.equal(got, ref), (got - ref).abs().max()
+        print("ok", [r.status for r in spinfx.backend.reports()])
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "ok ['rewritten']"
+
+
+@pytest.mark.parametrize("name", ["llama", "llama_untied", "phi3", "gpt2"])
+def test_same_outputs_as_offline_rewrite(name):
+    zm = zoo.build(name)
+    ref = spinfx.rewrite(zm.model, "spinquant", zm.example_inputs).module(**zm.example_inputs).logits
+    with torch.no_grad():
+        got = compiled(zm.model, "spinquant", inductor=False)(**zm.example_inputs).logits
+    assert torch.equal(got, ref)  # the same program, run by the same FX code
+
+
+@pytest.mark.parametrize("recipe", ["spinquant", "spinquant-w4a16"])
+def test_inductor_compiles_the_rewritten_graph(recipe):
+    zm = zoo.build("qwen2")
+    ref = spinfx.rewrite(zm.model, recipe, zm.example_inputs).module(**zm.example_inputs).logits
+    with torch.no_grad():
+        got = compiled(zm.model, recipe)(**zm.example_inputs).logits
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_recompile_reuses_the_rewrite():
+    zm = zoo.build("llama")
+    with torch.no_grad():
+        compiled(zm.model, "rotate", inductor=False)(**zm.example_inputs)
+        n = len(backend.reports())
+        compiled(zm.model, "rotate", inductor=False)(**zm.example_inputs)  # after torch._dynamo.reset()
+        assert len(backend.reports()) == n  # a cache hit rewrites nothing
+        compiled(zm.model, "fold", inductor=False)(**zm.example_inputs)  # another recipe: another key
+        assert len(backend.reports()) == n + 1
+    key = backend.sources_fingerprint()
+    assert len(key) == 64 and key == backend.sources_fingerprint()
+
+
+def test_static_kv_cache_generate_writes_the_cache_back():
+    zm = zoo.build("llama")
+    ids = zm.example_inputs["input_ids"]
+    kw = dict(max_new_tokens=5, do_sample=False, cache_implementation="static", return_dict_in_generate=True,
+              output_logits=True)
+    with torch.no_grad():
+        ref = zm.model.generate(ids, **kw)
+        zm.model.forward = compiled(zm.model.forward, "fold", inductor=False)
+        start = len(backend.reports())
+        got = zm.model.generate(ids, **kw)
+    assert torch.equal(got.sequences, ref.sequences)
+    for a, b in zip(got.logits, ref.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    new = backend.reports()[start:]
+    assert [r.status for r in new] == ["rewritten", "rewritten"]  # prefill and one decode shape
+
+
+def test_r1_and_r4_rewrite_prefill_and_one_token_decode_graphs():
+    """R1 and R4 leave what the cache holds unchanged, so both cache graphs (prefill and the one-token
+    decode step, whose residual walk once stopped at the norm's one-element rsqrt) are rewritten."""
+    from spinfx.passes import FoldNorms, Rotate
+    from spinfx.recipe import Recipe
+
+    zm = zoo.build("llama")
+    ids = zm.example_inputs["input_ids"]
+    kw = dict(max_new_tokens=5, do_sample=False, cache_implementation="static", return_dict_in_generate=True,
+              output_logits=True)
+    recipe = Recipe("r1r4", [FoldNorms(), Rotate(r1="hadamard", r2="none", r4=True)])
+    with torch.no_grad():
+        ref = zm.model.generate(ids, **kw)
+        zm.model.forward = compiled(zm.model.forward, recipe, inductor=False)
+        start = len(backend.reports())
+        got = zm.model.generate(ids, **kw)
+    assert torch.equal(got.sequences, ref.sequences)
+    for a, b in zip(got.logits, ref.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert [r.status for r in backend.reports()[start:]] == ["rewritten", "rewritten"]
+
+
+def test_dynamic_shapes_specialize_per_call():
+    zm = zoo.build("llama")
+    ids = zm.example_inputs["input_ids"]
+    with torch.no_grad():
+        ref = zm.model.generate(ids, max_new_tokens=4, do_sample=False)
+        zm.model.forward = compiled(zm.model.forward, "fold", inductor=False)
+        got = zm.model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, ref)
+
+
+def _break_between_layers(zm):
+    layer = zm.model.model.layers[1]
+    forward = layer.forward
+
+    def broken(*args, **kwargs):
+        torch._dynamo.graph_break()
+        return forward(*args, **kwargs)
+
+    layer.forward = broken
+
+
+def test_graph_break_each_graph_rewritten():
+    zm = zoo.build("llama")
+    ref = zm.model(**zm.example_inputs).logits
+    _break_between_layers(zm)
+    start = len(backend.reports())
+    with torch.no_grad():
+        got = compiled(zm.model, "fold", inductor=False)(**zm.example_inputs).logits
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    statuses = [r.status for r in backend.reports()[start:]]
+    assert statuses.count("rewritten") >= 2 and set(statuses) <= {"rewritten", "no parameters"}
+
+
+def test_graph_break_splitting_the_stream_is_reported_not_guessed():
+    zm = zoo.build("llama")
+    ref = zm.model(**zm.example_inputs).logits
+    _break_between_layers(zm)
+    with torch.no_grad(), pytest.raises(Exception, match="Unsupported"):
+        compiled(zm.model, "rotate", inductor=False)(**zm.example_inputs)
+    start = len(backend.reports())
+    with torch.no_grad(), pytest.warns(UserWarning, match="runs unchanged"):
+        got = compiled(zm.model, "rotate", inductor=False, strict=False)(**zm.example_inputs).logits
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert "refused" in [r.status for r in backend.reports()[start:]]
+
+
+def test_functionalize_inputs_clones_updated_inputs():
+    def f(x, y):
+        x.add_(1)
+        return (x * y,)
+
+    gm = torch.fx.symbolic_trace(f)
+    fgm, mutated = backend.functionalize_inputs(gm)
+    assert mutated == [0]
+    x, y = torch.ones(3), torch.full((3,), 2.0)
+    out, new_x = fgm(x, y)
+    assert torch.equal(x, torch.ones(3)) and torch.equal(new_x, torch.full((3,), 2.0))
+    assert torch.equal(out, torch.full((3,), 4.0))
+
+
+def test_bad_options_and_recipes_are_one_line_errors():
+    with pytest.raises(BadInput, match="unknown option"):
+        backend.Options.parse({"recipe": "fold", "speed": 11})
+    zm = zoo.build("llama")
+    with pytest.raises(Exception, match="unknown recipe"):
+        compiled(zm.model, "no-such-recipe")(**zm.example_inputs)
+
+
+@pytest.mark.slow
+@pytest.mark.smollm2
+def test_smollm2_spinquant_w4a16_in_a_fresh_process_equals_offline(tmp_path):
+    code = textwrap.dedent("""
+        import sys, torch, transformers
+        transformers.logging.set_verbosity_error()
+        from pathlib import Path
+        src = Path(sys.argv[1])
+        model = transformers.AutoModelForCausalLM.from_pretrained(src, attn_implementation="sdpa").eval()
+        ids = torch.randint(0, 49152, (1, 32), generator=torch.Generator().manual_seed(0))
+        assert "spinfx" not in sys.modules
+        m = torch.compile(model, backend="spinfx", options={"recipe": "spinquant-w4a16"})
+        with torch.no_grad():
+            got = m(input_ids=ids, use_cache=False).logits
+        import spinfx
+        inputs = {"input_ids": ids, "use_cache": False}
+        ref = spinfx.rewrite(model, "spinquant-w4a16", inputs).module(**inputs).logits
+        err = ((got - ref).abs().max() / ref.abs().max()).item()
+        assert err < 1e-4, err
+        print("ok", err)
+    """)
+    from spinfx.hf import smollm2_dir
+
+    out = subprocess.run([sys.executable, "-c", code, str(smollm2_dir())], cwd=tmp_path, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("ok")
