@@ -170,13 +170,17 @@ def _quant(lin: fx.Node, lay: specs.Layout) -> specs.Layout:
     return lay.with_quant(bits, None if per_channel else group, act_order)
 
 
-def plan_shard(prog: Program, tp: int) -> ShardPlan:
-    """Which linears are column-/row-parallel and how (no edits). Raises Unsupported with the numbers."""
+def plan_shard(prog: Program, tp: int, attention: str = "shard") -> ShardPlan:
+    """Which linears are column-/row-parallel and how (no edits). Raises Unsupported with the numbers.
+    attention="replicate": attention blocks stay whole on every rank (only MLPs are split) — for models
+    whose head count T does not divide (SmolLM2: 9 heads at T = 2)."""
+    if attention not in ("shard", "replicate"):
+        raise Unsupported(f"shard: attention must be 'shard' or 'replicate', not {attention!r}")
     g = prog.graph
     sites: list[Site] = []
     layouts: dict[fx.Node, specs.Layout] = {}
     seeds: dict[fx.Node, Ann] = {}
-    for m in find_all(ATTENTION, g)[0]:
+    for m in (find_all(ATTENTION, g)[0] if attention == "shard" else []):
         attn = m.root
         q_in, k_in, v_in = m["q_in"], m["k_in"], m["v_in"]
         h, hd = _shape(q_in)[1], _shape(q_in)[-1]
@@ -215,7 +219,7 @@ def plan_shard(prog: Program, tp: int) -> ShardPlan:
                                   f"expected one linear each or one fused projection")
             layouts[o] = _quant(o, specs.row(_n(o), _k(o), tp, f"{module_of_linear(o)} input features (heads × head_dim)"))
         except specs.LayoutError as e:
-            raise _unlift(e, where) from None
+            raise _unlift(f"{e}; attention: replicate keeps attention whole", where) from None
         sites.append(Site("attention", cols, o, {"heads": h, "kv_heads": kv, "head_dim": hd}))
     skip = CASTS + VIEWS + (_hadamard_op(),)
     for d in [n for n in g.nodes if is_linear(n)]:
@@ -618,11 +622,11 @@ def default_group() -> str:
 
 
 def shard_program(prog: Program, tp: int, rank: int, group: str | None = None,
-                  plan: ShardPlan | None = None) -> ShardPlan:
+                  attention: str = "shard") -> ShardPlan:
     """Rewrite `prog` in place into rank `rank`'s program of a T-way tensor-parallel model."""
     if not 0 <= rank < tp:
         raise Unsupported(f"shard: rank {rank} is not in [0, T = {tp})")
-    plan = plan or plan_shard(prog, tp)
+    plan = plan_shard(prog, tp, attention)
     _Follower(prog, plan, rank).run()
     new_quant = {}
     for lin, lay in plan.layouts.items():
@@ -639,7 +643,7 @@ def shard_program(prog: Program, tp: int, rank: int, group: str | None = None,
     infer_meta(prog.gm)
     prog.gm.recompile()
     _update_quant_meta(prog, new_quant)
-    prog.meta["tp"] = {"tp": tp, "rank": rank, "group": group,
+    prog.meta["tp"] = {"tp": tp, "rank": rank, "group": group, "attention": attention,
                        "layouts": {m: lay.to_dict() for m, lay in plan.by_module().items()}}
     return plan
 
@@ -681,6 +685,7 @@ class Shard(Pass):
     tp: int = 1
     rank: int = 0
     group: str | None = None     # process-group name for the collectives (default: WORLD, if initialized)
+    attention: str = "shard"     # "replicate": keep attention whole, split only the MLPs
     check: bool = True           # certify (builds and runs all T rank programs in float64)
 
     def run(self, prog: Program, ctx: Context) -> PassResult:
@@ -689,7 +694,7 @@ class Shard(Pass):
             res.notes.append("tp = 1: nothing to shard")
             return res
         before = prog.clone() if self.check else None
-        plan = shard_program(prog, self.tp, self.rank, self.group)
+        plan = shard_program(prog, self.tp, self.rank, self.group, self.attention)
         counts = {"column": sum(l.kind == "column" for l in plan.layouts.values()),
                   "row": sum(l.kind == "row" for l in plan.layouts.values()),
                   "attention": sum(s.kind == "attention" for s in plan.sites),
@@ -707,9 +712,11 @@ class Shard(Pass):
         if synth:
             res.notes.append(f"K/T not a multiple of the group size in {len(synth)} row-parallel layer(s): scales "
                              f"replicated, each rank reads its slice of the global group index ({synth[0]}, …)")
-        res.notes.append("embeddings, norms and lm_head are replicated")
+        res.notes.append("embeddings, norms and lm_head are replicated"
+                         + ("; attention replicated (attention: replicate)" if self.attention == "replicate" else ""))
         if before is not None:
             from spinfx.tp import certify_sharded
 
-            res.certificate = certify_sharded(before, self.tp, prog, self.rank, tol=self.tolerance, what=self.name)
+            res.certificate = certify_sharded(before, self.tp, prog, self.rank, tol=self.tolerance, what=self.name,
+                                              attention=self.attention)
         return res

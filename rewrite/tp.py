@@ -16,12 +16,13 @@ A user's command (two ranks on CPU; see README "Tensor parallel"):
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
-import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -93,20 +94,20 @@ def simulate(progs: list[Program], flat_inputs: list) -> list:
     return outs
 
 
-def rank_programs(prog: Program, tp: int, group: str | None = None) -> list[Program]:
+def rank_programs(prog: Program, tp: int, group: str | None = None, attention: str = "shard") -> list[Program]:
     """All T rank-local copies of `prog` (the input is not changed)."""
     from spinfx.passes.shard import shard_program
 
     out = []
     for r in range(tp):
         p = prog.clone()
-        shard_program(p, tp, r, group)
+        shard_program(p, tp, r, group, attention)
         out.append(p)
     return out
 
 
 def certify_sharded(before: Program, tp: int, mine: Program | None = None, rank: int = 0,
-                    tol: float = 1e-10, what: str = "shard", seeds=(0, 1)) -> dict:
+                    tol: float = 1e-10, what: str = "shard", seeds=(0, 1), attention: str = "shard") -> dict:
     """All ranks (rank `rank` given as `mine`, the others built from `before`) run together in float64 on
     seeded random inputs; every rank's outputs must equal the unsharded program's."""
     from spinfx.certify import CertificateError, as_fp64, random_inputs
@@ -119,7 +120,7 @@ def certify_sharded(before: Program, tp: int, mine: Program | None = None, rank:
         p = before.clone()
         from spinfx.passes.shard import shard_program
 
-        shard_program(p, tp, r, (mine.meta.get("tp", {}).get("group") if mine is not None else None))
+        shard_program(p, tp, r, (mine.meta.get("tp", {}).get("group") if mine is not None else None), attention)
         progs.append(p)
     ref, ranks = as_fp64(before), [as_fp64(p) for p in progs]
     max_abs = ref_max = 0.0
@@ -153,7 +154,9 @@ def _worker(rank: int, tp: int, init: str, fn: Callable, args: tuple, results) -
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=tp)
     try:
         out = fn(rank, tp, *args)
-        results.put((rank, "ok", out))
+        buf = io.BytesIO()
+        torch.save(out, buf)  # bytes, not shared-memory handles that die with this process
+        results.put((rank, "ok", buf.getvalue()))
     except BaseException as e:  # noqa: BLE001 - sent to the parent as one line
         results.put((rank, "error", f"{type(e).__name__}: {e}"))
     finally:
@@ -174,13 +177,25 @@ def run_ranks(fn: Callable, tp: int, *args, timeout: float = 600) -> list:
         for p in procs:
             p.start()
         got: dict[int, Any] = {}
-        errors = []
-        for _ in range(tp):
-            rank, status, out = results.get()
-            if status == "ok":
-                got[rank] = out
-            else:
-                errors.append(f"rank {rank}: {out}")
+        errors: list[str] = []
+        deadline = time.monotonic() + timeout
+        while len(got) + len(errors) < tp:
+            if not results.empty():
+                rank, status, out = results.get()
+                if status == "ok":
+                    got[rank] = torch.load(io.BytesIO(out), weights_only=False)
+                else:
+                    errors.append(f"rank {rank}: {out}")
+                continue
+            dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if dead or time.monotonic() > deadline:
+                for p in procs:
+                    if p.is_alive():
+                        p.kill()
+                why = (f"rank(s) {dead} exited with {[procs[r].exitcode for r in dead]}" if dead
+                       else f"no answer in {timeout:.0f} s")
+                raise SpinfxError(f"tensor-parallel run failed: {why}" + (f"; {'; '.join(errors)}" if errors else ""))
+            time.sleep(0.05)
         for p in procs:
             p.join(timeout)
     if errors:
@@ -365,8 +380,40 @@ def write_safetensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
     os.chmod(file, 0o644)
 
 
-def checkpoint_layouts(prog: Program, tp: int) -> dict:
+def checkpoint_layouts(prog: Program, tp: int, attention: str = "shard") -> dict:
     """module -> Layout for a rewritten (unsharded) program, as its checkpoint names the modules."""
     from spinfx.passes.shard import plan_shard
 
-    return plan_shard(prog, tp).by_module()
+    return plan_shard(prog, tp, attention).by_module()
+
+
+# ---- workers (module level: spawned processes import them) ---------------------------------------
+
+
+def zoo_jobs(rank: int, tp: int, jobs: list[dict]) -> list:
+    """For each job {name, passes, compile, layers, dtype}: the zoo model rewritten with `passes` + the
+    shard pass for this rank, run on the zoo's example input (eager, or torch.compile(backend="spinfx"));
+    the logits."""
+    from spinfx import zoo
+    from spinfx.api import rewrite
+    from spinfx.passes.shard import Shard
+    from spinfx.recipe import Recipe
+
+    out = []
+    for job in jobs:
+        zm = zoo.build(job["name"], layers=job.get("layers", 2), dtype=job.get("dtype", torch.float64))
+        recipe = Recipe(f"{job.get('label', 'job')}+tp{tp}",
+                        list(job.get("passes", [])) + [Shard(tp=tp, rank=rank, check=False,
+                                                             attention=job.get("attention", "shard"))]
+                        + list(job.get("after", [])))
+        with torch.no_grad():
+            if job.get("compile"):
+                import torch._dynamo as dynamo
+
+                dynamo.reset()
+                model = torch.compile(zm.model, backend="spinfx", options={"recipe": recipe})
+                out.append(model(**zm.example_inputs).logits)
+            else:
+                r = rewrite(zm.model, recipe, zm.example_inputs, certify=job.get("certify", False))
+                out.append(r.module(**zm.example_inputs).logits)
+    return out
