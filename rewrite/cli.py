@@ -36,6 +36,14 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--calib", help="a text file of calibration text (GPTQ, activation statistics)")
     r.add_argument("--force", action="store_true", help="replace --out if it exists")
     r.add_argument("--json", action="store_true")
+    r.add_argument("--tp", type=int, default=1, help="tensor parallel: one shard per rank + metadata to consolidate")
+    r.add_argument("--tp-attention", choices=("shard", "replicate"), default="shard",
+                   help="with --tp: keep attention whole on every rank (heads not divisible by T)")
+    c = sub.add_parser("consolidate", help="merge the rank shards of `rewrite --tp` back into the unsharded "
+                                           "checkpoint, bit for bit (no process group)")
+    c.add_argument("dir", help="a directory written by `spinfx rewrite --tp T`")
+    c.add_argument("--out", required=True, help="the unsharded checkpoint directory to write")
+    c.add_argument("--force", action="store_true", help="replace --out if it exists")
     e = sub.add_parser("eval", help="perplexity (token-level, non-overlapping windows)")
     e.add_argument("src", help="an HF model directory, a spinfx checkpoint, or 'smollm2'")
     e.add_argument("--text", help="a text file or a Shakespeare text name (default hamlet)")
@@ -97,6 +105,10 @@ def rewrite_to_dir(src: str, recipe: str, out: Path, force: bool, calib_file: st
 
 
 def cmd_rewrite(args) -> int:
+    if getattr(args, "tp", 1) != 1:
+        from spinfx.tp import cmd_rewrite_tp
+
+        return cmd_rewrite_tp(args)
     out = Path(args.out)
     result = rewrite_to_dir(args.src, args.recipe, out, args.force, args.calib)
     if args.json:
@@ -106,6 +118,12 @@ def cmd_rewrite(args) -> int:
         print(result.report.to_text(), end="")
         print(f"\nwrote {out} ({dir_mb(out):.1f} MB)")
     return 0
+
+
+def cmd_consolidate(args) -> int:
+    from spinfx.tp import cmd_consolidate as run
+
+    return run(args)
 
 
 def cmd_eval(args) -> int:
@@ -196,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse already printed its one line of usage error
         return 2 if e.code else 0
-    commands = {"inspect": cmd_inspect, "demo": cmd_demo, "rewrite": cmd_rewrite, "eval": cmd_eval}
+    commands = {"inspect": cmd_inspect, "demo": cmd_demo, "rewrite": cmd_rewrite, "eval": cmd_eval, "consolidate": cmd_consolidate}
     try:
         return commands[args.cmd](args)
     except SpinfxError as e:

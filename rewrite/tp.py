@@ -390,30 +390,92 @@ def checkpoint_layouts(prog: Program, tp: int, attention: str = "shard") -> dict
 # ---- workers (module level: spawned processes import them) ---------------------------------------
 
 
-def zoo_jobs(rank: int, tp: int, jobs: list[dict]) -> list:
-    """For each job {name, passes, compile, layers, dtype}: the zoo model rewritten with `passes` + the
-    shard pass for this rank, run on the zoo's example input (eager, or torch.compile(backend="spinfx"));
-    the logits."""
+def zoo_jobs(rank: int, tp: int, jobs: list[dict]) -> list[dict]:
+    """For each job {name, passes, compile, layers, dtype, attention, after}: the zoo model rewritten with
+    `passes` + the shard pass for this rank (+ `after`), run on the zoo's example input (eager, or
+    torch.compile(backend="spinfx")): {"logits": ...}; rank 0 also runs the unsharded rewrite the same
+    way ({"reference": ...}) after its sharded run."""
     from spinfx import zoo
-    from spinfx.api import rewrite
     from spinfx.passes.shard import Shard
     from spinfx.recipe import Recipe
 
     out = []
     for job in jobs:
-        zm = zoo.build(job["name"], layers=job.get("layers", 2), dtype=job.get("dtype", torch.float64))
-        recipe = Recipe(f"{job.get('label', 'job')}+tp{tp}",
-                        list(job.get("passes", [])) + [Shard(tp=tp, rank=rank, check=False,
-                                                             attention=job.get("attention", "shard"))]
-                        + list(job.get("after", [])))
-        with torch.no_grad():
-            if job.get("compile"):
-                import torch._dynamo as dynamo
-
-                dynamo.reset()
-                model = torch.compile(zm.model, backend="spinfx", options={"recipe": recipe})
-                out.append(model(**zm.example_inputs).logits)
-            else:
-                r = rewrite(zm.model, recipe, zm.example_inputs, certify=job.get("certify", False))
-                out.append(r.module(**zm.example_inputs).logits)
+        zm = (_smollm2(job.get("dtype", torch.float64), job.get("seq", 16)) if job["name"] == "smollm2"
+              else zoo.build(job["name"], layers=job.get("layers", 2), dtype=job.get("dtype", torch.float64)))
+        passes = list(job.get("passes", []))
+        shard = Shard(tp=tp, rank=rank, check=False, attention=job.get("attention", "shard"))
+        res = {"logits": _run_zoo(zm, Recipe(f"tp{tp}", passes + [shard] + list(job.get("after", []))), job)}
+        if rank == 0:
+            res["reference"] = _run_zoo(zm, Recipe("unsharded", passes + list(job.get("after", []))), job)
+        out.append(res)
     return out
+
+
+def _smollm2(dtype: torch.dtype, seq: int):
+    """SmolLM2 (real weights, from the spinfx cache) shaped like a zoo model: .model, .example_inputs."""
+    from types import SimpleNamespace
+
+    from spinfx.api import default_inputs
+    from spinfx.hf import load_model
+
+    model, _ = load_model("smollm2")
+    model = model.to(dtype).eval()
+    return SimpleNamespace(model=model, example_inputs=default_inputs(model, seq)[1])
+
+
+def _run_zoo(zm, recipe, job) -> torch.Tensor:
+    from spinfx.api import rewrite
+
+    with torch.no_grad():
+        if job.get("compile"):
+            import torch._dynamo as dynamo
+
+            dynamo.reset()
+            model = torch.compile(zm.model, backend="spinfx", options={"recipe": recipe})
+            return model(**zm.example_inputs).logits
+        r = rewrite(zm.model, recipe, zm.example_inputs, certify=job.get("certify", False))
+        return r.module(**zm.example_inputs).logits
+
+
+# ---- CLI (spinfx rewrite --tp T, spinfx consolidate) -----------------------------------------------
+
+
+def cmd_rewrite_tp(args) -> int:
+    """`spinfx rewrite SRC --recipe R --out DIR --tp T`: the unsharded rewrite (certified, saved and
+    verified as usual, into a temporary directory), then its checkpoint split by the layouts the shard
+    pass reads off the rewritten graph: one safetensors file per rank + spinfx_tp.json."""
+    from spinfx.api import progress
+    from spinfx.cli import rewrite_to_dir
+    from spinfx.passes.shard import plan_shard
+
+    out, T = Path(args.out), int(args.tp)
+    if T < 1:
+        raise BadInput(f"--tp must be a positive integer, got {T}")
+    if out.exists() and not args.force:
+        raise BadInput(f"{out} exists (use --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.unsharded.", dir=out.parent))
+    try:
+        result = rewrite_to_dir(args.src, args.recipe, work / "ckpt", True, getattr(args, "calib", None))
+        layouts = plan_shard(result.program, T, getattr(args, "tp_attention", "shard")).by_module()
+        progress(f"sharding the checkpoint for T = {T}: {sum(l.kind == 'column' for l in layouts.values())} "
+                 f"column-parallel, {sum(l.kind == 'row' for l in layouts.values())} row-parallel linears")
+        shard_checkpoint(work / "ckpt", out, T, layouts)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    files = sorted(f.name for f in out.glob("*.safetensors"))
+    mb = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e6
+    if getattr(args, "json", False):
+        print(json.dumps({"out": str(out), "tp": T, "files": files, "size_mb": round(mb, 3),
+                          "report": result.report.to_dict()}, default=str))
+    else:
+        print(result.report.to_text(), end="")
+        print(f"\nwrote {out}: {len(files)} rank files ({mb:.1f} MB) + {META}")
+    return 0
+
+
+def cmd_consolidate(args) -> int:
+    out = consolidate(args.dir, args.out, force=args.force)
+    print(f"wrote {out} (the unsharded checkpoint)")
+    return 0

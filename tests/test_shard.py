@@ -277,3 +277,24 @@ def test_sharded_files_consolidate_without_a_process_group(tmp_path):
         assert got[k].dtype == v.dtype and torch.equal(got[k], v)
     with pytest.raises(spinfx.BadInput, match="exists"):
         tp.consolidate(out, tmp_path / "back")
+
+
+def test_cli_rewrite_tp_then_consolidate_is_the_unsharded_checkpoint(tmp_path):
+    from spinfx.cli import main
+
+    zm = zoo.build("qwen2", layers=1)
+    zm.model.save_pretrained(tmp_path / "src")
+    src = str(tmp_path / "src")
+    assert main(["rewrite", src, "--recipe", "w4a16", "--out", str(tmp_path / "tp4"), "--tp", "4"]) == 0
+    assert main(["rewrite", src, "--recipe", "w4a16", "--out", str(tmp_path / "one")]) == 0
+    assert main(["consolidate", str(tmp_path / "tp4"), "--out", str(tmp_path / "back")]) == 0
+    ranks = sorted(p.name for p in (tmp_path / "tp4").glob("*.safetensors"))
+    assert ranks == [f"model.rank0{r}-of-04.safetensors" for r in range(4)]
+    one, back = tp.read_safetensors(tmp_path / "one"), tp.read_safetensors(tmp_path / "back")
+    assert set(one) == set(back) and any(k.endswith("weight_packed") for k in one)
+    for k, v in one.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    assert (tmp_path / "back" / "model.safetensors").read_bytes() == (tmp_path / "one" / "model.safetensors").read_bytes()
+    # unshardable: exit code 3, one line
+    assert main(["rewrite", src, "--recipe", "w4a16", "--out", str(tmp_path / "tp3"), "--tp", "3"]) == 3
+    assert not (tmp_path / "tp3").exists()
