@@ -302,7 +302,9 @@ def test_spinquant_gptq_calibrates_through_online_hadamards():
     calib = torch.randint(0, zm.expect.vocab, (16 * 8,), generator=torch.Generator().manual_seed(3))
     passes = load_recipe("spinquant").passes + [Quantize(weights={"bits": 3, "group_size": 32, "method": "gptq"})]
     # fold/rotate certificates are tested elsewhere; the quantize pass certifies itself regardless
-    r = spinfx.rewrite(zm.model, Recipe("test", passes), zm.example_inputs, calib=calib, certify=False)
+    from spinfx.api import rewrite
+
+    r = rewrite(zm.model, Recipe("test", passes), zm.example_inputs, calib=calib, certify=False)
     assert _ops(r.program, torch.ops.spinfx.hadamard.default)  # R3/R4 are in the graph GPTQ ran
     q = r.report.pass_result("quantize")
     assert q.certificate["rel"] <= 1e-10
