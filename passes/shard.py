@@ -116,6 +116,9 @@ def _producers(start: fx.Node) -> list[fx.Node]:
         if is_linear(n):
             out.append(n)
             continue
+        if n.op == "call_function" and n.target is aten.addmm.default:
+            raise Unsupported(f"shard: {describe(n)} is a Conv1D-style addmm linear; shard splits aten.linear "
+                              f"and spinfx.qlinear only")
         stack.extend(n.all_input_nodes)
     return sorted(out, key=lambda x: x.name)
 

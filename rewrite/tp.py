@@ -20,6 +20,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -401,7 +402,7 @@ def zoo_jobs(rank: int, tp: int, jobs: list[dict]) -> list[dict]:
 
     out = []
     for job in jobs:
-        zm = (_smollm2(job.get("dtype", torch.float64), job.get("seq", 16)) if job["name"] == "smollm2"
+        zm = (_smollm2(job.get("dtype", torch.float64), job.get("seq", 16), job.get("layers")) if job["name"] == "smollm2"
               else zoo.build(job["name"], layers=job.get("layers", 2), dtype=job.get("dtype", torch.float64)))
         passes = list(job.get("passes", []))
         shard = Shard(tp=tp, rank=rank, check=False, attention=job.get("attention", "shard"))
@@ -412,14 +413,18 @@ def zoo_jobs(rank: int, tp: int, jobs: list[dict]) -> list[dict]:
     return out
 
 
-def _smollm2(dtype: torch.dtype, seq: int):
-    """SmolLM2 (real weights, from the spinfx cache) shaped like a zoo model: .model, .example_inputs."""
+def _smollm2(dtype: torch.dtype, seq: int, layers: int | None = None):
+    """SmolLM2 (real weights, from the spinfx cache) shaped like a zoo model: .model, .example_inputs;
+    `layers`: keep only the first decoder layers (memory, when many ranks share one machine)."""
     from types import SimpleNamespace
 
     from spinfx.api import default_inputs
     from spinfx.hf import load_model
 
     model, _ = load_model("smollm2")
+    if layers is not None:
+        model.model.layers = model.model.layers[:layers]
+        model.config.num_hidden_layers = layers
     model = model.to(dtype).eval()
     return SimpleNamespace(model=model, example_inputs=default_inputs(model, seq)[1])
 
@@ -479,3 +484,62 @@ def cmd_consolidate(args) -> int:
     out = consolidate(args.dir, args.out, force=args.force)
     print(f"wrote {out} (the unsharded checkpoint)")
     return 0
+
+
+# ---- torchrun entry point: greedy generation with T ranks --------------------------------------------
+
+
+def generate_main(argv: list[str] | None = None) -> int:
+    """torchrun --nproc-per-node T -m spinfx.tp SRC [--recipe R] [--prompt TEXT] [--tokens N]
+
+    Every rank loads SRC, rewrites it with the recipe + `shard` for its rank (one process group, gloo
+    on CPU, from torchrun's environment), and decodes greedily. The program is traced once for a
+    window of prompt + N tokens; causal attention makes the logits at position t independent of the
+    (padding) tokens after it, so each step runs the window and reads position t. Rank 0 prints."""
+    import argparse
+
+    import torch.distributed as dist
+
+    from spinfx.api import rewrite
+    from spinfx.hf import load_model
+    from spinfx.passes.shard import Shard
+    from spinfx.recipe import Recipe, load_recipe
+
+    p = argparse.ArgumentParser(prog="python -m spinfx.tp")
+    p.add_argument("src", help="an HF model directory, or 'smollm2'")
+    p.add_argument("--recipe", default=None, help="a preset or YAML recipe run before sharding (default: none)")
+    p.add_argument("--prompt", default="To be, or not to be,")
+    p.add_argument("--tokens", type=int, default=16)
+    p.add_argument("--attention", choices=("shard", "replicate"), default="shard")
+    args = p.parse_args(argv)
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    rank, T = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // T))
+    model, tok = load_model(args.src)
+    if tok is None:
+        raise BadInput(f"{args.src} has no tokenizer")
+    prompt = tok(args.prompt, return_tensors="pt").input_ids
+    n0 = prompt.shape[1]
+    ids = torch.full((1, n0 + args.tokens), tok.pad_token_id or 0, dtype=torch.long)
+    ids[:, :n0] = prompt
+    passes = list(load_recipe(args.recipe).passes) if args.recipe else []
+    recipe = Recipe(f"{args.recipe or 'none'}+tp{T}", passes + [Shard(tp=T, rank=rank, attention=args.attention)])
+    r = rewrite(model, recipe, ((), {"input_ids": ids, "use_cache": False}), certify=rank == 0)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for t in range(n0, n0 + args.tokens):
+            logits = r.module(input_ids=ids, use_cache=False).logits
+            ids[0, t] = int(logits[0, t - 1].argmax())
+    dt = time.perf_counter() - t0
+    if rank == 0:
+        print(tok.decode(ids[0]))
+        print(f"[spinfx] T = {T}: {args.tokens} tokens in {dt:.2f} s (window {ids.shape[1]}, no KV cache)",
+              file=sys.stderr)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(generate_main())

@@ -175,6 +175,13 @@ def test_unshardable_is_one_line_naming_dimension_and_t(size, T, words):
         assert w in msg, msg
 
 
+def test_conv1d_linears_are_refused_in_one_line():
+    zm = zoo.build("gpt2", dtype=torch.float64)
+    with pytest.raises(spinfx.Unsupported) as e:
+        spinfx.rewrite(zm.model, Recipe("tp", [Shard(tp=2)]), zm.example_inputs)
+    assert "addmm" in _one_line(e)
+
+
 def test_r4_block_that_does_not_divide_i_over_t_is_refused():
     zm = zoo.build("llama", dtype=torch.float64)
     with pytest.raises(spinfx.Unsupported) as e:
