@@ -31,6 +31,7 @@ Drivers read `quantized_layers(prog)` → {module: QuantLayer}: the `QuantWeight
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import re
@@ -459,6 +460,25 @@ def _hadamard_by_gemm(x: torch.Tensor, ks: list[int], block: int, transpose: boo
     return y.reshape(x.shape).to(x.dtype)
 
 
+# Ops of the calibration forward worth more than one thread. The rest (RoPE, norms, SiLU, views and
+# copies on [512, ≤ 1536] activations) run single-threaded: on this shared 2-core machine under load,
+# every parallel region waits for a descheduled thread, and a SmolLM2 window took 8–9 s with 2 threads
+# against 1.3–3.2 s with 1 (HF eager forward, load average ≈ 5).
+_THREADED = {torch.ops.aten.linear.default, torch.ops.aten.mm.default, torch.ops.aten.bmm.default,
+             torch.ops.aten.addmm.default, torch.ops.aten.matmul.default,
+             torch.ops.aten.scaled_dot_product_attention.default,
+             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default, _hadamard_by_gemm}
+
+
+@contextlib.contextmanager
+def _restore_threads():
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _calibrate(prog: Program, layers: list[_Layer], batches: list[list], progress: Callable | None,
                res: PassResult) -> dict[str, tuple[QuantLayer, torch.Tensor]]:
     """GPTQ, layer by layer, with each layer's Hessian taken on inputs that already went through the
@@ -501,18 +521,22 @@ def _calibrate(prog: Program, layers: list[_Layer], batches: list[list], progres
     envs = [dict(zip(placeholders, b)) for b in batches]
     out: dict[str, tuple[QuantLayer, torch.Tensor]] = {}
     start, last_note = 0, t0
-    with torch.no_grad():
+    threads = torch.get_num_threads()
+    with torch.no_grad(), _restore_threads():
         for cut in sorted(cuts):
             for env in envs:
                 for i in range(start, cut):
                     n = nodes[i]
                     if n.op == "call_function":
                         fn = _hadamard_by_gemm if n.target is hadamard_op else n.target
+                        torch.set_num_threads(threads if fn in _THREADED else 1)
                         env[n] = fn(*fx.node.map_arg(n.args, value), **fx.node.map_arg(n.kwargs, value))
                         if n in grams:
+                            torch.set_num_threads(threads)  # the Gram products are GEMMs
                             grams[n].add(env[n])
                     for dead in free_after.get(i, ()):
                         env.pop(dead, None)
+            torch.set_num_threads(threads)
             for x in cuts[cut]:
                 h = grams.pop(x).hessian()
                 for l in groups[x]:
