@@ -184,6 +184,10 @@ class Quantize(Pass):
     kv_cache: dict | None = None
     samples: int = 128
 
+    def calibration_windows(self) -> int:
+        methods = [self.weights.get("method")] + [o.get("method") for o in self.overrides if isinstance(o, dict)]
+        return self.samples if "gptq" in methods else 0
+
     def run(self, prog: Program, ctx: Context) -> PassResult:
         from spinfx.certify import certify_equal
 

@@ -31,6 +31,9 @@ def model_facts(model: torch.nn.Module) -> dict[str, Any]:
     return facts
 
 
+CALIB_SEQ = 512  # the traced length when calibration text is given (GPTQ windows of real context)
+
+
 def default_inputs(model: torch.nn.Module, seq: int = 16) -> tuple[tuple, dict]:
     facts = model_facts(model)
     if "vocab" not in facts:
@@ -125,17 +128,29 @@ class Result:
 def rewrite(model, recipe=DEFAULT_RECIPE, example_inputs=None, calib=None, certify: bool = True) -> Result:
     """Trace `model`, run the recipe's passes (certifying those that change weights), and return the
     runnable rewritten module with its report. `calib`: a 1-D tensor of token ids (real text); when
-    given, the report carries activation statistics at every linear's input before and after."""
+    given, the report carries activation statistics at every linear's input before and after, and
+    for a recipe that calibrates on it (GPTQ) without `example_inputs`, the model is traced for
+    [1, 512] windows of it."""
     from spinfx.recipe import load_recipe
 
     rec = load_recipe(recipe)
+    src = model
+    calibrating = any(p.calibration_windows() for p in rec.passes)
+    if example_inputs is None and calibrating and isinstance(calib, torch.Tensor) and calib.numel() >= CALIB_SEQ:
+        # traced for windows of real context: GPTQ's Hessians are taken on [1, CALIB_SEQ] windows of
+        # `calib` (the default 16-token trace would cut it into snippets)
+        if isinstance(model, (str, Path)):
+            from spinfx.hf import load_model
+
+            model, _ = load_model(model)
+        example_inputs = default_inputs(model, seq=CALIB_SEQ)
     prog, module = load(model, example_inputs)
     rep = apply_recipe(prog, rec, calib, certify)
     source_dir = None
-    if isinstance(model, (str, Path)):
+    if isinstance(src, (str, Path)):
         from spinfx.hf import resolve_source
 
-        source_dir = resolve_source(model)
+        source_dir = resolve_source(src)
     return Result(RewrittenModule(prog), rep, prog, module, source_dir)
 
 

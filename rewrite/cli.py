@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default=DEMO_OUT, help=f"checkpoint directory (default ./{DEMO_OUT}, replaced if it "
                                                    "holds an earlier spinfx output)")
     d.add_argument("--windows", type=int, default=8, help="perplexity windows of 512 tokens (default 8)")
+    d.add_argument("--calib-windows", type=int, default=128,
+                   help="calibration windows of 512 tokens from the other plays (default 128; GPTQ recipes "
+                        "use them all, the activation statistics the first 16)")
     d.add_argument("--json", action="store_true")
     r = sub.add_parser("rewrite", help="HF model dir in → rewritten checkpoint dir out")
     r.add_argument("src", help="an HF model directory, or 'smollm2'")
@@ -74,7 +77,8 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def rewrite_to_dir(src: str, recipe: str, out: Path, force: bool, calib_file: str | None = None):
+def rewrite_to_dir(src: str, recipe: str, out: Path, force: bool, calib_file: str | None = None,
+                   calib_tokens: torch.Tensor | None = None):
     """`spinfx rewrite`: check every input first, then load → rewrite → save (verified). The Result."""
     from spinfx.api import progress, rewrite
     from spinfx.data import tokenize_file
@@ -90,7 +94,7 @@ def rewrite_to_dir(src: str, recipe: str, out: Path, force: bool, calib_file: st
     t0 = time.perf_counter()
     progress(f"loading {src} …")
     model, tokenizer = load_model(path)
-    calib = None
+    calib = calib_tokens
     if calib_file is not None:
         if tokenizer is None:
             raise BadInput(f"{src} has no tokenizer to read the calibration text with")
@@ -182,7 +186,12 @@ def cmd_demo(args) -> int:
     before = evaluate(model, "hamlet", 512, args.windows, tokenizer=tokenizer, label="original")
     progress("decode step of the original (KV cache, prefill 128) …")
     before_ms = decode_step_ms(model, vocab)
-    result = rewrite_to_dir("smollm2", recipe, out, force=True)
+    from spinfx.evaluate import calibration_tokens
+
+    # calibration text from the other plays (never Hamlet): GPTQ if the recipe asks, and the report's
+    # activation statistics before/after at every quantized linear's input
+    calib = calibration_tokens(tokenizer, ctx=512, windows=args.calib_windows)
+    result = rewrite_to_dir("smollm2", recipe, out, force=True, calib_tokens=calib)
     progress("perplexity of the rewritten checkpoint (spinfx.load) …")
     rewritten = spinfx.load(out)
     after = evaluate(rewritten, "hamlet", 512, args.windows, tokenizer=tokenizer, label="rewritten")

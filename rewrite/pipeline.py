@@ -55,6 +55,10 @@ class Pass:
     def rules(self) -> list[Rule]:
         return []
 
+    def calibration_windows(self) -> int:
+        """How many windows of calibration text the pass runs the model on (0: none)."""
+        return 0
+
     def options(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
