@@ -406,9 +406,10 @@ def zoo_jobs(rank: int, tp: int, jobs: list[dict]) -> list[dict]:
               else zoo.build(job["name"], layers=job.get("layers", 2), dtype=job.get("dtype", torch.float64)))
         passes = list(job.get("passes", []))
         shard = Shard(tp=tp, rank=rank, check=False, attention=job.get("attention", "shard"))
-        res = {"logits": _run_zoo(zm, Recipe(f"tp{tp}", passes + [shard] + list(job.get("after", []))), job)}
+        logits, reduces = _run_zoo(zm, Recipe(f"tp{tp}", passes + [shard] + list(job.get("after", []))), job)
+        res = {"logits": logits, "all_reduces": reduces}
         if rank == 0:
-            res["reference"] = _run_zoo(zm, Recipe("unsharded", passes + list(job.get("after", []))), job)
+            res["reference"] = _run_zoo(zm, Recipe("unsharded", passes + list(job.get("after", []))), job)[0]
         out.append(res)
     return out
 
@@ -429,18 +430,24 @@ def _smollm2(dtype: torch.dtype, seq: int, layers: int | None = None):
     return SimpleNamespace(model=model, example_inputs=default_inputs(model, seq)[1])
 
 
-def _run_zoo(zm, recipe, job) -> torch.Tensor:
+def _run_zoo(zm, recipe, job) -> tuple[torch.Tensor, int]:
+    """(logits, all_reduce nodes in what ran: the rewritten program, or the compiled graphs)."""
     from spinfx.api import rewrite
 
     with torch.no_grad():
         if job.get("compile"):
             import torch._dynamo as dynamo
 
+            from spinfx.backend import clear_cache, reports
+
             dynamo.reset()
+            clear_cache()
             model = torch.compile(zm.model, backend="spinfx", options={"recipe": recipe})
-            return model(**zm.example_inputs).logits
+            logits = model(**zm.example_inputs).logits
+            shards = [p for rec in reports() if rec.report is not None for p in rec.report.passes if p.name == "shard"]
+            return logits, sum(p.findings.get("counts", {}).get("row", 0) for p in shards)
         r = rewrite(zm.model, recipe, zm.example_inputs, certify=job.get("certify", False))
-        return r.module(**zm.example_inputs).logits
+        return r.module(**zm.example_inputs).logits, sum(n.target is ALL_REDUCE for n in r.program.graph.nodes)
 
 
 # ---- CLI (spinfx rewrite --tp T, spinfx consolidate) -----------------------------------------------

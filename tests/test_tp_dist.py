@@ -55,6 +55,7 @@ def _run(T: int, jobs: dict) -> dict:
 
 
 def _check(per_rank: list[dict]) -> float:
+    assert all(r["all_reduces"] > 0 for r in per_rank)  # each rank really ran a sharded program
     ref = per_rank[0]["reference"]
     assert ref.dtype == torch.float64
     worst = max(((r["logits"] - ref).abs().max() / ref.abs().max()).item() for r in per_rank)
