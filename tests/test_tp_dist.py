@@ -37,7 +37,9 @@ SLOW_JOBS = {
     # divide 9 heads, so attention stays whole (attention: replicate) and the MLPs (1536/T) are split.
     2: {"smollm2-mlp": {"name": "smollm2", "attention": "replicate"},
         "smollm2-w4a16-mlp": {"name": "smollm2", "passes": W4, "attention": "replicate"}},
-    3: {"smollm2": {"name": "smollm2"}},
+    3: {"smollm2": {"name": "smollm2"},
+        # R4 with a block dividing 1536/3 = 512 (= 2^9) stays rank-local
+        "smollm2-spinquant-w4a16": {"name": "smollm2", "passes": _spq(512)}},
     # T = 4: four float64 copies on one machine: the first 8 of SmolLM2's 30 layers (real weights)
     4: {"smollm2-8-layers-mlp": {"name": "smollm2", "attention": "replicate", "layers": 8},
         "qwen2-compiled": {"name": "qwen2", "compile": True},
