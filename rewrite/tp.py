@@ -392,7 +392,7 @@ def checkpoint_layouts(prog: Program, tp: int, attention: str = "shard") -> dict
 
 
 def zoo_jobs(rank: int, tp: int, jobs: list[dict]) -> list[dict]:
-    """For each job {name, passes, compile, layers, dtype, attention, after}: the zoo model rewritten with
+    """For each job {name, passes, compile, fp64, layers, dtype, attention, after}: the zoo model rewritten with
     `passes` + the shard pass for this rank (+ `after`), run on the zoo's example input (eager, or
     torch.compile(backend="spinfx")): {"logits": ...}; rank 0 also runs the unsharded rewrite the same
     way ({"reference": ...}) after its sharded run."""
@@ -447,7 +447,12 @@ def _run_zoo(zm, recipe, job) -> tuple[torch.Tensor, int]:
             shards = [p for rec in reports() if rec.report is not None for p in rec.report.passes if p.name == "shard"]
             return logits, sum(p.findings.get("counts", {}).get("row", 0) for p in shards)
         r = rewrite(zm.model, recipe, zm.example_inputs, certify=job.get("certify", False))
-        return r.module(**zm.example_inputs).logits, sum(n.target is ALL_REDUCE for n in r.program.graph.nodes)
+        reduces = sum(n.target is ALL_REDUCE for n in r.program.graph.nodes)
+        if job.get("fp64"):  # float64 semantics: HF's float32 casts around norms promoted (as certificates run)
+            from spinfx.certify import as_fp64
+
+            return as_fp64(r.program)(**zm.example_inputs).logits, reduces
+        return r.module(**zm.example_inputs).logits, reduces
 
 
 # ---- CLI (spinfx rewrite --tp T, spinfx consolidate) -----------------------------------------------
