@@ -392,7 +392,7 @@ def checkpoint_layouts(prog: Program, tp: int, attention: str = "shard") -> dict
 
 
 def zoo_jobs(rank: int, tp: int, jobs: list[dict]) -> list[dict]:
-    """For each job {name, passes, compile, fp64, layers, dtype, attention, after}: the zoo model rewritten with
+    """For each job {name, passes, compile, layers, dtype, attention, after}: the zoo model rewritten with
     `passes` + the shard pass for this rank (+ `after`), run on the zoo's example input (eager, or
     torch.compile(backend="spinfx")): {"logits": ...}; rank 0 also runs the unsharded rewrite the same
     way ({"reference": ...}) after its sharded run."""
@@ -430,8 +430,9 @@ def _smollm2(dtype: torch.dtype, seq: int, layers: int | None = None):
     return SimpleNamespace(model=model, example_inputs=default_inputs(model, seq)[1])
 
 
-def _run_zoo(zm, recipe, job) -> tuple[torch.Tensor, int]:
-    """(logits, all_reduce nodes in what ran: the rewritten program, or the compiled graphs)."""
+def _run_zoo(zm, recipe, job) -> tuple[dict, int]:
+    """({"model": logits, "fp64": logits in float64 semantics (eager only)}, all_reduce nodes in what
+    ran: the rewritten program, or the compiled graphs)."""
     from spinfx.api import rewrite
 
     with torch.no_grad():
@@ -445,14 +446,14 @@ def _run_zoo(zm, recipe, job) -> tuple[torch.Tensor, int]:
             model = torch.compile(zm.model, backend="spinfx", options={"recipe": recipe})
             logits = model(**zm.example_inputs).logits
             shards = [p for rec in reports() if rec.report is not None for p in rec.report.passes if p.name == "shard"]
-            return logits, sum(p.findings.get("counts", {}).get("row", 0) for p in shards)
+            return {"model": logits}, sum(p.findings.get("counts", {}).get("row", 0) for p in shards)
         r = rewrite(zm.model, recipe, zm.example_inputs, certify=job.get("certify", False))
         reduces = sum(n.target is ALL_REDUCE for n in r.program.graph.nodes)
-        if job.get("fp64"):  # float64 semantics: HF's float32 casts around norms promoted (as certificates run)
-            from spinfx.certify import as_fp64
+        from spinfx.certify import as_fp64
 
-            return as_fp64(r.program)(**zm.example_inputs).logits, reduces
-        return r.module(**zm.example_inputs).logits, reduces
+        # and in float64 semantics: HF's float32 casts around norms promoted (as certificates run)
+        fp64 = as_fp64(r.program)(**zm.example_inputs).logits
+        return {"model": r.module(**zm.example_inputs).logits, "fp64": fp64}, reduces
 
 
 # ---- CLI (spinfx rewrite --tp T, spinfx consolidate) -----------------------------------------------
