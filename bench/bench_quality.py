@@ -175,6 +175,33 @@ def layer_errors(calib: torch.Tensor, samples: int = 4, bits: int = 4) -> dict:
     return out
 
 
+def compare_codes(peer_dir: str) -> dict:
+    """Our RTN W4 sym g64 codes vs a compressed-tensors pack-quantized checkpoint of the same weights
+    (llm-compressor's w4-rtn, bench/peer_llmcompressor.py): the share of weights whose dequantized value
+    differs, and of those, the share where ours is smaller in magnitude (a tie w/s = k + ½ broken
+    toward zero: our scale is rounded up to fp32, theirs down)."""
+    from safetensors.torch import load_file
+
+    from spinfx.hf import smollm2_dir
+    from spinfx.kernels.quant_rtn import quantize_rtn
+    from spinfx.kernels.quant_weight import dequantize
+
+    a, b = load_file(str(smollm2_dir() / "model.safetensors")), load_file(f"{peer_dir}/model.safetensors")
+    differ = total = smaller = 0
+    for k, w in a.items():
+        if not k.endswith("proj.weight"):
+            continue
+        name, w = k.removesuffix(".weight"), w.double()
+        ours = dequantize(quantize_rtn(w, 4, 64, True, scale_dtype=torch.float32), torch.float64)
+        p, sb = b[f"{name}.weight_packed"], b[f"{name}.weight_scale"].double()
+        u = torch.stack([(p >> (4 * i)) & 15 for i in range(8)], -1).reshape(p.shape[0], -1).double()
+        theirs = ((u - 8).view(w.shape[0], -1, 64) * sb[..., None]).view_as(w)
+        d = (theirs - ours).abs() > 1e-6
+        differ, total = differ + d.sum().item(), total + w.numel()
+        smaller += (d & (ours.abs() < theirs.abs())).sum().item()
+    return {"differ": differ / total, "ours_smaller": smaller / max(differ, 1)}
+
+
 def norm_analysis(windows: int = 4) -> dict:
     """Where the normalized residual stream's energy sits vs the RMSNorm scales γ, per norm, on
     `windows` calibration windows (other plays than Hamlet), float model.
@@ -223,6 +250,8 @@ def main() -> None:
     ap.add_argument("--only", help="comma-separated config names: " + ", ".join(CONFIGS))
     ap.add_argument("--weights-only", action="store_true")
     ap.add_argument("--norms-only", action="store_true", help="the RMSNorm γ vs residual-energy analysis alone")
+    ap.add_argument("--compare-codes", metavar="DIR",
+                    help="our W4 g64 RTN codes vs llm-compressor's w4-rtn checkpoint DIR (ties on the Q4_1 grid)")
     ap.add_argument("--layer-errors", action="store_true",
                     help="per weight family RTN/GPTQ output errors with no rewrite, fold, R1+R2, spinquant (4 windows)")
     ap.add_argument("--json", help="append one JSON object per result to this file")
@@ -237,6 +266,9 @@ def main() -> None:
             out.write(json.dumps(obj) + "\n")
             out.flush()
 
+    if args.compare_codes:
+        print(json.dumps(compare_codes(args.compare_codes)))
+        return
     if args.norms_only:
         rows = norm_analysis()
         emit({"norms": rows})
