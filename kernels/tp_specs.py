@@ -24,7 +24,7 @@ row layouts where it would cross ranks).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor

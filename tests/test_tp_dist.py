@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from spinfx import tp
-from spinfx.passes import FoldNorms, Rotate, Shard  # noqa: F401
+from spinfx.passes import FoldNorms, Rotate
 from spinfx.recipe import load_recipe
 
 W4 = list(load_recipe("w4a16").passes)
