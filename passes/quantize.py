@@ -44,7 +44,7 @@ import torch
 import torch.fx as fx
 
 from spinfx.errors import BadInput
-from spinfx.graph import Program, add_const
+from spinfx.graph import Program, add_const, drop_const
 from spinfx.kernels.gptq import gptq_quantize
 from spinfx.kernels.qlinear import generic_attrs, generic_tensors, plan_qlinear  # registers spinfx::qlinear*
 from spinfx.kernels.quant_pack import SUPPORTED_BITS
@@ -366,17 +366,6 @@ def _dequantized_into(ref: Program, l: _Layer, w_hat: torch.Tensor) -> None:
         w = n.args[l.w_arg()]
         n.replace_input_with(w, node)
         drop_const(ref, w)
-
-
-def drop_const(prog: Program, node: fx.Node) -> None:
-    """Remove an unused get_attr node and its tensor (canonical form: one get_attr per constant)."""
-    if node.users:
-        return
-    fqn = node.target
-    prog.graph.erase_node(node)
-    owner, _, leaf = fqn.rpartition(".")
-    del (prog.gm.get_submodule(owner) if owner else prog.gm)._buffers[leaf]
-    prog.aliases.pop(fqn, None)
 
 
 # ---- GPTQ calibration ---------------------------------------------------------------------------------

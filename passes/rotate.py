@@ -27,7 +27,7 @@ from spinfx.errors import Unsupported
 from spinfx.graph import Program, add_const
 from spinfx.match import describe, find_all
 from spinfx.pattern import Op, Siblings, Var
-from spinfx.patterns.attention import ATTENTION, QKV, ROPE_SITE, qkv_linears
+from spinfx.patterns.attention import ATTENTION, QKV, ROPE_SITE, output_projection, qkv_linears
 from spinfx.patterns.common import CASTS, HEAD_LAYOUT, VIEWS, linear_of
 from spinfx.patterns.norms import NORM, RMSNORM_PLAIN, norm_kind
 from spinfx.patterns.residual import residual_stream
@@ -150,18 +150,10 @@ def _online_embedding(prog: Program, stream, R: torch.Tensor, res: PassResult) -
 
 
 def _o_proj(attn: fx.Node) -> fx.Node:
-    n = attn
-    while True:
-        users = list(n.users)
-        if len(users) != 1:
-            raise Unsupported(f"R2: the attention output {describe(attn)} has {len(users)} users; "
-                              f"expected one path to o_proj")
-        u = users[0]
-        if u.target in LINEARS:
-            return u
-        if u.target not in HEAD_LAYOUT:
-            raise Unsupported(f"R2: {describe(u)} sits between attention and o_proj and may mix heads")
-        n = u
+    o, why = output_projection(attn, lambda u: u.op == "call_function" and u.target in LINEARS)
+    if o is None:
+        raise Unsupported(f"R2: {why}; o_proj must read it through head-layout ops only (they keep heads apart)")
+    return o
 
 
 def apply_r2(prog: Program, kind: str, seed: int, res: PassResult) -> None:

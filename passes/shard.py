@@ -40,10 +40,10 @@ import torch
 import torch.fx as fx
 
 from spinfx.errors import Unsupported
-from spinfx.graph import Program, add_const, infer_meta
+from spinfx.graph import Program, add_const, drop_const, infer_meta
 from spinfx.kernels import tp_specs as specs
 from spinfx.match import describe, find_all
-from spinfx.patterns.attention import ATTENTION
+from spinfx.patterns.attention import ATTENTION, output_projection
 from spinfx.patterns.common import CASTS, HEAD_LAYOUT, VIEWS
 from spinfx.pipeline import Context, Pass, PassResult
 
@@ -146,18 +146,10 @@ class ShardPlan:
 
 
 def _o_proj(attn: fx.Node) -> fx.Node:
-    n = attn
-    while True:
-        users = list(n.users)
-        if len(users) != 1:
-            raise Unsupported(f"shard: the attention output {describe(attn)} has {len(users)} users; "
-                              f"expected one path to the output projection")
-        u = users[0]
-        if is_linear(u):
-            return u
-        if u.target not in HEAD_LAYOUT + CASTS:
-            raise Unsupported(f"shard: {describe(u)} sits between attention and its output projection")
-        n = u
+    o, why = output_projection(attn, is_linear, HEAD_LAYOUT + CASTS)
+    if o is None:
+        raise Unsupported(f"shard: {why}")
+    return o
 
 
 def _unlift(e, where: str) -> Unsupported:
@@ -562,15 +554,6 @@ class _Follower:
 # ---- weights and collectives -------------------------------------------------------------------
 
 
-def _drop(prog: Program, node: fx.Node) -> None:
-    if node.users:
-        return
-    fqn = node.target
-    prog.graph.erase_node(node)
-    owner, _, leaf = fqn.rpartition(".")
-    del (prog.gm.get_submodule(owner) if owner else prog.gm)._buffers[leaf]
-
-
 _QROLES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx")
 
 
@@ -600,7 +583,7 @@ def _shard_linear(prog: Program, lin: fx.Node, lay: specs.Layout, rank: int) -> 
     old = [a for a in lin.args if isinstance(a, fx.Node) and a not in args]
     lin.args = tuple(args)
     for a in old:
-        _drop(prog, a)
+        drop_const(prog, a)
     return local if quant else None
 
 

@@ -14,7 +14,9 @@ from __future__ import annotations
 import operator
 
 import torch
+import torch.fx as fx
 
+from spinfx.match import describe
 from spinfx.pattern import ANY, Chain, Op, Opt, Var, is_const, is_number
 
 from spinfx.patterns.common import CASTS, HEAD_LAYOUT, VIEWS, linear_of
@@ -83,3 +85,20 @@ def qkv_linears(m) -> dict:
     if "qkv" in c or "qkv_t" in c:
         return {"qkv": c.get("qkv", c.get("qkv_t"))}
     return {r: c.get(r, c.get(r + "_t")) for r in ("q", "k", "v")}
+
+
+def output_projection(attn: fx.Node, is_linear, through=HEAD_LAYOUT) -> tuple[fx.Node | None, fx.Node | str]:
+    """Follow attention's output through head-layout ops (`through`) to the one linear reading it:
+    (linear, last node before it), or (None, why not) — more than one user on the way, or an op that
+    is not a pure layout change (and so might mix heads)."""
+    n = attn
+    while True:
+        users = list(n.users)
+        if len(users) != 1:
+            return None, f"the attention output {describe(attn)} has {len(users)} users"
+        u = users[0]
+        if is_linear(u):
+            return u, n
+        if u.op != "call_function" or u.target not in through:
+            return None, f"{describe(u)} sits between attention and its output projection"
+        n = u

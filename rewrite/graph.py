@@ -338,6 +338,16 @@ def add_const(gm: fx.GraphModule, fqn: str, value: torch.Tensor, before: fx.Node
     return node
 
 
+def drop_const(prog: Program, node: fx.Node) -> None:
+    """Remove an unused get_attr node and its tensor (canonical form: one get_attr per constant)."""
+    if node.users:
+        return
+    prog.graph.erase_node(node)
+    owner, _, leaf = node.target.rpartition(".")
+    del (prog.gm.get_submodule(owner) if owner else prog.gm)._buffers[leaf]
+    prog.aliases.pop(node.target, None)
+
+
 def _fake_like(value: torch.Tensor):
     from torch._subclasses.fake_tensor import FakeTensorMode
 

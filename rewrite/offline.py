@@ -33,9 +33,11 @@ signature and does not).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -264,27 +266,34 @@ def save(result, out: str | os.PathLike, force: bool = False, progress=None) -> 
     if src_dir is not None and out.resolve() == Path(src_dir).resolve():
         raise BadInput(f"{out} is the source directory; the source is never modified")
     parts = checkpoint_parts(result)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_dir(out) as tmp:
         log(f"writing {len(parts.tensors)} tensors to {out} …")
         _write(result, parts, tmp)
         log("verifying the checkpoint: loading it back and comparing logits …")
         result.report.extra["checkpoint"] = verify(result, tmp, quantized=bool(parts.quant_groups))
         result.report.extra["checkpoint"]["notes"] = parts.notes
         _write_reports(result, tmp)
+    return out
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path):
+    """Yield an empty sibling directory of `out` to write into; when the block ends normally it replaces
+    `out` (an existing one is moved aside first, then removed), otherwise it is removed: a failure
+    never leaves a half-written `out`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
         if out.exists():
-            trash = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.rename(out, trash)
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, trash / out.name)
             os.rename(tmp, out)
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def _write(result, parts: Parts, tmp: Path) -> None:

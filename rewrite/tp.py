@@ -33,6 +33,7 @@ from torch.utils import _pytree as pytree
 
 from spinfx.errors import BadInput, SpinfxError
 from spinfx.graph import Program
+from spinfx.offline import staged_dir
 
 ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
 WAIT = torch.ops._c10d_functional.wait_tensor.default
@@ -317,20 +318,13 @@ def shard_checkpoint(src: Path, out: Path, tp: int, layouts: dict) -> Path:
     """An unsharded checkpoint directory -> rank files + metadata + the other files (config, tokenizer,
     reports) copied, written to a temporary sibling and renamed."""
     tensors = read_safetensors(src)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         for f in src.iterdir():
             if f.is_file() and not (f.name.endswith(".safetensors") or f.name == "model.safetensors.index.json"):
                 shutil.copy2(f, tmp / f.name)
         extra = {"unsharded_files": sorted(f.name for f in src.iterdir()
                                            if f.name.endswith(".safetensors") or f.name == "model.safetensors.index.json")}
         save_sharded(tensors, layouts, tp, tmp, extra)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -349,19 +343,11 @@ def consolidate(d: str | os.PathLike, out: str | os.PathLike, force: bool = Fals
     for n, t in full.items():
         if str(t.dtype).removeprefix("torch.") != want[n]["dtype"] or list(t.shape) != want[n]["shape"]:
             raise SpinfxError(f"consolidate: {n} came back as {t.dtype} {list(t.shape)}, recorded {want[n]}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         for f in d.iterdir():
             if f.is_file() and f.name != META and f.name not in meta["files"]:
                 shutil.copy2(f, tmp / f.name)
         write_safetensors(full, tmp / "model.safetensors")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -124,7 +124,7 @@ def test_refuses_r2_when_something_sits_between_attention_and_o_proj():
     zm = zoo.build("llama")
     attn = zm.model.model.layers[1].self_attn
     attn.o_proj = torch.nn.Sequential(_Scale(), attn.o_proj)
-    with pytest.raises(spinfx.Unsupported, match=r"R2: mul_tensor\S* \[aten.mul.Tensor in model.layers.1.self_attn.o_proj.0\] sits between attention and o_proj"):
+    with pytest.raises(spinfx.Unsupported, match=r"R2: mul_tensor\S* \[aten.mul.Tensor in model.layers.1.self_attn.o_proj.0\] sits between attention and its output projection"):
         spinfx.rewrite(zm.model, Recipe("r2", [FoldNorms(), Rotate(r1="none")]), zm.example_inputs)
 
 
