@@ -1,0 +1,169 @@
+"""SmolLM2-135M decode speed with a KV cache, side by side in one run (bench/README.md "## Decode").
+
+For each variant: one decode step (batch 1, 128 tokens prefilled, then 1 token at a time with a
+static KV cache — `spinfx.cli.decode_step_ms`, the same shapes every step, as HF recommends for
+torch.compile) and a 128-token prefill (no cache reuse), medians over `--reps`; the first timed round of
+a compiled variant is its compile time.
+
+Variants: fp32 eager, fp32 / bf16 compiled (Inductor), torchao int4 g32 compiled (Int4CPULayout,
+`pip install spinfx[torchao]`), and spinfx checkpoints compiled: `spinfx rewrite` (in-process:
+spinfx.rewrite + Result.save) then `spinfx.load` — the model class with the rewritten weights, online
+Hadamards re-attached as hooks, quantized linears as QLinear — then torch.compile with
+`spinfx.backend.inductor` (Inductor plus the decompositions of spinfx's ops). That is
+the entry point that keeps `generate` and the KV cache (the traced `Result.module` is one shape, no
+cache). The online R3+R4 share is (spinquant − rotate) / spinquant: same weights, plus the online ops.
+
+    .venv/bin/python bench/bench_decode.py                 # every variant (≈ 30 min on 2 busy vCPUs)
+    .venv/bin/python bench/bench_decode.py --only fp32-eager,spinquant --reps 5 --threads 1
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import spinfx
+import spinfx.backend
+from spinfx.cli import decode_step_ms, dir_mb
+from spinfx.hf import load_model, smollm2_dir
+
+PROMPT = 128
+RECIPES = ("rotate", "spinquant", "w4a16", "spinquant-w4a16")
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+@torch.no_grad()
+def prefill_ms(model, vocab: int, reps: int) -> float:
+    ids = torch.randint(0, vocab, (1, PROMPT), generator=torch.Generator().manual_seed(0))
+    times = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        model(input_ids=ids, use_cache=True)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:]) * 1e3
+
+
+@torch.no_grad()
+def first_calls_s(model, vocab: int, reps: int) -> float:
+    """Seconds for the first prefill and decode steps (the shapes timed next): a compiled model's
+    compile time, plus `reps` + 2 steps."""
+    t0 = time.perf_counter()
+    decode_step_ms(model, vocab, PROMPT, reps)
+    return time.perf_counter() - t0
+
+
+def build(variant: str, checkpoints: dict[str, Path]):
+    """(model, weight MB, compiled?) for one variant."""
+    if variant in ("fp32-eager", "fp32-compiled"):
+        return load_model("smollm2")[0], dir_mb(smollm2_dir()), variant.endswith("compiled")
+    if variant == "bf16-compiled":
+        return load_model("smollm2", dtype=torch.bfloat16)[0], dir_mb(smollm2_dir()) / 2, True
+    if variant == "torchao-int4-g32-compiled":
+        from torchao.dtypes import Int4CPULayout
+        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+        model = load_model("smollm2", dtype=torch.bfloat16)[0]
+        quantize_(model, Int4WeightOnlyConfig(group_size=32, layout=Int4CPULayout(), version=1))
+        size = sum(t.numel() * t.element_size() for t in _tensors(model)) / 1e6
+        return model, size, True
+    recipe = variant.removesuffix("-compiled")
+    return spinfx.load(checkpoints[recipe]), dir_mb(checkpoints[recipe]), True
+
+
+def _tensors(model):
+    """Every stored tensor once (torchao's int4 weights are tensor subclasses: count their parts)."""
+    seen = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        parts = [getattr(t, a) for a in getattr(t, "__tensor_flatten__", lambda: ([], None))()[0]] or [t]
+        for p in parts:
+            seen[id(p)] = p
+    return seen.values()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--only", help="comma-separated variants")
+    ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--workdir", help="keep the spinfx checkpoints here and reuse them on the next run")
+    ap.add_argument("--threads", type=int, help="torch threads (1 is steadier on a loaded machine)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    variants = ["fp32-eager", "fp32-compiled", "bf16-compiled", "torchao-int4-g32-compiled",
+                *(f"{r}-compiled" for r in RECIPES)]
+    if args.only:
+        variants = [v for v in variants if v in args.only.split(",") or v.removesuffix("-compiled") in args.only.split(",")]
+    vocab = 49152
+    rows, meta = [], {}
+    with tempfile.TemporaryDirectory(prefix="spinfx-bench-") as tmp:
+        work = Path(args.workdir or tmp)
+        checkpoints = {}
+        for recipe in RECIPES:
+            if f"{recipe}-compiled" not in variants:
+                continue
+            checkpoints[recipe] = work / recipe
+            timing = work / f"{recipe}.timing.json"
+            if timing.is_file() and (work / recipe / "spinfx_report.json").is_file():
+                meta[recipe] = json.loads(timing.read_text())
+                log(f"reusing {work / recipe}")
+                continue
+            log(f"spinfx rewrite smollm2 --recipe {recipe}")
+            t0 = time.perf_counter()
+            result = spinfx.rewrite("smollm2", recipe)
+            t_rewrite = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            result.save(work / recipe, force=True)
+            meta[recipe] = {"rewrite_s": round(t_rewrite, 1), "save_s": round(time.perf_counter() - t0, 1)}
+            timing.write_text(json.dumps(meta[recipe]))
+            del result
+            gc.collect()
+        for v in variants:
+            log(f"{v}: building")
+            model, size, compiled = build(v, checkpoints)
+            if compiled:
+                torch._dynamo.reset()
+                # spinfx checkpoints hold spinfx ops: Inductor with their decompositions (fused Hadamards)
+                backend = spinfx.backend.inductor if v.removesuffix("-compiled") in RECIPES else "inductor"
+                model.forward = torch.compile(model.forward, backend=backend)
+            compile_s = first_calls_s(model, vocab, args.reps)
+            log(f"{v}: first calls {compile_s:.1f} s; timing")
+            decode = decode_step_ms(model, vocab, PROMPT, args.reps)
+            prefill = prefill_ms(model, vocab, max(3, args.reps // 3))
+            row = {"variant": v, "decode_ms": round(decode, 2), "prefill_ms": round(prefill, 1),
+                   "weights_mb": round(size, 1), "compile_s": round(compile_s, 1) if compiled else None,
+                   **meta.get(v.removesuffix("-compiled"), {})}
+            rows.append(row)
+            log(json.dumps(row))
+            del model
+            gc.collect()
+    by = {r["variant"]: r for r in rows}
+    print("| variant | decode step ms | prefill-128 ms | weights MB | compile s | rewrite s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['decode_ms']:.2f} | {r['prefill_ms']:.0f} | {r['weights_mb']:.0f} | "
+              f"{r['compile_s'] if r['compile_s'] is not None else '—'} | {r.get('rewrite_s', '—')} |")
+    if "rotate-compiled" in by and "spinquant-compiled" in by:  # same weights; spinquant adds the online ops
+        a, b = by["rotate-compiled"]["decode_ms"], by["spinquant-compiled"]["decode_ms"]
+        print(f"\nonline R3+R4 share of the spinquant step ≈ ({b:.2f} − {a:.2f}) / {b:.2f} = {(b - a) / b:.0%}")
+    if "torchao-int4-g32-compiled" in by and "spinquant-w4a16-compiled" in by:
+        t, s = by["torchao-int4-g32-compiled"]["decode_ms"], by["spinquant-w4a16-compiled"]["decode_ms"]
+        print(f"spinquant-w4a16 / torchao int4 decode step: {s / t:.2f}×")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "torch": torch.__version__,
+                                               "threads": torch.get_num_threads()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
