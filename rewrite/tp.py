@@ -33,7 +33,7 @@ from torch.utils import _pytree as pytree
 
 from spinfx.errors import BadInput, SpinfxError
 from spinfx.graph import Program
-from spinfx.offline import staged_dir
+from spinfx.offline import read_safetensors, staged_dir, write_safetensors
 
 ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
 WAIT = torch.ops._c10d_functional.wait_tensor.default
@@ -347,24 +347,8 @@ def consolidate(d: str | os.PathLike, out: str | os.PathLike, force: bool = Fals
         for f in d.iterdir():
             if f.is_file() and f.name != META and f.name not in meta["files"]:
                 shutil.copy2(f, tmp / f.name)
-        write_safetensors(full, tmp / "model.safetensors")
+        write_safetensors(full, tmp)
     return out
-
-
-def read_safetensors(d: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(Path(d).glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
-def write_safetensors(tensors: dict[str, torch.Tensor], file: Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(file), metadata={"format": "pt"})
-    os.chmod(file, 0o644)
 
 
 def checkpoint_layouts(prog: Program, tp: int, attention: str = "shard") -> dict:

@@ -271,7 +271,7 @@ def test_sharded_files_consolidate_without_a_process_group(tmp_path):
                "norm.weight": torch.randn(K).half()}
     src = tmp_path / "src"
     src.mkdir()
-    tp.write_safetensors(tensors, src / "model.safetensors")
+    tp.write_safetensors(tensors, src)
     (src / "config.json").write_text("{}")
     out = tp.shard_checkpoint(src, tmp_path / "tp4", 4, lay)
     files = sorted(p.name for p in out.glob("*.safetensors"))
