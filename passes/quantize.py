@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import re
 import time
 from collections import defaultdict
@@ -46,6 +45,7 @@ import torch.fx as fx
 from spinfx.errors import BadInput
 from spinfx.graph import Program, add_const, drop_const
 from spinfx.kernels.gptq import gptq_quantize
+from spinfx.kernels.hadamard import hadamard_by_gemm
 from spinfx.kernels.qlinear import generic_attrs, generic_tensors, plan_qlinear  # registers spinfx::qlinear*
 from spinfx.kernels.quant_pack import SUPPORTED_BITS
 from spinfx.kernels.quant_rtn import quantize_rtn
@@ -409,50 +409,6 @@ def _output_errors(w: torch.Tensor, h: torch.Tensor, *w_hats: torch.Tensor) -> l
     return [((((w - wh.float()) @ h) * (w - wh.float())).sum() / ref).clamp_min(0).sqrt().item() for wh in w_hats]
 
 
-@functools.lru_cache(maxsize=None)
-def _kron_factors(ks: tuple[int, ...], log2: int, dtype: torch.dtype, transpose: bool, scale: float,
-                  chunk: int = 7) -> tuple[torch.Tensor, ...]:
-    """The dense Kronecker factors of scale·H_{ks[0]} ⊗ … ⊗ H_{ks[-1]} ⊗ H_{2^log2} (a `HadamardPlan`
-    block; transposed factors for `transpose`), the Sylvester part cut into H_{2^chunk} ⊗ … pieces."""
-    from spinfx.kernels.hadamard import factor_tensor, hadamard_matrix
-
-    mats = [factor_tensor(k, torch.float64, torch.device("cpu"), transpose) for k in ks]
-    rest = log2
-    while rest:
-        m = min(rest, chunk)
-        mats.append(hadamard_matrix(1 << m, torch.float64))  # Sylvester: symmetric
-        rest -= m
-    if not mats:
-        mats.append(torch.ones(1, 1, dtype=torch.float64))
-    mats[0] = mats[0] * scale
-    return tuple(m.to(dtype).contiguous() for m in mats)
-
-
-def _hadamard_by_gemm(x: torch.Tensor, ks: list[int], block: int, transpose: bool = False) -> torch.Tensor:
-    """`spinfx::hadamard` for the calibration forward: the same x @ M, each Kronecker factor of a block
-    (the power-of-two part as dense Sylvester pieces of order ≤ 128) one matmul over its axis.
-
-    The op's body runs the power-of-two part as an eager radix-4 butterfly, ≈ 10 full-size memory passes
-    per radix step; uncompiled, that was half of GPTQ's wall time on spinquant SmolLM2 (R3 at every
-    q/k, R4 at every down_proj input, 128×512 tokens). A 128×128 matmul costs 256 flops per element
-    and one pass: the forward stays compute-bound. Same arithmetic dtype as the op (float32 for float32)."""
-    from spinfx.kernels.hadamard import HadamardPlan, compute_dtype
-
-    p = HadamardPlan.from_op_args(x.shape[-1], ks, block)
-    dt = compute_dtype(x.dtype)
-    y = x.reshape(-1, p.block).to(dt)
-    outer, inner = y.shape[0], p.block
-    for h in _kron_factors(tuple(p.ks), p.log2, dt, transpose, p.block ** -0.5):
-        k = h.shape[0]
-        inner //= k
-        if inner == 1:  # the last factor: one GEMM over rows
-            y = y.reshape(outer, k) @ h
-        else:  # out[o, j, s] = Σ_k y[o, k, s]·h[k, j]
-            y = torch.matmul(h.T, y.reshape(outer, k, inner))
-        outer *= k
-    return y.reshape(x.shape).to(x.dtype)
-
-
 # Ops of the calibration forward worth more than one thread. The rest (RoPE, norms, SiLU, views and
 # copies on [512, ≤ 1536] activations) run single-threaded: on this shared 2-core machine under load,
 # every parallel region waits for a descheduled thread, and a SmolLM2 window took 8–9 s with 2 threads
@@ -460,7 +416,7 @@ def _hadamard_by_gemm(x: torch.Tensor, ks: list[int], block: int, transpose: boo
 _THREADED = {torch.ops.aten.linear.default, torch.ops.aten.mm.default, torch.ops.aten.bmm.default,
              torch.ops.aten.addmm.default, torch.ops.aten.matmul.default,
              torch.ops.aten.scaled_dot_product_attention.default,
-             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default, _hadamard_by_gemm}
+             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default, hadamard_by_gemm}
 
 
 @contextlib.contextmanager
@@ -521,7 +477,7 @@ def _calibrate(prog: Program, layers: list[_Layer], batches: list[list], progres
                 for i in range(start, cut):
                     n = nodes[i]
                     if n.op == "call_function":
-                        fn = _hadamard_by_gemm if n.target is hadamard_op else n.target
+                        fn = hadamard_by_gemm if n.target is hadamard_op else n.target
                         torch.set_num_threads(threads if fn in _THREADED else 1)
                         env[n] = fn(*fx.node.map_arg(n.args, value), **fx.node.map_arg(n.kwargs, value))
                         if n in grams:

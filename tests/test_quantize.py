@@ -279,18 +279,18 @@ def test_activation_statistics_see_the_quantized_linears():
 @pytest.mark.parametrize("n,block", [(64, 64), (1536, 1536), (576, 576), (1024, 1024), (4096, 4096), (1536, 128)])
 @pytest.mark.parametrize("transpose", [False, True])
 def test_calibration_hadamard_by_gemm_equals_the_op(n, block, transpose):
-    """GPTQ's calibration forward runs spinfx::hadamard as Kronecker-factor GEMMs (_hadamard_by_gemm):
+    """GPTQ's calibration forward runs spinfx::hadamard as Kronecker-factor GEMMs (hadamard_by_gemm):
     the same x @ M as the op (float64 to 1e-12, float32 to 1e-5), plans with odd factors, Sylvester
     parts longer than one 128-piece, block-diagonal plans and the transpose included."""
     from spinfx.kernels.hadamard import hadamard_op, plan
-    from spinfx.passes.quantize import _hadamard_by_gemm
+    from spinfx.kernels.hadamard import hadamard_by_gemm
 
     p = plan(n, block)
     gen = torch.Generator().manual_seed(n + block)
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
         x = torch.randn(2, 5, n, generator=gen, dtype=torch.float64).to(dtype)
         ref = hadamard_op(x, list(p.ks), p.block, transpose)
-        got = _hadamard_by_gemm(x, list(p.ks), p.block, transpose)
+        got = hadamard_by_gemm(x, list(p.ks), p.block, transpose)
         assert got.dtype == dtype and got.shape == x.shape
         assert ((got - ref).abs().max() / ref.abs().max()).item() < tol, (n, block, p.describe())
 
