@@ -54,17 +54,10 @@ def load_source(src: str | Path):
     """(model, tokenizer or None) of "smollm2" or a model directory, a spinfx checkpoint included
     (`spinfx.load`: quantized linears and online rotations come back)."""
     import spinfx
-    from spinfx.hf import TOKENIZER_FILES, _one_line, _transformers, resolve_source
+    from spinfx.hf import load_tokenizer, resolve_source
 
     path = resolve_source(src)
-    model = spinfx.load(path)
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        return model, None
-    try:
-        return model, _transformers().AutoTokenizer.from_pretrained(path, local_files_only=True,
-                                                                    trust_remote_code=False)
-    except Exception as e:  # transformers raises many types for a bad tokenizer
-        raise BadInput(f"{path}: cannot load the tokenizer ({type(e).__name__}: {_one_line(e)})") from None
+    return spinfx.load(path), load_tokenizer(path)
 
 
 def _traced_length(model) -> int | None:

@@ -217,13 +217,17 @@ def load_model(src: str | os.PathLike, dtype: torch.dtype = torch.float32):
     except Exception as e:  # transformers raises ValueError/OSError/KeyError/RuntimeError… for bad inputs
         raise BadInput(f"{path}: transformers cannot load this model ({type(e).__name__}: {_one_line(e)})") from None
     model.eval()
-    tokenizer = None
-    if any((path / name).is_file() for name in TOKENIZER_FILES):
-        try:
-            tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-        except Exception as e:
-            raise BadInput(f"{path}: cannot load the tokenizer ({type(e).__name__}: {_one_line(e)})") from None
-    return model, tokenizer
+    return model, load_tokenizer(path)
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer of a model directory, or None when it has no tokenizer files."""
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    try:
+        return _transformers().AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # transformers raises many types for a bad tokenizer
+        raise BadInput(f"{path}: cannot load the tokenizer ({type(e).__name__}: {_one_line(e)})") from None
 
 
 def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[str]:
