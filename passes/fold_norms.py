@@ -26,7 +26,7 @@ from spinfx.errors import Unsupported
 from spinfx.graph import Program, add_const
 from spinfx.match import arg, describe, find_all
 from spinfx.pattern import Siblings, Var
-from spinfx.patterns.common import CASTS, VIEWS, linear_node, linear_of
+from spinfx.patterns.common import CASTS, LINEAR_OPS, VIEWS, linear_node, linear_of
 from spinfx.patterns.norms import LAYERNORM, RMSNORM, RMSNORM_1P, RMSNORM_ATEN
 from spinfx.patterns.residual import residual_stream
 from spinfx.pipeline import Context, Pass, PassResult
@@ -62,8 +62,7 @@ def own_weight(st: _State, node: fx.Node, arg: int) -> str | None:
         return w.target
     if st.tie == "keep":
         return None
-    linear_ops = (aten.linear.default, aten.addmm.default)
-    movers = [node] if node.target in linear_ops else [u for u in w.users if u is not node]
+    movers = [node] if node.target in LINEAR_OPS else [u for u in w.users if u is not node]
     mine = w.target
     for u in movers:
         fqn = _copy_for(st, u, w)
@@ -228,6 +227,7 @@ def _own(st: _State, node: fx.Node, arg: int) -> str:
 class FoldNorms(Pass):
     name = "fold-norms"
     certify = True
+    changes_weights = True
     tie: str = "untie"
 
     def rules(self) -> list[Rule]:

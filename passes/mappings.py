@@ -20,12 +20,12 @@ from spinfx.errors import Unsupported
 from spinfx.graph import Program
 from spinfx.match import find_all
 from spinfx.patterns.attention import QKV, qkv_linears
+from spinfx.patterns.common import LINEAR_OPS
 from spinfx.patterns.groups import GATE_UP, NORM_LINEARS
 from spinfx.patterns.residual import residual_stream
 from spinfx.pipeline import Context, Pass, PassResult
 
 aten = torch.ops.aten
-_LINEARS = (aten.linear.default, aten.addmm.default)
 
 
 def matches(target: str, name: str, cls: str = "") -> bool:
@@ -58,9 +58,9 @@ def graph_roles(prog: Program) -> dict[str, set[str]]:
             roles[role].add(_mod(lins.get(node, lins.get("qkv"))))
         head_dims.add(int(m["v_heads"].meta["val"].shape[-1]))
         out = m["attn"]
-        while out.target not in _LINEARS and len(out.users) == 1:
+        while out.target not in LINEAR_OPS and len(out.users) == 1:
             out = next(iter(out.users))
-        if out.target in _LINEARS:
+        if out.target in LINEAR_OPS:
             roles["attn_o"].add(_mod(out))
     for m in find_all(GATE_UP, g)[0]:
         for k in ("gate", "up", "gate_up"):
@@ -68,7 +68,7 @@ def graph_roles(prog: Program) -> dict[str, set[str]]:
                 roles["mlp_in"].add(_mod(m[k]))
     attn_o = roles["attn_o"]
     for w in stream.writers:
-        if w.node.target in _LINEARS and _mod(w.node) not in attn_o:
+        if w.node.target in LINEAR_OPS and _mod(w.node) not in attn_o:
             roles["mlp_out"].add(_mod(w.node))
     roles["attn_head_dim"] = head_dims  # type: ignore[assignment]
     return roles
@@ -78,7 +78,7 @@ def _modules(prog: Program) -> dict[str, str]:
     mods: dict[str, str] = {}
     for n in prog.graph.nodes:
         if n.op == "call_function" and n.meta.get("module"):
-            if n.target in _LINEARS + (aten.embedding.default,) or "norm" in n.meta.get("module_type", "").lower():
+            if n.target in LINEAR_OPS + (aten.embedding.default,) or "norm" in n.meta.get("module_type", "").lower():
                 mods.setdefault(n.meta["module"], n.meta.get("module_type", ""))
     return mods
 

@@ -28,13 +28,12 @@ from spinfx.graph import Program, add_const
 from spinfx.match import describe, find_all
 from spinfx.pattern import Op, Siblings, Var
 from spinfx.patterns.attention import ATTENTION, QKV, ROPE_SITE, output_projection, qkv_linears
-from spinfx.patterns.common import CASTS, HEAD_LAYOUT, VIEWS, linear_of
+from spinfx.patterns.common import CASTS, HEAD_LAYOUT, LINEAR_OPS as LINEARS, VIEWS, linear_of
 from spinfx.patterns.norms import NORM, RMSNORM_PLAIN, norm_kind
 from spinfx.patterns.residual import residual_stream
 from spinfx.pipeline import Context, Pass, PassResult
 
 aten = torch.ops.aten
-LINEARS = (aten.linear.default, aten.addmm.default)
 
 SCALE_FREE_GROUP = Siblings(RMSNORM_PLAIN, linear_of(Var("normout")), bind="normout",
                             min=1, all_users=True, through=CASTS + VIEWS, name="linears")
@@ -221,6 +220,7 @@ def _part_start(part: fx.Node) -> int:
 class Rotate(Pass):
     name = "rotate"
     certify = True
+    changes_weights = True
     r1: str = "hadamard"
     r2: str = "hadamard"
     r3: bool = False

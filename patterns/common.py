@@ -20,6 +20,36 @@ SPLITS = (aten.slice.Tensor, operator.getitem, aten.split.Tensor, aten.split_wit
           aten.narrow.default)
 
 
+# The float linear in its ATen spellings, and where each reads its input and weight: `aten.linear(x, W, b)`
+# and GPT-2's Conv1D `aten.addmm(b, x, W[in,out])`. The one definition of "is this a linear".
+LINEAR_OPS = (aten.linear.default, aten.addmm.default)
+_LINEAR_ARGS = {aten.linear.default: (0, 1), aten.addmm.default: (1, 2)}  # (input, weight) positions
+
+
+def is_linear(n) -> bool:
+    """A float linear (either spelling) whose weight is a named constant of the program."""
+    return (getattr(n, "op", None) == "call_function" and n.target in _LINEAR_ARGS
+            and getattr(n.args[_LINEAR_ARGS[n.target][1]], "op", None) == "get_attr")
+
+
+def linear_input_arg(n) -> int:
+    """The argument position of a float linear's input (0 for aten.linear, 1 for Conv1D's addmm)."""
+    return _LINEAR_ARGS[n.target][0]
+
+
+def linear_weight(n):
+    """The get_attr node of a float linear's weight."""
+    return n.args[_LINEAR_ARGS[n.target][1]]
+
+
+def reads_graph_input(n) -> bool:
+    """Does the linear `n` read one of the graph's inputs (through casts, views and slices only)?"""
+    x = n.args[linear_input_arg(n)]
+    while getattr(x, "op", None) == "call_function" and x.target in CASTS + VIEWS + SPLITS:
+        x = x.args[0]
+    return getattr(x, "op", None) == "placeholder"
+
+
 def linear_of(inp, w: str = "w", b: str = "b", name: str = "linear"):
     """A linear layer reading `inp`, in either ATen spelling:
     `aten.linear(inp, W[out,in], b?)`, or GPT-2's Conv1D `addmm(b, view(inp), W[in,out])` (captured
@@ -36,4 +66,5 @@ def linear_node(m, name: str = "linear"):
     return m.captures[name + "_t"], True
 
 
-__all__ = ["CASTS", "VIEWS", "HEAD_LAYOUT", "SPLITS", "linear_of", "linear_node", "Opt", "Chain"]
+__all__ = ["CASTS", "VIEWS", "HEAD_LAYOUT", "SPLITS", "LINEAR_OPS", "is_linear", "linear_input_arg", "linear_weight",
+           "reads_graph_input", "linear_of", "linear_node", "Opt", "Chain"]

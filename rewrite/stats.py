@@ -13,9 +13,7 @@ import torch
 import torch.fx as fx
 
 from spinfx.graph import Program
-
-aten = torch.ops.aten
-_LINEARS = {aten.linear.default: 0, aten.addmm.default: 1}
+from spinfx.patterns.common import LINEAR_OPS, linear_input_arg
 
 
 def _input_arg(n: fx.Node) -> int | None:
@@ -23,8 +21,8 @@ def _input_arg(n: fx.Node) -> int | None:
     op (the quantized linears read x first)."""
     if n.op != "call_function":
         return None
-    if n.target in _LINEARS:
-        return _LINEARS[n.target]
+    if n.target in LINEAR_OPS:
+        return linear_input_arg(n)
     if isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "spinfx" \
             and n.target.__name__.startswith("qlinear"):
         return 0
