@@ -177,6 +177,7 @@ class _Layer:
 class Quantize(Pass):
     name = "quantize"
     certify = False  # certified inside run(), against the dequantized reference (module docstring)
+    changes_weights = True
     weights: dict = field(default_factory=dict)
     ignore: list = field(default_factory=lambda: ["lm_head"])
     overrides: list = field(default_factory=list)

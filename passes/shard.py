@@ -668,6 +668,7 @@ class Shard(Pass):
 
     name = "shard"
     certify = False  # certified inside run(): all T ranks together against the unsharded program
+    changes_weights = True
     tp: int = 1
     rank: int = 0
     group: str | None = None     # process-group name for the collectives (default: WORLD, if initialized)

@@ -167,17 +167,67 @@ def apply_recipe(prog: Program, recipe, calib=None, certify: bool = True) -> Rep
     layer = first_block(prog)  # one decoder layer's graph before/after, for the report's picture
     layer_before = print_graph(prog.gm, module=layer) if layer else None
     to_master(prog)
+    linears = linear_weights(prog)
     ctx = Context(calib=calib, progress=progress)
     results = run_pipeline(prog, rec.passes, ctx, certify=certify)
-    finalize(prog)
     rep = Report(model=str(prog.meta.get("model_type") or prog.meta.get("class", "")), recipe=rec.name,
                  passes=results)
+    check_changed(prog, rec, linears, rep)
+    finalize(prog)
     if batches:
         rep.extra["activations"] = compare_stats(before, linear_input_stats(prog, batches))
     if layer:
         rep.extra["layer_graph"] = {"module": layer, "before": layer_before,
                                     "after": print_graph(prog.gm, module=layer)}
     return rep
+
+
+def linear_weights(prog: Program) -> dict[str, tuple[str, torch.Tensor]]:
+    """Every float linear of the program: node name -> (weight FQN, the weight tensor now)."""
+    from spinfx.patterns.common import is_linear, linear_weight
+
+    return {n.name: (linear_weight(n).target, prog.const(linear_weight(n).target))
+            for n in prog.graph.nodes if is_linear(n)}
+
+
+def check_changed(prog: Program, rec, before: dict[str, tuple[str, torch.Tensor]], rep: Report) -> None:
+    """A recipe that exists to change weights must change some linear: record how many it changed in
+    the report, and raise `Unsupported` when it changed none of them (unless the recipe allows it).
+    A linear counts as changed when its node is gone (replaced, e.g. by a quantized linear) or its
+    weight is another tensor (constants are replaced, never edited in place).
+
+    One exception, said in the report: a graph whose every linear reads the graph's own inputs (a
+    fragment of a model cut by a graph break, e.g. an lm_head alone) holds no structure around its
+    linears for the recipe to act on."""
+    from spinfx.errors import Unsupported
+    from spinfx.patterns.common import reads_graph_input
+
+    if not rec.changes_weights:
+        return
+    now = {n.name: n for n in prog.graph.nodes}
+    changed = 0
+    for name, (fqn, t) in before.items():
+        n = now.get(name)
+        same = n is not None and n.op == "call_function" and any(
+            a.op == "get_attr" and a.target == fqn for a in n.all_input_nodes) and prog.const(fqn) is t
+        changed += not same
+    lin = rep.extra["linears"] = {"total": len(before), "changed": changed}
+    if changed or rec.allow_unchanged:
+        return
+    if not before:
+        lin["note"] = f"no linear in this graph: nothing for recipe {rec.name!r} to change"
+        return
+    if all(reads_graph_input(now[name]) for name in before):
+        lin["note"] = "every linear here reads the graph's inputs: the structure around them is elsewhere"
+        return
+    why = []
+    for p in rep.passes:
+        why += [f"{p.name}: {r}" for r in p.refusals]
+        why += [f"{p.name}: rule {r.name} found nothing ({r.nearest_miss})" for r in p.rules
+                if not r.matches and r.nearest_miss]
+    raise Unsupported(f"recipe {rec.name!r} changed none of the {len(before)} linears of "
+                      f"{prog.meta.get('class') or 'the model'}" + (f" — {'; '.join(why[:3])}" if why else "")
+                      + "; a recipe that may leave a model unchanged says so (allow_unchanged: true)")
 
 
 def first_block(prog: Program) -> str | None:

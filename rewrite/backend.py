@@ -11,7 +11,9 @@ Options: `recipe` (preset, YAML path or Recipe), `inductor` (default True), `cer
 `strict` (default True: a graph that holds weights but whose structure the recipe refuses — e.g. a
 layer split by a graph break — raises `Unsupported`; False: that graph runs unchanged and the refusal
 is recorded in `reports()`). Graphs without parameters (mask arithmetic between breaks) run as they
-are. Inference only: the rewritten weights are a snapshot taken at compile time.
+are; a graph with linear layers whose weights are not the module's (by Dynamo source) is refused,
+and so is a recipe that changes none of a graph's linears (`api.check_changed`): never a silent
+pass-through. Inference only: the rewritten weights are a snapshot taken at compile time.
 
 Shapes. The canonical program is specialized to one set of input shapes (what export saw). When
 Dynamo hands over a dynamic graph (symbolic sizes, e.g. a growing DynamicCache), the compiled
@@ -32,9 +34,11 @@ input into an extra output; the program stays functional for the passes and thei
 the update is written back into the input by a `copy_` at the end of the compiled graph.
 
 Cache. A rewrite is kept per process under a key over the rule sources (every spinfx source file),
-the recipe, the torch version, the Dynamo graph's code, the input shapes and the identity (storage,
-version) of the weights: a recompile of the same graph (after `torch._dynamo.reset()`, a guard
-failure, a second `torch.compile` of the same model) reuses the rewrite and the compiled function.
+the recipe, the torch version, the Dynamo graph's code and the input shapes, and is used only for
+the very weight tensors it was made from (weak references, unmodified `_version`): a recompile of
+the same graph (after `torch._dynamo.reset()`, a guard failure, a second `torch.compile` of the
+same model) reuses the rewrite and the compiled function; another model never does, even one whose
+tensors landed at a freed model's addresses. `clear_cache()` releases every tensor the backend holds.
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ import json
 import operator
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -108,8 +113,10 @@ def reports() -> list[GraphRecord]:
 
 
 def clear_cache() -> None:
-    """Forget the rewrites kept for recompiles (and the records)."""
+    """Forget the rewrites kept for recompiles, the weights shared between specializations, and the
+    records: afterwards the backend holds no tensor."""
     _CACHE.clear()
+    _POOL.clear()
     _RECORDS.clear()
 
 
@@ -138,26 +145,27 @@ _GRAPH_IDS = itertools.count()
 class _Compiled:
     fn: Callable          # compiled(*all Dynamo inputs) -> outputs
     record: GraphRecord
+    sources: list         # (weakref to each weight it was rewritten from, that weight's _version)
+
+    def made_from(self, weights: list) -> bool:
+        """Rewritten from these very tensors, unmodified since? (A freed model's tensors are dead
+        references, so another model at the same addresses never hits.)"""
+        return len(weights) == len(self.sources) and all(
+            ref() is t and t._version == v for (ref, v), (_, t) in zip(self.sources, weights))
 
 
 class _Graph:
     """One Dynamo graph and its specializations (one per set of concrete input shapes)."""
 
     def __init__(self, gm: fx.GraphModule, example_inputs: list, recipe, opts: Options, index: int):
-        from spinfx.graph import _fqn_from_source
+        from spinfx.graph import dynamo_inputs
 
         self.gm, self.recipe, self.opts, self.index = gm, recipe, opts, index
         self.functional, self.mutated = functionalize_inputs(gm)
+        found = dynamo_inputs(gm, example_inputs)  # which inputs are module tensors — as from_dynamo decides
+        self.user_pos = found.users
+        self.weights = [(fqn, example_inputs[i]) for i, (_, fqn) in enumerate(found.slots) if fqn is not None]
         phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        # Which Dynamo inputs are module tensors (constants of the program) — as from_dynamo decides.
-        self.user_pos, self.weights = [], []
-        for i, (n, ex) in enumerate(zip(phs, example_inputs)):
-            ga = n.meta.get("grapharg")
-            fqn = _fqn_from_source(ga.source.name) if ga is not None and ga.source is not None else None
-            if fqn is not None and isinstance(ex, torch.Tensor):
-                self.weights.append((fqn, ex))
-            else:
-                self.user_pos.append(i)
         self.dynamic = any(isinstance(example_inputs[i], torch.SymInt) for i in self.user_pos) or any(
             _symbolic(n.meta.get("example_value")) for n in phs)
         self.n_outputs = len(_outputs(gm))
@@ -176,6 +184,8 @@ class _Graph:
         key = _shape_key(users)
         cache_key = self._cache_key(key)
         hit = _CACHE.get(cache_key)
+        if hit is not None and not hit.made_from(self.weights):
+            hit = None
         if hit is None:
             hit = self._compile(users, key)
             _CACHE[cache_key] = hit
@@ -187,8 +197,8 @@ class _Graph:
         return hit.fn
 
     def _cache_key(self, shapes: tuple) -> str:
-        weights = [(fqn, t.untyped_storage().data_ptr(), t.storage_offset(), t._version, tuple(t.shape),
-                    str(t.dtype)) for fqn, t in self.weights]
+        # which tensors (by identity and version) is checked on a hit: _Compiled.made_from
+        weights = [(fqn, tuple(t.shape), str(t.stride()), str(t.dtype)) for fqn, t in self.weights]
         blob = json.dumps({"sources": sources_fingerprint(), "torch": torch.__version__,
                            "recipe": self.recipe.to_dict(), "options": [self.opts.inductor, self.opts.certify,
                                                                         self.opts.strict],
@@ -198,23 +208,29 @@ class _Graph:
     def _compile(self, users: list, shapes: tuple) -> _Compiled:
         t0 = time.perf_counter()
         record = GraphRecord(self.index, [list(s) if isinstance(s, tuple) else s for s in shapes], "rewritten")
-        if not self.weights:
-            record.status = "no parameters"
-            fn = self._lower_original(users)
-        else:
-            try:
+        try:
+            if self.weights:
                 fn = self._lower_rewritten(users, record)
-            except (Unsupported, CertificateError) as e:  # this graph cannot be rewritten soundly
-                if self.opts.strict:
-                    raise Unsupported(f"graph {self.index}: {e}") from None
-                record.status, record.reason = "refused", str(e)
-                warnings.warn(f"spinfx backend: graph {self.index} runs unchanged: {e}", stacklevel=2)
+            else:
+                linears = _linear_calls(self.gm)
+                if linears and self.recipe.changes_weights and not self.recipe.allow_unchanged:
+                    # weights that arrive in a form spinfx cannot name must not mean "nothing to do"
+                    raise Unsupported(f"{len(linears)} linear(s) ({', '.join(linears[:3])}) read weights that are "
+                                      f"not the compiled module's parameters or buffers (by their Dynamo sources), "
+                                      f"so recipe {self.recipe.name!r} cannot be applied")
+                record.status = "no parameters"
                 fn = self._lower_original(users)
+        except (Unsupported, CertificateError) as e:  # this graph cannot be rewritten soundly
+            if self.opts.strict:
+                raise Unsupported(f"graph {self.index}: {e}") from None
+            record.status, record.reason = "refused", str(e)
+            warnings.warn(f"spinfx backend: graph {self.index} runs unchanged: {e}", stacklevel=2)
+            fn = self._lower_original(users)
         record.seconds = time.perf_counter() - t0
         _RECORDS.append(record)
         _log(f"graph {self.index}: {record.status} in {record.seconds:.1f} s"
              + (f" ({record.reason})" if record.reason else ""))
-        return _Compiled(fn, record)
+        return _Compiled(fn, record, [(weakref.ref(t), t._version) for _, t in self.weights])
 
     def _lower_rewritten(self, users: list, record: GraphRecord) -> Callable:
         from spinfx.api import apply_recipe
@@ -391,6 +407,17 @@ def _spinfx_packages(spinfx):
     import spinfx.patterns
 
     return (spinfx, spinfx.passes, spinfx.patterns, spinfx.kernels)
+
+
+_TORCH_LINEARS = {torch._C._nn.linear, torch.nn.functional.linear, torch.addmm}
+
+
+def _linear_calls(gm: fx.GraphModule) -> list[str]:
+    """The linear layers of a Dynamo (torch-level) graph, by node name."""
+    mods = dict(gm.named_modules())
+    return [n.name for n in gm.graph.nodes
+            if (n.op == "call_function" and n.target in _TORCH_LINEARS)
+            or (n.op == "call_module" and isinstance(mods.get(n.target), torch.nn.Linear))]
 
 
 def _outputs(gm: fx.GraphModule) -> list:

@@ -118,15 +118,55 @@ def _quiet():
         yield
 
 
+# A Dynamo source reaching into a module: `ROOT._modules['model']._parameters['weight']`. ROOT is
+# whatever names the module in the compiled frame: `L['self']` when Dynamo traces `forward(self, ...)`,
+# `L['args'][0]` when a wrapper `(*args, **kwargs)` is traced instead (transformers ≥ 5.24 decorates
+# forward), `L['model']` for a function that takes the model. The graph says which: never a version.
+_MODULE_STEP = re.compile(r"\._(?:modules|parameters|buffers)\[")
 _SOURCE_PART = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_][A-Za-z0-9_]*)")
 
 
-def _fqn_from_source(source_name: str) -> str | None:
-    """"L['self']._modules['model']._parameters['weight']" -> "model.weight" (None: not a module attr)."""
-    if not source_name.startswith("L['self']"):
+def _split_source(source_name: str) -> tuple[str, str] | None:
+    """"L['args'][0]._modules['model']._parameters['weight']" -> ("L['args'][0]", "model.weight");
+    None when the source does not reach into a module's parameters or buffers."""
+    m = _MODULE_STEP.search(source_name)
+    if m is None or not re.search(r"\._(?:parameters|buffers)\['[^']+'\]$", source_name):
         return None
-    parts = [a or b for a, b in _SOURCE_PART.findall(source_name[len("L['self']"):])]
-    return ".".join(parts) if parts else None
+    root, rest = source_name[:m.start()], source_name[m.start():]
+    parts = [a or b for a, b in _SOURCE_PART.findall(rest)]
+    return root, ".".join(parts)
+
+
+@dataclass
+class DynamoInputs:
+    """Which inputs of a Dynamo graph are the compiled module's tensors (constants of the program,
+    named by FQN) and which are the user's. `root` is the source that names the module."""
+
+    slots: list[tuple[str, str | None]]   # per placeholder: ("const", fqn) or ("input", None)
+    root: str | None
+
+    @property
+    def constants(self) -> list[int]:
+        return [i for i, (kind, _) in enumerate(self.slots) if kind == "const"]
+
+    @property
+    def users(self) -> list[int]:
+        return [i for i, (kind, _) in enumerate(self.slots) if kind == "input"]
+
+
+def dynamo_inputs(gm: fx.GraphModule, example_inputs: list) -> DynamoInputs:
+    """Classify a backend's inputs by their Dynamo sources. The module is the root that most tensor
+    sources reach into (a graph compiled from one model has one); tensors of other roots stay inputs."""
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    split = []
+    for n, ex in zip(phs, example_inputs):
+        ga = n.meta.get("grapharg")
+        src = getattr(ga, "source", None) if ga is not None else None
+        split.append(_split_source(src.name) if src is not None and isinstance(ex, torch.Tensor) else None)
+    roots = [s[0] for s in split if s is not None]
+    root = max(set(roots), key=roots.count) if roots else None
+    slots = [("const", s[1]) if s is not None and s[0] == root else ("input", None) for s in split]
+    return DynamoInputs(slots, root)
 
 
 class _Lifted(torch.nn.Module):
@@ -155,24 +195,17 @@ def from_dynamo(gm: fx.GraphModule, example_inputs: list) -> Program:
     """
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    slots, consts, user = [], {}, []
-    for n, ex in zip(phs, example_inputs):
-        ga = n.meta.get("grapharg")
-        fqn = _fqn_from_source(ga.source.name) if ga is not None and ga.source is not None else None
-        if fqn is not None and isinstance(ex, torch.Tensor):
-            slots.append(("const", fqn))
-            consts[fqn] = ex
-        else:
-            slots.append(("input", None))
-            user.append(ex)
+    found = dynamo_inputs(gm, example_inputs)
+    slots = found.slots
+    consts = {fqn: example_inputs[i] for i, (_, fqn) in enumerate(slots) if fqn is not None}
+    user = [example_inputs[i] for i in found.users]
     with unset_fake_temporarily():
         lifted = _Lifted(gm, slots)
         for fqn, t in consts.items():
             _set_tensor(lifted, fqn, t.detach())
         with torch.no_grad(), _quiet():
             ep = torch.export.export(lifted, tuple(user), strict=False)
-            prog = _from_exported(ep, module_prefix="L['self'].")
+            prog = _from_exported(ep, module_prefix=found.root or "L['self']")
     prog.in_spec = prog.out_spec = None
     prog.examples = [user[i] for i in prog.input_positions]
     return prog
@@ -290,9 +323,8 @@ def _provenance(n: fx.Node, prefix: str) -> dict:
     if not stack:
         return {"module": "", "module_type": ""}
     path, cls = list(stack.values())[-1]
-    path = path.removeprefix(prefix)
-    if path == "L['self']":
-        path = ""
+    if prefix and (path == prefix or path.startswith(prefix + ".")):
+        path = path[len(prefix) + 1:]
     cls = cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))
     return {"module": path, "module_type": cls.rsplit(".", 1)[-1]}
 

@@ -2,6 +2,7 @@
 
     passes:
       - fold-norms: {tie: untie}
+    allow_unchanged: false   # optional: true lets the recipe change none of a graph's linears
 
 Presets (INTERFACE.md) are written in the same words. A preset whose passes are not built yet is
 refused with the list of what is available, never silently approximated.
@@ -34,12 +35,22 @@ PRESETS["spinquant-w4a4kv4"] = PRESETS["spinquant"] + [
 class Recipe:
     name: str
     passes: list[Pass] = field(default_factory=list)
+    # A recipe that changes weights and changes none of a graph's linears is refused, unless it says
+    # that may happen (YAML: `allow_unchanged: true`).
+    allow_unchanged: bool = False
+
+    @property
+    def changes_weights(self) -> bool:
+        return any(p.changes_weights for p in self.passes)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "passes": [{p.name: p.options()} for p in self.passes]}
+        d = {"name": self.name, "passes": [{p.name: p.options()} for p in self.passes]}
+        if self.allow_unchanged:
+            d["allow_unchanged"] = True
+        return d
 
 
-def _build(name: str, steps: Any) -> Recipe:
+def _build(name: str, steps: Any, allow_unchanged: bool = False) -> Recipe:
     from spinfx.passes import REGISTRY
 
     if not isinstance(steps, list):
@@ -59,7 +70,7 @@ def _build(name: str, steps: Any) -> Recipe:
             raise BadInput(f"recipe {name}: pass {pname} has no option(s) {', '.join(sorted(bad))}; "
                            f"it takes: {', '.join(sorted(known)) or 'none'}")
         passes.append(cls(**opts))
-    return Recipe(name, passes)
+    return Recipe(name, passes, allow_unchanged)
 
 
 def load_recipe(spec: str | Path | Recipe) -> Recipe:
@@ -80,5 +91,12 @@ def load_recipe(spec: str | Path | Recipe) -> Recipe:
             raise BadInput(f"recipe file {s} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict) or "passes" not in data:
             raise BadInput(f"recipe file {s} must have a top-level 'passes:' list")
-        return _build(p.stem, data["passes"])
+        extra = set(data) - {"passes", "allow_unchanged"}
+        if extra:
+            raise BadInput(f"recipe file {s}: unknown top-level key(s) {', '.join(sorted(map(str, extra)))}; "
+                           f"known: passes, allow_unchanged")
+        allow = data.get("allow_unchanged", False)
+        if not isinstance(allow, bool):
+            raise BadInput(f"recipe file {s}: allow_unchanged must be true or false, got {allow!r}")
+        return _build(p.stem, data["passes"], allow)
     raise BadInput(f"unknown recipe {s!r}; presets: {', '.join(PRESETS)} (or a path to a YAML recipe)")

@@ -143,6 +143,13 @@ def test_graph_break_each_graph_rewritten():
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     statuses = [r.status for r in backend.reports()[start:]]
     assert statuses.count("rewritten") >= 2 and set(statuses) <= {"rewritten", "no parameters"}
+    # a fragment whose linears all read its inputs (lm_head after the break) is unchanged, and says why
+    for r in backend.reports()[start:]:
+        lin = r.report.extra["linears"] if r.report is not None else {"changed": 1}
+        if lin["changed"] == 0:
+            assert ("no linear in this graph" if lin["total"] == 0 else "reads the graph's inputs") in lin["note"]
+    # q/k/v and gate/up of both layers take their norm's scale; lm_head's norm is in another graph
+    assert sum(r.report.extra["linears"]["changed"] for r in backend.reports()[start:] if r.report) == 2 * 5
 
 
 def test_graph_break_splitting_the_stream_is_reported_not_guessed():
@@ -207,3 +214,132 @@ def test_smollm2_spinquant_w4a16_in_a_fresh_process_equals_offline(tmp_path):
                          text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.startswith("ok")
+
+
+# ---- never a silent pass-through (transformers 5.24 traced a wrapper frame and the backend saw "no
+# parameters") -------------------------------------------------------------------------------------
+
+
+class _MLP(torch.nn.Module):
+    """Linears and no norm: `fold` finds nothing to change here."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(16, 32)
+        self.down = torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+@pytest.mark.parametrize("recipe", ["fold", "rotate", "spinquant", "w4a16", "spinquant-w4a16"])
+def test_a_recipe_through_the_backend_changes_the_program(recipe):
+    zm = zoo.build("llama")
+    start = len(backend.reports())
+    with torch.no_grad():
+        compiled(zm.model, recipe, inductor=False)(**zm.example_inputs)
+    new = [r for r in backend.reports()[start:] if r.status == "rewritten"]
+    assert new, [r.status for r in backend.reports()[start:]]
+    for r in new:
+        assert sum(p.edits for p in r.report.passes) > 0
+        lin = r.report.extra["linears"]
+        assert lin["total"] == 2 * 7 + 1 and lin["changed"] > 0, lin
+
+
+def test_the_module_behind_a_wrapper_frame_is_found():
+    """The form transformers 5.24 gives Dynamo: the traced frame is `(*args, **kwargs)` and the model is
+    `args[0]`, so parameter sources start `L['args'][0]` instead of `L['self']`."""
+    zm = zoo.build("llama")
+    ids = zm.example_inputs["input_ids"]
+
+    def call(*args, **kwargs):
+        return args[0](*args[1:], **kwargs)
+
+    ref = spinfx.rewrite(zm.model, "spinquant", zm.example_inputs).module(**zm.example_inputs).logits
+    torch._dynamo.reset()
+    start = len(backend.reports())
+    with torch.no_grad():
+        got = torch.compile(call, backend="spinfx", options={"recipe": "spinquant", "inductor": False})(
+            zm.model, input_ids=ids, use_cache=False).logits
+    assert [r.status for r in backend.reports()[start:]] == ["rewritten"]
+    assert torch.equal(got, ref)
+    layer = backend.reports()[start].report.extra["layer_graph"]["module"]
+    assert layer == "model.layers.0"  # provenance stripped of the wrapper's root as well
+
+
+def test_a_recipe_that_finds_nothing_to_change_raises():
+    torch._dynamo.reset()
+    x = torch.randn(2, 16)
+    with torch.no_grad(), pytest.raises(Exception, match=r"changed none of the 2 linears.*allow_unchanged"):
+        torch.compile(_MLP(), backend="spinfx", options={"recipe": "fold", "inductor": False})(x)
+    with pytest.raises(spinfx.Unsupported, match="changed none of the 2 linears"):
+        spinfx.rewrite(_MLP(), "fold", example_inputs=(x,))
+
+
+def test_a_recipe_may_say_that_nothing_may_change(tmp_path):
+    x = torch.randn(2, 16)
+    path = tmp_path / "fold-if-any.yaml"
+    path.write_text("passes:\n  - fold-norms: {}\nallow_unchanged: true\n")
+    r = spinfx.rewrite(_MLP(), str(path), example_inputs=(x,))
+    assert r.report.extra["linears"] == {"total": 2, "changed": 0}
+    assert "linears changed: 0 of 2" in r.report.to_text()
+    path.write_text("passes:\n  - fold-norms: {}\nallow_unchanged: maybe\n")
+    with pytest.raises(BadInput, match="allow_unchanged must be true or false"):
+        spinfx.rewrite(_MLP(), str(path), example_inputs=(x,))
+
+
+def test_linears_whose_weights_are_not_the_modules_are_refused():
+    def f(x, w):
+        return torch.nn.functional.linear(x, w)
+
+    torch._dynamo.reset()
+    with torch.no_grad(), pytest.raises(Exception, match=r"1 linear\(s\).*not the compiled module's parameters"):
+        torch.compile(f, backend="spinfx", options={"recipe": "fold", "inductor": False})(
+            torch.randn(2, 16), torch.randn(8, 16))
+
+
+def test_a_graph_without_linears_is_said_in_the_report():
+    r = spinfx.rewrite(torch.nn.LayerNorm(8), "fold", example_inputs=(torch.randn(2, 8),))
+    assert r.report.extra["linears"]["total"] == 0
+    assert "no linear in this graph" in r.report.to_text()
+
+    def g(x):
+        return torch.relu(x) * 2
+
+    torch._dynamo.reset()
+    start = len(backend.reports())
+    with torch.no_grad():
+        out = torch.compile(g, backend="spinfx", options={"recipe": "fold", "inductor": False})(torch.ones(3))
+    assert torch.equal(out, torch.full((3,), 2.0))
+    assert [r.status for r in backend.reports()[start:]] == ["no parameters"]
+
+
+def test_a_cached_rewrite_is_never_used_for_other_weights_at_the_same_addresses():
+    """The cache once keyed weights by (data_ptr, offset, _version): new tensors on a freed model's
+    storage, written without bumping a version (numpy, mmap), hit the old rewrite."""
+    import gc
+
+    zm = zoo.build("llama", seed=0)
+    ex = zm.example_inputs
+    with torch.no_grad():
+        compiled(zm.model, "rotate", inductor=False)(**ex)
+    other = zoo.build("llama", seed=1).model
+    # move the other model's values onto this model's storages, then drop this model's tensors
+    for (_, p), (_, q) in zip(zm.model.named_parameters(), other.named_parameters()):
+        p.detach().numpy()[...] = q.detach().numpy()  # in place, no version bump
+        q.data = torch.empty(0).set_(p.untyped_storage(), p.storage_offset(), p.shape, p.stride())
+    del zm
+    gc.collect()
+    ref = spinfx.rewrite(other, "rotate", ex).module(**ex).logits
+    with torch.no_grad():
+        got = compiled(other, "rotate", inductor=False)(**ex).logits
+    assert torch.equal(got, ref)
+
+
+def test_clear_cache_releases_every_tensor():
+    zm = zoo.build("llama")
+    with torch.no_grad():
+        compiled(zm.model, "rotate", inductor=False)(**zm.example_inputs)
+    assert backend._POOL and backend._CACHE
+    backend.clear_cache()
+    assert not backend._POOL and not backend._CACHE and not backend.reports()
