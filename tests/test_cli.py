@@ -54,6 +54,7 @@ def _corrupt(tmp_path, model_dir):
     ("unknown recipe", 2, "unknown recipe"),
     ("unsupported structure", 3, "lm_head.bias"),
     ("existing --out", 2, "exists"),
+    ("recipe changes nothing", 3, "changed none of the 15 linears"),
 ])
 def test_bad_inputs_one_line_exit_code_no_partial_output(tmp_path, model_dir, case, code, needle):
     work = tmp_path / "work"
@@ -72,6 +73,10 @@ def test_bad_inputs_one_line_exit_code_no_partial_output(tmp_path, model_dir, ca
         opt = work / "opt"
         zoo.build("opt").model.save_pretrained(opt)
         src = str(opt)
+    elif case == "recipe changes nothing":  # every linear ignored: a 4-bit recipe that would write a float model
+        recipe = str(tmp_path / "nothing.yaml")
+        (tmp_path / "nothing.yaml").write_text("passes:\n  - quantize: {weights: {bits: 4, group_size: 32}, "
+                                               "ignore: ['re:.*']}\n")
     elif case == "existing --out":
         out.mkdir()
         (out / "mine").write_text("keep")
