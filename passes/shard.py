@@ -44,7 +44,7 @@ from spinfx.graph import Program, add_const, drop_const, infer_meta
 from spinfx.kernels import tp_specs as specs
 from spinfx.match import describe, find_all
 from spinfx.patterns.attention import ATTENTION, output_projection
-from spinfx.patterns.common import CASTS, HEAD_LAYOUT, VIEWS
+from spinfx.patterns.common import ALL_REDUCE, CASTS, HEAD_LAYOUT, VIEWS, WAIT_TENSOR
 from spinfx.pipeline import Context, Pass, PassResult
 
 aten = torch.ops.aten
@@ -57,8 +57,6 @@ UNARY = {aten.neg.default, aten._to_copy.default, aten.to.dtype, aten.to.dtype_l
          aten.tanh.default, aten.sigmoid.default, aten.exp.default, aten.pow.Tensor_Scalar,
          aten.mul.Scalar, aten.div.Scalar, aten.add.Scalar}
 BINARY = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.where.self}
-ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
-WAIT = torch.ops._c10d_functional.wait_tensor.default
 
 
 def _hadamard_op():
@@ -592,7 +590,7 @@ def _all_reduce(prog: Program, row: fx.Node, group: str) -> fx.Node:
     with g.inserting_after(row):
         red = g.call_function(ALL_REDUCE, (row, "sum", group))
     with g.inserting_after(red):
-        wait = g.call_function(WAIT, (red,))
+        wait = g.call_function(WAIT_TENSOR, (red,))
     for n in (red, wait):
         n.meta = {"module": row.meta.get("module", ""), "module_type": "all-reduce"}
     row.replace_all_uses_with(wait, delete_user_cb=lambda u: u is not red)
@@ -702,7 +700,7 @@ class Shard(Pass):
         res.notes.append("embeddings, norms and lm_head are replicated"
                          + ("; attention replicated (attention: replicate)" if self.attention == "replicate" else ""))
         if before is not None:
-            from spinfx.tp import certify_sharded
+            from spinfx.passes.shard_ranks import certify_sharded
 
             res.certificate = certify_sharded(before, self.tp, prog, self.rank, tol=self.tolerance, what=self.name,
                                               attention=self.attention)

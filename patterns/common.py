@@ -16,6 +16,9 @@ VIEWS = (aten.view.default, aten.reshape.default)
 # per-head layout ops on an attention input
 HEAD_LAYOUT = (aten.view.default, aten.reshape.default, aten.transpose.int, aten.permute.default,
                aten.contiguous.default)
+# the functional collectives the shard pass inserts (and the simulated ranks answer)
+ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
+WAIT_TENSOR = torch.ops._c10d_functional.wait_tensor.default
 SPLITS = (aten.slice.Tensor, operator.getitem, aten.split.Tensor, aten.split_with_sizes.default,
           aten.narrow.default)
 
@@ -67,4 +70,4 @@ def linear_node(m, name: str = "linear"):
 
 
 __all__ = ["CASTS", "VIEWS", "HEAD_LAYOUT", "SPLITS", "LINEAR_OPS", "is_linear", "linear_input_arg", "linear_weight",
-           "reads_graph_input", "linear_of", "linear_node", "Opt", "Chain"]
+           "reads_graph_input", "ALL_REDUCE", "WAIT_TENSOR", "linear_of", "linear_node", "Opt", "Chain"]

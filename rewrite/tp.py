@@ -1,8 +1,6 @@
-"""Tensor parallelism drivers: simulated ranks, real gloo processes, sharded checkpoints.
+"""Tensor parallelism drivers: real gloo processes, sharded checkpoints. (The ranks simulated in one
+process, and the shard pass's certificate, are spinfx.passes.shard_ranks.)
 
-  simulate(progs, inputs)        all T rank programs in one process (one thread per rank; the functional
-                                 all_reduce sums the ranks' values in rank order): what `shard` certifies with
-  certify_sharded(...)           that check in float64 against the unsharded program
   run_ranks(fn, tp, *args)       fn(rank, tp, *args) in T processes on torch.distributed (gloo, CPU); returns
                                  each rank's result (torch.multiprocessing spawn, a rendezvous file)
   shard_checkpoint(src, out, T)  a saved checkpoint directory -> one safetensors file per rank
@@ -22,128 +20,18 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.fx as fx
-from torch.utils import _pytree as pytree
 
 from spinfx.errors import BadInput, SpinfxError
 from spinfx.graph import Program
 from spinfx.offline import read_safetensors, staged_dir, write_safetensors
+from spinfx.patterns.common import ALL_REDUCE
 
-ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
-WAIT = torch.ops._c10d_functional.wait_tensor.default
 META = "spinfx_tp.json"
-
-
-# ---- simulated ranks ------------------------------------------------------------------------------
-
-
-class _Exchange:
-    def __init__(self, tp: int):
-        self.tp = tp
-        self.slots: list[Any] = [None] * tp
-        self.barrier = threading.Barrier(tp)
-
-    def all_reduce(self, rank: int, x: torch.Tensor) -> torch.Tensor:
-        self.slots[rank] = x
-        self.barrier.wait()
-        total = self.slots[0].clone()
-        for t in self.slots[1:]:
-            total = total + t
-        self.barrier.wait()
-        return total
-
-
-class _RankInterpreter(fx.Interpreter):
-    def __init__(self, gm, rank: int, ex: _Exchange):
-        super().__init__(gm)
-        self.rank, self.ex = rank, ex
-
-    def call_function(self, target, args, kwargs):
-        if target is ALL_REDUCE:
-            return self.ex.all_reduce(self.rank, args[0])
-        if target is WAIT:
-            return args[0]
-        return super().call_function(target, args, kwargs)
-
-
-def simulate(progs: list[Program], flat_inputs: list) -> list:
-    """Run rank programs together (flat inputs, as `Program.gm` takes them); each rank's outputs."""
-    ex = _Exchange(len(progs))
-    outs: list[Any] = [None] * len(progs)
-    errors: list[BaseException] = []
-
-    def work(r: int) -> None:
-        try:
-            with torch.no_grad():
-                outs[r] = _RankInterpreter(progs[r].gm, r, ex).run(*flat_inputs)
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-            ex.barrier.abort()
-
-    threads = [threading.Thread(target=work, args=(r,)) for r in range(len(progs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
-    return outs
-
-
-def rank_programs(prog: Program, tp: int, group: str | None = None, attention: str = "shard") -> list[Program]:
-    """All T rank-local copies of `prog` (the input is not changed)."""
-    from spinfx.passes.shard import shard_program
-
-    out = []
-    for r in range(tp):
-        p = prog.clone()
-        shard_program(p, tp, r, group, attention)
-        out.append(p)
-    return out
-
-
-def certify_sharded(before: Program, tp: int, mine: Program | None = None, rank: int = 0,
-                    tol: float = 1e-10, what: str = "shard", seeds=(0, 1), attention: str = "shard") -> dict:
-    """All ranks (rank `rank` given as `mine`, the others built from `before`) run together in float64 on
-    seeded random inputs; every rank's outputs must equal the unsharded program's."""
-    from spinfx.certify import CertificateError, as_fp64, random_inputs
-
-    progs = []
-    for r in range(tp):
-        if mine is not None and r == rank:
-            progs.append(mine)
-            continue
-        p = before.clone()
-        from spinfx.passes.shard import shard_program
-
-        shard_program(p, tp, r, (mine.meta.get("tp", {}).get("group") if mine is not None else None), attention)
-        progs.append(p)
-    ref, ranks = as_fp64(before), [as_fp64(p) for p in progs]
-    max_abs = ref_max = 0.0
-    for s in seeds:
-        xs = random_inputs(before.examples, s)
-        with torch.no_grad():
-            want = [t for t in pytree.tree_leaves(ref.gm(*xs)) if isinstance(t, torch.Tensor)]
-        for got in simulate(ranks, xs):
-            got = [t for t in pytree.tree_leaves(got) if isinstance(t, torch.Tensor)]
-            for x, y in zip(want, got, strict=True):
-                if x.shape != y.shape:
-                    raise CertificateError(f"{what}: output shape changed {tuple(x.shape)} -> {tuple(y.shape)}")
-                max_abs = max(max_abs, (x.double() - y.double()).abs().max().item())
-                ref_max = max(ref_max, x.double().abs().max().item())
-    rel = max_abs / ref_max if ref_max else max_abs
-    cert = {"max_abs": max_abs, "rel": rel, "tolerance": tol, "seeds": list(seeds), "dtype": "float64",
-            "ranks": tp, "reference": "the unsharded program; all ranks simulated in one process"}
-    if not rel <= tol:
-        raise CertificateError(f"{what} changed the model's function: relative {rel:.3e} > tolerance {tol:.0e} "
-                               f"(T = {tp})")
-    return cert
 
 
 # ---- real processes ------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ from spinfx import tp, zoo
 from spinfx.kernels import tp_specs as specs
 from spinfx.kernels.quant_rtn import quantize_rtn
 from spinfx.kernels.quant_weight import QuantWeight, dequantize
-from spinfx.passes import FoldNorms, Quantize, Rotate, Shard
+from spinfx.passes import FoldNorms, Quantize, Rotate, Shard, shard_ranks
+from spinfx.patterns.common import ALL_REDUCE
 from spinfx.recipe import Recipe, load_recipe
 
 W4 = load_recipe("w4a16").passes
@@ -29,11 +30,11 @@ def _sharded_vs_unsharded(zm, passes, T):
     """(unsharded program, rank programs, max relative |Δ| of the ranks' logits on the example input)."""
     r = spinfx.rewrite(zm.model, Recipe("base", list(passes)), zm.example_inputs)
     prog = r.program
-    ranks = tp.rank_programs(prog, T)
+    ranks = shard_ranks.rank_programs(prog, T)
     xs = prog.flat_inputs(**zm.example_inputs)
     with torch.no_grad():
         ref = _logits_of(prog.gm(*xs))
-    outs = tp.simulate(ranks, xs)
+    outs = shard_ranks.simulate(ranks, xs)
     return prog, ranks, max(_rel(_logits_of(o), ref) for o in outs)
 
 
@@ -95,7 +96,7 @@ def test_rank_holds_the_kv_heads_its_query_heads_use(T):
     W = {k: v for k, v in prog.consts().items() if ".layers.0.self_attn." in k}
     e = zm.expect
     hd, rep = e.head_dim, e.heads // e.kv_heads
-    for r, rp in enumerate(tp.rank_programs(prog, T)):
+    for r, rp in enumerate(shard_ranks.rank_programs(prog, T)):
         c = rp.consts()
         q_heads = range(r * e.heads // T, (r + 1) * e.heads // T)
         kv_heads = sorted({h // rep for h in q_heads})
@@ -111,14 +112,14 @@ def test_rank_holds_the_kv_heads_its_query_heads_use(T):
 def test_row_bias_added_exactly_once(monkeypatch):
     zm = zoo.build("opt", dtype=torch.float64)  # out_proj and fc2 carry biases
     prog = spinfx.trace(zm.model, zm.example_inputs)
-    ranks = tp.rank_programs(prog, 2)
+    ranks = shard_ranks.rank_programs(prog, 2)
     for mod in ("self_attn.out_proj", "fc2"):
         name = f"model.decoder.layers.0.{mod}.bias"
         holders = [r for r, rp in enumerate(ranks) if name in rp.consts()]
         assert holders == [0]
         assert torch.equal(ranks[0].const(name), prog.const(name))
     for rp in ranks:
-        assert sum(n.target is tp.ALL_REDUCE for n in rp.graph.nodes) == 2 * zm.expect.layers
+        assert sum(n.target is ALL_REDUCE for n in rp.graph.nodes) == 2 * zm.expect.layers
     # the trap: a bias kept on every rank is added T times, and the certificate says so
     from spinfx.kernels import tp_specs
     real = tp_specs.shard_tensors
