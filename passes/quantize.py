@@ -282,7 +282,7 @@ class Quantize(Pass):
         return bits
 
     def _calibration(self, prog: Program, ctx: Context) -> list[list]:
-        from spinfx.stats import token_batches
+        from spinfx.graph import token_batches
 
         if not isinstance(ctx.calib, torch.Tensor) or ctx.calib.is_floating_point():
             raise BadInput("quantize: method gptq needs calibration text: pass calib=<1-D tensor of token ids> "

@@ -26,7 +26,7 @@ import torch.fx as fx
 from spinfx.errors import Unsupported
 from spinfx.graph import Program, add_const
 from spinfx.match import describe, find_all
-from spinfx.pattern import Op, Siblings, Var
+from spinfx.pattern import Siblings, Var
 from spinfx.patterns.attention import ATTENTION, QKV, ROPE_SITE, output_projection, qkv_linears
 from spinfx.patterns.common import CASTS, HEAD_LAYOUT, LINEAR_OPS as LINEARS, VIEWS, linear_of
 from spinfx.patterns.norms import NORM, RMSNORM_PLAIN, norm_kind

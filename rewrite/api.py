@@ -159,7 +159,8 @@ def apply_recipe(prog: Program, recipe, calib=None, certify: bool = True) -> Rep
     (certified), weights back to their dtypes. Shared by `rewrite` and the torch.compile backend."""
     from spinfx.certify import finalize, to_master
     from spinfx.recipe import load_recipe
-    from spinfx.stats import compare_stats, linear_input_stats, token_batches
+    from spinfx.graph import token_batches
+    from spinfx.stats import compare_stats, linear_input_stats
 
     rec = load_recipe(recipe)
     batches = token_batches(prog, calib, limit=16) if calib is not None else None

@@ -162,9 +162,9 @@ class _Graph:
 
         self.gm, self.recipe, self.opts, self.index = gm, recipe, opts, index
         self.functional, self.mutated = functionalize_inputs(gm)
-        found = dynamo_inputs(gm, example_inputs)  # which inputs are module tensors — as from_dynamo decides
-        self.user_pos = found.users
-        self.weights = [(fqn, example_inputs[i]) for i, (_, fqn) in enumerate(found.slots) if fqn is not None]
+        fqns, _ = dynamo_inputs(gm, example_inputs)  # which inputs are module tensors — as from_dynamo decides
+        self.user_pos = [i for i, f in enumerate(fqns) if f is None]
+        self.weights = [(f, ex) for f, ex in zip(fqns, example_inputs) if f is not None]
         phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.dynamic = any(isinstance(example_inputs[i], torch.SymInt) for i in self.user_pos) or any(
             _symbolic(n.meta.get("example_value")) for n in phs)

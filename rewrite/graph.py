@@ -95,6 +95,15 @@ class Program:
         return pytree.tree_unflatten(list(out), self.out_spec)
 
 
+def token_batches(prog: Program, tokens: torch.Tensor, limit: int | None = None) -> list[list]:
+    """Cut a 1-D token stream into graph inputs shaped like the program's token input (calibration)."""
+    ex = list(prog.examples)
+    pos = next(i for i, e in enumerate(ex) if isinstance(e, torch.Tensor) and not e.is_floating_point())
+    per, shape, dtype = ex[pos].numel(), ex[pos].shape, ex[pos].dtype
+    n = tokens.numel() // per if limit is None else min(limit, tokens.numel() // per)
+    return [ex[:pos] + [tokens[i * per:(i + 1) * per].reshape(shape).to(dtype)] + ex[pos + 1:] for i in range(n)]
+
+
 # ----------------------------------------------------------------------------------------------
 # Front-ends
 
@@ -118,55 +127,29 @@ def _quiet():
         yield
 
 
-# A Dynamo source reaching into a module: `ROOT._modules['model']._parameters['weight']`. ROOT is
-# whatever names the module in the compiled frame: `L['self']` when Dynamo traces `forward(self, ...)`,
-# `L['args'][0]` when a wrapper `(*args, **kwargs)` is traced instead (transformers ≥ 5.24 decorates
-# forward), `L['model']` for a function that takes the model. The graph says which: never a version.
-_MODULE_STEP = re.compile(r"\._(?:modules|parameters|buffers)\[")
-_SOURCE_PART = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_][A-Za-z0-9_]*)")
+# A Dynamo source reaching into a module: ROOT then attribute steps, `._modules['model']._parameters['w']`
+# (or `.model.w`). ROOT names the module in the compiled frame: `L['self']` when Dynamo traces
+# `forward(self, ...)`, `L['args'][0]` when it traces a `(*args, **kwargs)` wrapper (transformers ≥ 5.24
+# decorates forward), `L['model']` for a function taking the model: the graph says which, never a version.
+_ROOT = re.compile(r"[A-Z]\[[^\]]+\](?:\[[^\]]+\])*")
+_STEP = re.compile(r"\._(modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_][A-Za-z0-9_]*)")
 
 
-def _split_source(source_name: str) -> tuple[str, str] | None:
-    """"L['args'][0]._modules['model']._parameters['weight']" -> ("L['args'][0]", "model.weight");
-    None when the source does not reach into a module's parameters or buffers."""
-    m = _MODULE_STEP.search(source_name)
-    if m is None or not re.search(r"\._(?:parameters|buffers)\['[^']+'\]$", source_name):
-        return None
-    root, rest = source_name[:m.start()], source_name[m.start():]
-    parts = [a or b for a, b in _SOURCE_PART.findall(rest)]
-    return root, ".".join(parts)
-
-
-@dataclass
-class DynamoInputs:
-    """Which inputs of a Dynamo graph are the compiled module's tensors (constants of the program,
-    named by FQN) and which are the user's. `root` is the source that names the module."""
-
-    slots: list[tuple[str, str | None]]   # per placeholder: ("const", fqn) or ("input", None)
-    root: str | None
-
-    @property
-    def constants(self) -> list[int]:
-        return [i for i, (kind, _) in enumerate(self.slots) if kind == "const"]
-
-    @property
-    def users(self) -> list[int]:
-        return [i for i, (kind, _) in enumerate(self.slots) if kind == "input"]
-
-
-def dynamo_inputs(gm: fx.GraphModule, example_inputs: list) -> DynamoInputs:
-    """Classify a backend's inputs by their Dynamo sources. The module is the root that most tensor
-    sources reach into (a graph compiled from one model has one); tensors of other roots stay inputs."""
-    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+def dynamo_inputs(gm: fx.GraphModule, example_inputs: list) -> tuple[list[str | None], str | None]:
+    """Per Dynamo input, the FQN of the compiled module's tensor it is (None: a user input), and the
+    root naming that module: the one most tensor sources reach into through `_modules`/`_parameters`/
+    `_buffers` (a cache object's tensors never do); tensors of other roots stay inputs."""
     split = []
-    for n, ex in zip(phs, example_inputs):
-        ga = n.meta.get("grapharg")
-        src = getattr(ga, "source", None) if ga is not None else None
-        split.append(_split_source(src.name) if src is not None and isinstance(ex, torch.Tensor) else None)
-    roots = [s[0] for s in split if s is not None]
+    for n, ex in zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs):
+        name = getattr(getattr(n.meta.get("grapharg"), "source", None), "name", None)
+        root = _ROOT.match(name) if isinstance(name, str) and isinstance(ex, torch.Tensor) else None
+        steps = list(_STEP.finditer(name, root.end())) if root else []
+        whole = steps and "".join(m.group(0) for m in steps) == name[root.end():]
+        split.append((root.group(0), ".".join(m.group(2) or m.group(3) for m in steps),
+                      any(m.group(1) for m in steps)) if whole else None)
+    roots = [s[0] for s in split if s is not None and s[2]]
     root = max(set(roots), key=roots.count) if roots else None
-    slots = [("const", s[1]) if s is not None and s[0] == root else ("input", None) for s in split]
-    return DynamoInputs(slots, root)
+    return [s[1] if s is not None and s[0] == root else None for s in split], root
 
 
 class _Lifted(torch.nn.Module):
@@ -195,17 +178,17 @@ def from_dynamo(gm: fx.GraphModule, example_inputs: list) -> Program:
     """
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    found = dynamo_inputs(gm, example_inputs)
-    slots = found.slots
-    consts = {fqn: example_inputs[i] for i, (_, fqn) in enumerate(slots) if fqn is not None}
-    user = [example_inputs[i] for i in found.users]
+    fqns, root = dynamo_inputs(gm, example_inputs)
+    slots = [("input", None) if f is None else ("const", f) for f in fqns]
+    consts = {f: ex for f, ex in zip(fqns, example_inputs) if f is not None}
+    user = [ex for f, ex in zip(fqns, example_inputs) if f is None]
     with unset_fake_temporarily():
         lifted = _Lifted(gm, slots)
         for fqn, t in consts.items():
             _set_tensor(lifted, fqn, t.detach())
         with torch.no_grad(), _quiet():
             ep = torch.export.export(lifted, tuple(user), strict=False)
-            prog = _from_exported(ep, module_prefix=found.root or "L['self']")
+            prog = _from_exported(ep, module_prefix=root or "L['self']")
     prog.in_spec = prog.out_spec = None
     prog.examples = [user[i] for i in prog.input_positions]
     return prog

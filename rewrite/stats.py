@@ -77,21 +77,6 @@ def linear_input_stats(prog: Program, batches: list[list]) -> dict[str, dict]:
     return {k: {"max_abs": m.max_abs.item(), "kurtosis": m.kurtosis()} for k, m in moments.items()}
 
 
-def token_batches(prog: Program, tokens: torch.Tensor, limit: int | None = None) -> list[list]:
-    """Cut a 1-D token stream into graph inputs shaped like the program's token input."""
-    ex = prog.examples
-    pos = next(i for i, e in enumerate(ex) if isinstance(e, torch.Tensor) and not e.is_floating_point())
-    shape = ex[pos].shape
-    per = math.prod(shape)
-    n = tokens.numel() // per if limit is None else min(limit, tokens.numel() // per)
-    out = []
-    for i in range(n):
-        b = list(ex)
-        b[pos] = tokens[i * per:(i + 1) * per].reshape(shape).to(ex[pos].dtype)
-        out.append(b)
-    return out
-
-
 def compare_stats(before: dict, after: dict) -> dict:
     """Per module before/after, plus medians over modules present in both."""
     keys = [k for k in before if k in after]
