@@ -66,3 +66,48 @@ def test_engine_is_small_and_knows_no_model_family():
         total += len(text.splitlines())
         assert not families.search(text), f"rewrite/{name}.py mentions {families.search(text).group(0)}"
     assert total < 1500, f"the engine grew to {total} lines"
+
+
+# ---- imports point down only -----------------------------------------------------------------------
+# kernels (leaves) | engine core (the DSL, matcher, rules, pipeline, certificates, printer, report)
+#   ← patterns ← passes ← drivers (everything else in rewrite/: api, cli, backend, offline, tp, ...)
+LAYERS = {"kernels": 0, "core": 1, "patterns": 2, "passes": 3, "drivers": 4}
+ALLOWED = {"kernels": {"kernels"}, "core": {"core"}, "patterns": {"kernels", "core", "patterns"},
+           "passes": {"kernels", "core", "patterns", "passes"}, "drivers": set(LAYERS)}
+
+
+def _layer_of_module(name: str) -> str:
+    """'spinfx.passes.shard' -> 'passes'; 'spinfx.graph' -> 'core'; 'spinfx.tp' -> 'drivers'."""
+    parts = name.split(".")
+    if len(parts) >= 2 and parts[1] in ("kernels", "passes", "patterns"):
+        return parts[1]
+    return "core" if len(parts) >= 2 and parts[1] in ENGINE else "drivers"
+
+
+def _layer_of_file(f: Path) -> str:
+    room = f.parent.name
+    if room in ("kernels", "passes", "patterns"):
+        return room
+    return "core" if f.stem in ENGINE else "drivers"
+
+
+def test_imports_point_down_only():
+    import ast
+
+    offenders = []
+    for room in ("rewrite", "passes", "patterns", "kernels"):
+        for f in sorted((REPO / room).glob("*.py")):
+            if f.name == "__init__.py" and room == "rewrite":
+                continue  # the package's front door re-exports the public names
+            mine = _layer_of_file(f)
+            for node in ast.walk(ast.parse(f.read_text())):  # lazy imports inside functions count too
+                names = []
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("spinfx"):
+                    names = [node.module] if node.module != "spinfx" else [f"spinfx.{a.name}" for a in node.names]
+                elif isinstance(node, ast.Import):
+                    names = [a.name for a in node.names if a.name.startswith("spinfx.")]
+                for name in names:
+                    theirs = _layer_of_module(name)
+                    if theirs not in ALLOWED[mine]:
+                        offenders.append(f"{room}/{f.name}:{node.lineno} ({mine}) imports {name} ({theirs})")
+    assert not offenders, "\n".join(offenders)
