@@ -55,8 +55,9 @@ ACTS = (aten.silu.default, aten.gelu.default, aten.relu.default, aten.tanh.defau
 UNARY = {aten.neg.default, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.contiguous.default,
          aten.clone.default, aten.alias.default, aten.silu.default, aten.gelu.default, aten.relu.default,
          aten.tanh.default, aten.sigmoid.default, aten.exp.default, aten.pow.Tensor_Scalar,
-         aten.mul.Scalar, aten.div.Scalar, aten.add.Scalar}
+         aten.mul.Scalar, aten.div.Scalar, aten.add.Scalar, aten.rsqrt.default, aten.sqrt.default}
 BINARY = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.where.self}
+REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default}  # (x, dims, keepdim): per-head norms
 
 
 def _hadamard_op():
@@ -365,6 +366,13 @@ class _Follower:
             self.ann[n] = self._sdpa(n)
         elif t is aten.matmul.default:
             self.ann[n] = self._matmul(n)
+        elif t in REDUCTIONS:
+            nd = len(_shape(n.args[0]))
+            dims = sorted(d % nd for d in n.args[1])
+            if any(d in a0 for d in dims):
+                self._fail(n, "reduces over the split axis")
+            keep = len(n.args) > 2 and n.args[2]
+            self.ann[n] = dict(a0) if keep else {ax - sum(d < ax for d in dims): sg for ax, sg in a0.items()}
         elif t in (aten.softmax.int, aten._softmax.default):
             dim = n.args[1] % len(_shape(n))
             if dim in a0:

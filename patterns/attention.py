@@ -7,7 +7,8 @@ ROPE_SITE   an attention whose q and k both come through RoPE: captures `rope_q`
             nodes after which R3 goes), `cos`, `sin`.
 QKV         an attention whose q, k, v are projections of one input `x` — three linears (`q`, `k`,
             `v` with `w_q`…/`b_q`…) or slices of one fused linear (`qkv`, Phi-3 / GPT-2) —
-            optionally through RoPE and GQA's repeat_kv. The v path is captured as `v_heads`.
+            optionally through RoPE and GQA's repeat_kv, q and k optionally through a per-head RMSNorm
+            (`head_norm`, Qwen3). The v path is captured as `v_heads`.
 """
 from __future__ import annotations
 
@@ -68,10 +69,23 @@ def _fused_part(role: str):
                  name=f"{role}_part"))
 
 
+def head_norm(inp, name: str):
+    """RMSNorm over head_dim of each head (Qwen3's q/k norm): γ · t/√(mean(t²)+ε), where t is `inp`
+    split into heads (captured as `<name>_in`); γ is captured as `<name>_gamma`, the norm as `name`."""
+    t, first = Opt(CASTS, Var(f"{name}_in")), Opt(CASTS, Op(HEAD_LAYOUT, inp, name=f"{name}_in"))
+    var = Op(aten.add.Tensor, Op(aten.mean.dim, Op(aten.pow.Tensor_Scalar, t, 2), [-1], True),
+             Var(None, where=is_number))
+    core = Op(aten.mul.Tensor, first, Op(aten.rsqrt.default, var))
+    return Op(aten.mul.Tensor, Var(f"{name}_gamma", where=is_const), Opt(CASTS, core), name=name)
+
+
 def _heads(role: str):
     proj = linear_of(Var("x"), w=f"w_{role}", b=f"b_{role}", name=role) | _fused_part(role)
     scaled = Op(aten.mul.Tensor, proj, Var(f"scale_{role}", where=is_number)) | proj  # OPT scales q
-    return Op(HEAD_LAYOUT, Chain(HEAD_LAYOUT, scaled, 2), name=f"{role}_heads")
+    # q and k may pass a per-head RMSNorm on their way to attention (Qwen3); v never does here
+    normed = head_norm(scaled, f"{role}_norm") if role in ("q", "k") else None
+    inner = Chain(HEAD_LAYOUT, scaled, 2) if normed is None else (normed | Chain(HEAD_LAYOUT, scaled, 2))
+    return Op(HEAD_LAYOUT, inner, name=f"{role}_heads")
 
 
 QKV = attention(rope(_heads("q"), "q_heads", "rope_q") | _heads("q"),

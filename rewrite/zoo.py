@@ -47,6 +47,7 @@ class Expect:
     mlp_bias: bool
     positions: str  # "rope" or "learned"
     embed_scale: float  # Gemma multiplies the embeddings by sqrt(hidden); 1.0 elsewhere
+    qk_norm: bool = False  # q and k pass a per-head RMSNorm (Qwen3): two more norm modules per layer
 
 
 @dataclass
@@ -70,6 +71,10 @@ def _mistral(tf, layers: int, **size):
 
 def _qwen2(tf, layers: int, **size):
     return tf.Qwen2Config(**_common(layers, size), tie_word_embeddings=True)
+
+
+def _qwen3(tf, layers: int, **size):  # q and k pass a per-head RMSNorm before RoPE
+    return tf.Qwen3Config(**_common(layers, size), head_dim=HEAD_DIM, tie_word_embeddings=True)
 
 
 def _gemma(tf, layers: int, **size):  # head_dim 24: heads·head_dim = 96 ≠ hidden 64; MQA
@@ -110,15 +115,16 @@ def _common(layers: int, size: dict) -> dict:
                 eos_token_id=2)
 
 
-_DECODER = dict(norm="rms", linear="linear", fused_qkv=False, fused_gate_up=False, gated_mlp=True,
+_DECODER = dict(norm="rms", linear="linear", fused_qkv=False, fused_gate_up=False, gated_mlp=True, qk_norm=False,
                 linears_per_layer=7, qkv_bias=False, o_bias=False, mlp_bias=False, positions="rope")
-_LAYERNORM = dict(norm="layer", fused_gate_up=False, gated_mlp=False, qkv_bias=True, o_bias=True, mlp_bias=True,
+_LAYERNORM = dict(norm="layer", qk_norm=False, fused_gate_up=False, gated_mlp=False, qkv_bias=True, o_bias=True, mlp_bias=True,
                   positions="learned")
 # name -> (config factory, structure flags beyond the config's sizes)
 _FAMILIES: dict[str, tuple[Callable, dict]] = {
     "llama": (_llama, _DECODER),
     "mistral": (_mistral, _DECODER),
     "qwen2": (_qwen2, _DECODER | dict(qkv_bias=True)),
+    "qwen3": (_qwen3, _DECODER | dict(qk_norm=True)),
     "gemma": (_gemma, _DECODER | dict(norm="rms1p")),
     "phi3": (_phi3, _DECODER | dict(fused_qkv=True, fused_gate_up=True, linears_per_layer=4)),
     "opt": (_opt, _LAYERNORM | dict(linear="linear", fused_qkv=False, linears_per_layer=6)),
@@ -174,7 +180,7 @@ def _make(name: str, family: str, seed: int, layers: int, dtype: torch.dtype, op
                           if hasattr(config, k)),
         vocab=vocab,
         tied=model.lm_head.weight is model.get_input_embeddings().weight,
-        norms=2 * layers + 1,
+        norms=(4 if flags["qk_norm"] else 2) * layers + 1,
         embed_scale=config.hidden_size ** 0.5 if family == "gemma" else 1.0,
         **flags,
     )

@@ -39,7 +39,7 @@ def _sharded_vs_unsharded(zm, passes, T):
 
 
 @pytest.mark.parametrize("T", [2, 4])
-@pytest.mark.parametrize("name", ["llama", "qwen2", "phi3", "mistral", "opt"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "phi3", "mistral", "opt"])
 def test_unquantized_float64_exact(name, T):
     zm = zoo.build(name, dtype=torch.float64)
     r = spinfx.rewrite(zm.model, Recipe("tp", [Shard(tp=T, rank=T - 1)]), zm.example_inputs)
@@ -306,3 +306,4 @@ def test_cli_rewrite_tp_then_consolidate_is_the_unsharded_checkpoint(tmp_path):
     # unshardable: exit code 3, one line
     assert main(["rewrite", src, "--recipe", "w4a16", "--out", str(tmp_path / "tp3"), "--tp", "3"]) == 3
     assert not (tmp_path / "tp3").exists()
+

@@ -644,7 +644,101 @@ contract gpt2 (L=2): satisfied
 """)
 
 
-GOLDEN_TESTS = ['llama', 'llama_untied', 'mistral', 'qwen2', 'gemma', 'phi3', 'opt', 'gpt2']
+def test_golden_qwen3(spinfx_golden):
+    _, prog, rep = traced("qwen3")
+    spinfx_golden(graph_text(prog, module="model.layers.0"), """
+v0 = aten.pow.Tensor_Scalar(ext0, 2) : f32[1,8,64]
+v1 = aten.mean.dim(v0, [-1], True) : f32[1,8,1]
+v2 = aten.add.Tensor(v1, 1e-06) : f32[1,8,1]
+v3 = aten.rsqrt(v2) : f32[1,8,1]
+v4 = aten.mul.Tensor(ext0, v3) : f32[1,8,64]
+v5 = aten.mul.Tensor($model.layers.0.input_layernorm.weight, v4) : f32[1,8,64]
+v6 = aten.linear(v5, $model.layers.0.self_attn.q_proj.weight) : f32[1,8,64]
+v7 = aten.reshape(v6, [1, 8, -1, 16]) : f32[1,8,4,16]
+v8 = aten.pow.Tensor_Scalar(v7, 2) : f32[1,8,4,16]
+v9 = aten.mean.dim(v8, [-1], True) : f32[1,8,4,1]
+v10 = aten.add.Tensor(v9, 1e-06) : f32[1,8,4,1]
+v11 = aten.rsqrt(v10) : f32[1,8,4,1]
+v12 = aten.mul.Tensor(v7, v11) : f32[1,8,4,16]
+v13 = aten.mul.Tensor($model.layers.0.self_attn.q_norm.weight, v12) : f32[1,8,4,16]
+v14 = aten.transpose.int(v13, 1, 2) : f32[1,4,8,16]
+v15 = aten.linear(v5, $model.layers.0.self_attn.k_proj.weight) : f32[1,8,32]
+v16 = aten.reshape(v15, [1, 8, -1, 16]) : f32[1,8,2,16]
+v17 = aten.pow.Tensor_Scalar(v16, 2) : f32[1,8,2,16]
+v18 = aten.mean.dim(v17, [-1], True) : f32[1,8,2,1]
+v19 = aten.add.Tensor(v18, 1e-06) : f32[1,8,2,1]
+v20 = aten.rsqrt(v19) : f32[1,8,2,1]
+v21 = aten.mul.Tensor(v16, v20) : f32[1,8,2,16]
+v22 = aten.mul.Tensor($model.layers.0.self_attn.k_norm.weight, v21) : f32[1,8,2,16]
+v23 = aten.transpose.int(v22, 1, 2) : f32[1,2,8,16]
+v24 = aten.linear(v5, $model.layers.0.self_attn.v_proj.weight) : f32[1,8,32]
+v25 = aten.reshape(v24, [1, 8, -1, 16]) : f32[1,8,2,16]
+v26 = aten.transpose.int(v25, 1, 2) : f32[1,2,8,16]
+v27 = aten.unsqueeze(ext1, 1) : f32[1,1,8,16]
+v28 = aten.unsqueeze(ext2, 1) : f32[1,1,8,16]
+v29 = aten.mul.Tensor(v14, v27) : f32[1,4,8,16]
+v30 = aten.slice.Tensor(v14, 3, 0, 8) : f32[1,4,8,8]
+v31 = aten.slice.Tensor(v14, 3, 8, 9223372036854775807) : f32[1,4,8,8]
+v32 = aten.neg(v31) : f32[1,4,8,8]
+v33 = aten.cat([v32, v30], -1) : f32[1,4,8,16]
+v34 = aten.mul.Tensor(v33, v28) : f32[1,4,8,16]
+v35 = aten.add.Tensor(v29, v34) : f32[1,4,8,16]
+v36 = aten.mul.Tensor(v23, v27) : f32[1,2,8,16]
+v37 = aten.slice.Tensor(v23, 3, 0, 8) : f32[1,2,8,8]
+v38 = aten.slice.Tensor(v23, 3, 8, 9223372036854775807) : f32[1,2,8,8]
+v39 = aten.neg(v38) : f32[1,2,8,8]
+v40 = aten.cat([v39, v37], -1) : f32[1,2,8,16]
+v41 = aten.mul.Tensor(v40, v28) : f32[1,2,8,16]
+v42 = aten.add.Tensor(v36, v41) : f32[1,2,8,16]
+v43 = aten.unsqueeze(v42, 2) : f32[1,2,1,8,16]
+v44 = aten.expand(v43, [1, 2, 2, 8, 16]) : f32[1,2,2,8,16]
+v45 = aten.reshape(v44, [1, 4, 8, 16]) : f32[1,4,8,16]
+v46 = aten.unsqueeze(v26, 2) : f32[1,2,1,8,16]
+v47 = aten.expand(v46, [1, 2, 2, 8, 16]) : f32[1,2,2,8,16]
+v48 = aten.reshape(v47, [1, 4, 8, 16]) : f32[1,4,8,16]
+v49 = aten.scaled_dot_product_attention(v35, v45, v48, ext3, scale=0.25) : f32[1,4,8,16]
+v50 = aten.transpose.int(v49, 1, 2) : f32[1,8,4,16]
+v51 = aten.reshape(v50, [1, 8, -1]) : f32[1,8,64]
+v52 = aten.linear(v51, $model.layers.0.self_attn.o_proj.weight) : f32[1,8,64]
+v53 = aten.add.Tensor(ext0, v52) : f32[1,8,64]
+v54 = aten.pow.Tensor_Scalar(v53, 2) : f32[1,8,64]
+v55 = aten.mean.dim(v54, [-1], True) : f32[1,8,1]
+v56 = aten.add.Tensor(v55, 1e-06) : f32[1,8,1]
+v57 = aten.rsqrt(v56) : f32[1,8,1]
+v58 = aten.mul.Tensor(v53, v57) : f32[1,8,64]
+v59 = aten.mul.Tensor($model.layers.0.post_attention_layernorm.weight, v58) : f32[1,8,64]
+v60 = aten.linear(v59, $model.layers.0.mlp.gate_proj.weight) : f32[1,8,88]
+v61 = aten.silu(v60) : f32[1,8,88]
+v62 = aten.linear(v59, $model.layers.0.mlp.up_proj.weight) : f32[1,8,88]
+v63 = aten.mul.Tensor(v61, v62) : f32[1,8,88]
+v64 = aten.linear(v63, $model.layers.0.mlp.down_proj.weight) : f32[1,8,64]
+v65 = aten.add.Tensor(v53, v64) : f32[1,8,64]
+""")
+    spinfx_golden(rep.to_text(stable=True), """
+spinfx report: qwen3
+
+[find-structure] 0 edits
+  counts: norm=9, norm-linears=5, qkv=2, gate-up=2, rope=2, attention=2, residual-writers=4, residual-readers=5
+  residual: embedding=model.embed_tokens.weight, writers=4, reader_norms=5, writer_kinds=linear, stop=end (no add extends the stream)
+  norm                   9 matches
+  norm-linears           5 matches
+  qkv                    2 matches
+  gate-up                2 matches
+  rope                   2 matches
+  attention              2 matches
+
+contract qwen3 (L=2): satisfied
+  ok norm               expected    9, found    9
+  ok norm-linears       expected    5, found    5
+  ok qkv                expected    2, found    2
+  ok gate-up            expected    2, found    2
+  ok rope               expected    2, found    2
+  ok attention          expected    2, found    2
+  ok residual-writers   expected    4, found    4
+""")
+
+
+GOLDEN_TESTS = ['llama', 'llama_untied', 'mistral', 'qwen2', 'qwen3', 'gemma', 'phi3', 'opt', 'gpt2']
 
 
 @functools.lru_cache(maxsize=None)
