@@ -230,6 +230,16 @@ def attention_impl(config) -> str:
     return "sdpa" if cls is None or getattr(cls, "_supports_sdpa", False) else "eager"
 
 
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The keyword a causal LM's forward takes its KV cache under, read from its signature (not the
+    transformers version): `cache` (5.24, where `past_key_values` warns as deprecated), else
+    `past_key_values` (5.23 and earlier)."""
+    import inspect
+
+    model = getattr(model, "_orig_mod", model)  # torch.compile(model) wraps the module
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def load_tokenizer(path: Path):
     """The tokenizer of a model directory, or None when it has no tokenizer files."""
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
