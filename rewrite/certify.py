@@ -77,6 +77,34 @@ def finalize(prog: Program) -> None:
     prog.gm.recompile()
 
 
+def check_dtypes(prog: Program, before: list | None = None) -> None:
+    """The finalized program runs in its own dtypes on its example inputs and gives the output dtypes
+    `before` (as traced). Certificates compute in float64 and promote every dtype in the graph, so a
+    rewrite that changed a value's dtype (a dropped op that promoted it) is invisible to them; one run
+    in the model's dtypes is not. (Fake examples, from a Dynamo graph, have nothing to run.)"""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if any(isinstance(x, FakeTensor) for x in prog.examples):
+        return
+    try:
+        with torch.no_grad():
+            out = prog.gm(*prog.examples)
+    except Exception as e:  # the op's own error says which dtypes met where
+        text = str(e).strip().splitlines()
+        raise CertificateError(f"the rewritten program does not run in the model's dtypes: "
+                               f"{text[0] if text else type(e).__name__}") from e
+    after = [t.dtype for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    if before is not None and after != before:
+        raise CertificateError(f"the rewrite changed the output dtypes: {before} -> {after}")
+
+
+def output_dtypes(prog: Program) -> list:
+    """The dtypes of the program's tensor outputs, from the graph's metadata."""
+    out = next(n for n in reversed(prog.graph.nodes) if n.op == "output")
+    vals = [a.meta.get("val") for a in pytree.tree_leaves(out.args[0]) if isinstance(a, torch.fx.Node)]
+    return [v.dtype for v in vals if isinstance(v, torch.Tensor)]
+
+
 def random_inputs(examples: list, seed: int) -> list:
     g = torch.Generator().manual_seed(seed)
     out = []
