@@ -98,9 +98,7 @@ def apply_rules(gm: fx.GraphModule, rules: list[Rule], ctx: Any = None, max_swee
 
 
 def _same_dtype(new: fx.Node, old: fx.Node) -> fx.Node:
-    """`new` as the value its users read from `old`: cast back when the rewrite changed the dtype. A
-    dropped op may have been the one that promoted (γ·n with a float64 γ and a float32 n is float64;
-    after folding γ, n alone is float32), and the users were traced for the old dtype."""
+    """`new`, cast to `old`'s dtype if they differ: the dropped op may have promoted (float64 γ · float32 n)."""
     a, b = new.meta.get("val"), old.meta.get("val")
     if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dtype == b.dtype:
         return new
