@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from spinfx.match import describe
+from spinfx.match import Match, describe, match_at
 
 from spinfx.patterns.common import CASTS, VIEWS
+from spinfx.patterns.norms import NORM, RMSNORM_PLAIN
 
 aten = torch.ops.aten
 
@@ -124,12 +125,19 @@ def residual_stream(graph: fx.Graph) -> Stream:
         other = [a for a in add.args[:2] if a not in on_stream]
         w = _writer(other[0]) if len(other) == 1 else None
         if w is None:
-            st.stop_reason = f"{describe(add)} adds {describe(other[0]) if other else '?'}, which is not a linear or an embedding"
+            st.stop_reason = f"{describe(add)} adds {describe(other[0]) if other else '?'}, which is " + (
+                "a norm's output: a post-norm writes the stream (its nonlinearity sits between the "
+                "writer and the stream)" if other and _is_norm(_through(other[0], VIEWS + CASTS))
+                else "not a linear or an embedding")
             break
         w.add = add
         st.writers.append(w)
         cur = add
     return st
+
+
+def _is_norm(n: fx.Node) -> bool:
+    return any(isinstance(match_at(p, n), Match) for p in (NORM, RMSNORM_PLAIN))
 
 
 def _is_scalar(a) -> bool:

@@ -1,6 +1,7 @@
 """The Python entry points: spinfx.inspect(...) and spinfx.rewrite(...) (INTERFACE.md)."""
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,23 @@ def _as_inputs(example_inputs) -> tuple[tuple, dict]:
     return (example_inputs,), {}
 
 
+@contextlib.contextmanager
+def _without_cache(model: torch.nn.Module):
+    """Trace without a KV cache unless the call asks for one: a module whose `config` says
+    `use_cache=True` (the HF default, read when the call does not pass `use_cache`) would return a
+    cache object, which is not a traced output. Every config of the module is switched off for the
+    trace and restored after; a `use_cache` passed in the call still wins over the config."""
+    saved = {id(c): (c, c.use_cache) for m in model.modules()
+             if getattr(c := getattr(m, "config", None), "use_cache", None)}
+    for c, _ in saved.values():
+        c.use_cache = False
+    try:
+        yield
+    finally:
+        for c, value in saved.values():
+            c.use_cache = value
+
+
 def load(model: torch.nn.Module | str | Path, example_inputs=None) -> tuple[Program, torch.nn.Module]:
     """Trace a module (or an HF dir / "smollm2") into the canonical program."""
     if isinstance(model, (str, Path)):
@@ -64,7 +82,8 @@ def load(model: torch.nn.Module | str | Path, example_inputs=None) -> tuple[Prog
     model.eval()
     args, kwargs = default_inputs(model) if example_inputs is None else _as_inputs(example_inputs)
     try:
-        prog = from_module(model, args, kwargs)
+        with _without_cache(model):
+            prog = from_module(model, args, kwargs)
     except SpinfxError:
         raise
     except Exception as e:  # export failures are the model's structure, said in one line
@@ -157,7 +176,7 @@ def rewrite(model, recipe=DEFAULT_RECIPE, example_inputs=None, calib=None, certi
 def apply_recipe(prog: Program, recipe, calib=None, certify: bool = True) -> Report:
     """Run `recipe` on `prog` in place and return the report: float64 master weights, the passes
     (certified), weights back to their dtypes. Shared by `rewrite` and the torch.compile backend."""
-    from spinfx.certify import finalize, to_master
+    from spinfx.certify import check_dtypes, finalize, to_master
     from spinfx.recipe import load_recipe
     from spinfx.graph import token_batches
     from spinfx.stats import compare_stats, linear_input_stats
@@ -175,6 +194,8 @@ def apply_recipe(prog: Program, recipe, calib=None, certify: bool = True) -> Rep
                  passes=results)
     check_changed(prog, rec, linears, rep)
     finalize(prog)
+    if not any(isinstance(x, torch._subclasses.FakeTensor) for x in prog.examples):  # Dynamo's: nothing to run
+        check_dtypes(prog)  # certificates run in float64: a changed dtype is invisible to them
     if batches:
         rep.extra["activations"] = compare_stats(before, linear_input_stats(prog, batches))
     if layer:

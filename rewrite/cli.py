@@ -151,14 +151,16 @@ def decode_step_ms(model, vocab: int, prompt: int = 128, reps: int = 10) -> floa
     and attends over all `prompt + reps + 2` slots, the unwritten ones masked."""
     from transformers import StaticCache
 
+    from spinfx.hf import cache_kwarg
+
     steps = reps + 2  # two warm-up steps
     ids = torch.randint(0, vocab, (1, prompt + steps), generator=torch.Generator().manual_seed(0))
-    cache = StaticCache(config=model.config, max_cache_len=prompt + steps)
-    model(input_ids=ids[:, :prompt], past_key_values=cache, cache_position=torch.arange(prompt), use_cache=True)
+    kv = {cache_kwarg(model): StaticCache(config=model.config, max_cache_len=prompt + steps)}
+    model(input_ids=ids[:, :prompt], **kv, cache_position=torch.arange(prompt), use_cache=True)
     times = []
     for i in range(prompt, prompt + steps):
         t0 = time.perf_counter()
-        model(input_ids=ids[:, i:i + 1], past_key_values=cache, cache_position=torch.tensor([i]), use_cache=True)
+        model(input_ids=ids[:, i:i + 1], **kv, cache_position=torch.tensor([i]), use_cache=True)
         times.append(time.perf_counter() - t0)
     return statistics.median(times[2:]) * 1e3
 

@@ -99,9 +99,10 @@ def token_batches(prog: Program, tokens: torch.Tensor, limit: int | None = None)
     """Cut a 1-D token stream into graph inputs shaped like the program's token input (calibration)."""
     ex = list(prog.examples)
     pos = next(i for i, e in enumerate(ex) if isinstance(e, torch.Tensor) and not e.is_floating_point())
-    per, shape, dtype = ex[pos].numel(), ex[pos].shape, ex[pos].dtype
-    n = tokens.numel() // per if limit is None else min(limit, tokens.numel() // per)
-    return [ex[:pos] + [tokens[i * per:(i + 1) * per].reshape(shape).to(dtype)] + ex[pos + 1:] for i in range(n)]
+    t, n = ex[pos], tokens.numel() // ex[pos].numel()
+    n = n if limit is None else min(limit, n)
+    return [ex[:pos] + [tokens[i * t.numel():(i + 1) * t.numel()].reshape(t.shape).to(t.dtype)] + ex[pos + 1:]
+            for i in range(n)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,10 +128,8 @@ def _quiet():
         yield
 
 
-# A Dynamo source reaching into a module: ROOT then attribute steps, `._modules['model']._parameters['w']`
-# (or `.model.w`). ROOT names the module in the compiled frame: `L['self']` when Dynamo traces
-# `forward(self, ...)`, `L['args'][0]` when it traces a `(*args, **kwargs)` wrapper (transformers ≥ 5.24
-# decorates forward), `L['model']` for a function taking the model: the graph says which, never a version.
+# A module tensor's Dynamo source: ROOT + steps (`._modules['m']._parameters['w']` or `.m.w`). ROOT is `L['self']`,
+# `L['args'][0]` (a traced `(*args, **kwargs)` wrapper: transformers ≥ 5.24) or any other: the graph says which.
 _ROOT = re.compile(r"[A-Z]\[[^\]]+\](?:\[[^\]]+\])*")
 _STEP = re.compile(r"\._(modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -155,37 +154,30 @@ def dynamo_inputs(gm: fx.GraphModule, example_inputs: list) -> tuple[list[str | 
 class _Lifted(torch.nn.Module):
     """Holds a Dynamo graph's module tensors under their FQNs so that export sees them as constants."""
 
-    def __init__(self, gm: fx.GraphModule, slots: list[tuple[str, Any]]):
+    def __init__(self, gm: fx.GraphModule, fqns: list[str | None], consts: list):
         super().__init__()
         object.__setattr__(self, "_gm", gm)  # not a submodule: its own attributes must not leak
-        self._slots = slots  # per placeholder: ("const", fqn) or ("input", None)
-        for kind, fqn in slots:
-            if kind == "const":
-                _ensure_path(self, fqn)
+        self._fqns = fqns  # per placeholder: the constant's FQN, or None for a user input
+        for fqn, t in zip(fqns, consts):
+            if fqn is not None:
+                set_const(self, fqn, t.detach())
 
     def forward(self, *user_inputs):
         it = iter(user_inputs)
-        flat = [self.get_buffer(fqn) if kind == "const" else next(it) for kind, fqn in self._slots]
+        flat = [next(it) if fqn is None else self.get_buffer(fqn) for fqn in self._fqns]
         with fx_traceback.preserve_node_meta():  # keep Dynamo's nn_module_stack on the new nodes
             return fx.Interpreter(self._gm).run(*flat)
 
 
 def from_dynamo(gm: fx.GraphModule, example_inputs: list) -> Program:
-    """A torch.compile backend's (gm, example_inputs) into the canonical form.
-
-    Graph inputs whose Dynamo source is an attribute of the compiled module become named constants;
-    the others stay inputs, in order. The result is flat: call it with the remaining inputs.
-    """
+    """A torch.compile backend's (gm, example_inputs) into the canonical form: inputs whose Dynamo source
+    is a tensor of the compiled module become named constants, the others stay inputs, in order (flat)."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     fqns, root = dynamo_inputs(gm, example_inputs)
-    slots = [("input", None) if f is None else ("const", f) for f in fqns]
-    consts = {f: ex for f, ex in zip(fqns, example_inputs) if f is not None}
     user = [ex for f, ex in zip(fqns, example_inputs) if f is None]
     with unset_fake_temporarily():
-        lifted = _Lifted(gm, slots)
-        for fqn, t in consts.items():
-            _set_tensor(lifted, fqn, t.detach())
+        lifted = _Lifted(gm, fqns, example_inputs)
         with torch.no_grad(), _quiet():
             ep = torch.export.export(lifted, tuple(user), strict=False)
             prog = _from_exported(ep, module_prefix=root or "L['self']")
@@ -279,8 +271,7 @@ def _from_exported(ep: torch.export.ExportedProgram, module_prefix: str) -> Prog
             continue
         new = graph.call_function(target, tuple(new_args), dict(new_kwargs))
         new.meta = {"val": n.meta.get("val"), **_provenance(n, module_prefix)}
-        if "stack_trace" in n.meta:
-            new.meta["stack_trace"] = n.meta["stack_trace"]
+        new.meta.update({k: n.meta[k] for k in ("stack_trace",) if k in n.meta})
         env[n] = new
 
     graph.eliminate_dead_code()
@@ -290,10 +281,8 @@ def _from_exported(ep: torch.export.ExportedProgram, module_prefix: str) -> Prog
 
 
 def _same_meta(src: Any, n: fx.Node) -> bool:
-    a = src.meta.get("val") if isinstance(src, fx.Node) else None
-    b = n.meta.get("val")
-    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
-            and a.device == b.device)
+    a, b = src.meta.get("val") if isinstance(src, fx.Node) else None, n.meta.get("val")
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and (a.dtype, a.device) == (b.dtype, b.device)
 
 
 def _same_shape(src: fx.Node, n: fx.Node) -> bool:
@@ -380,7 +369,3 @@ def infer_meta(gm: fx.GraphModule, nodes: Iterable[fx.Node] | None = None) -> No
     phs = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
     inputs = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in phs]
     FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
-
-
-def module_of(node: fx.Node) -> str:
-    return node.meta.get("module", "")

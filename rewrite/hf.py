@@ -197,7 +197,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def load_model(src: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """(model in eval mode with SDPA attention, tokenizer or None) from `"smollm2"` or an HF directory.
+    """(model in eval mode with SDPA attention where its class has it, tokenizer or None) from `"smollm2"` or an HF directory.
 
     Weights are read with safetensors, or `torch.load(weights_only=True)` when the directory only has
     `pytorch_model*.bin`: no pickle code ever runs, and no remote code is trusted.
@@ -205,10 +205,12 @@ def load_model(src: str | os.PathLike, dtype: torch.dtype = torch.float32):
     path = resolve_source(src)
     tf = _transformers()
     try:
+        config = tf.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         model = tf.AutoModelForCausalLM.from_pretrained(
             path,
+            config=config,
             dtype=dtype,
-            attn_implementation="sdpa",
+            attn_implementation=attention_impl(config),
             use_safetensors=any(path.glob("*.safetensors")),
             weights_only=True,
             local_files_only=True,
@@ -218,6 +220,24 @@ def load_model(src: str | os.PathLike, dtype: torch.dtype = torch.float32):
         raise BadInput(f"{path}: transformers cannot load this model ({type(e).__name__}: {_one_line(e)})") from None
     model.eval()
     return model, load_tokenizer(path)
+
+
+def attention_impl(config) -> str:
+    """The attention implementation to load a causal LM of `config` with: SDPA (attention as one op)
+    where the model class supports it, else transformers' eager attention (e.g. Gemma-2, whose class
+    refuses SDPA)."""
+    cls = _transformers().MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    return "sdpa" if cls is None or getattr(cls, "_supports_sdpa", False) else "eager"
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The keyword a causal LM's forward takes its KV cache under, read from its signature (not the
+    transformers version): `cache` (5.24, where `past_key_values` warns as deprecated), else
+    `past_key_values` (5.23 and earlier)."""
+    import inspect
+
+    model = getattr(model, "_orig_mod", model)  # torch.compile(model) wraps the module
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def load_tokenizer(path: Path):

@@ -373,7 +373,7 @@ def verify(result, path: Path, quantized: bool = False) -> dict:
 
 def load(path: str | os.PathLike) -> torch.nn.Module:
     """A checkpoint directory (any HF model dir, or one written by `save`) as a runnable model."""
-    from spinfx.hf import _transformers, load_model, resolve_source
+    from spinfx.hf import _transformers, attention_impl, load_model, resolve_source
 
     path = resolve_source(path)
     config = json.loads((path / "config.json").read_text())
@@ -388,7 +388,7 @@ def load(path: str | os.PathLike) -> torch.nn.Module:
     cfg = tf.AutoConfig.for_model(config.get(BASE_TYPE_KEY, config["model_type"]), **fields)
     dtype = getattr(cfg, "dtype", None) or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=dtype)
+    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation=attention_impl(cfg), dtype=dtype)
     tensors = read_safetensors(path)
     swapped = set()
     for group in qc.get("config_groups", {}).values():

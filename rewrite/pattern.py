@@ -171,11 +171,6 @@ def is_const(v: Any) -> bool:
     return getattr(v, "op", None) == "get_attr"
 
 
-def is_node(v: Any) -> bool:
-    """a graph value"""
-    return hasattr(v, "op")
-
-
 def is_number(v: Any) -> bool:
     """a Python number"""
     return isinstance(v, (int, float)) and not isinstance(v, bool)

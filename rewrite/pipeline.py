@@ -51,8 +51,7 @@ class Pass:
     # (relative, float64; 1e-10 for exact rewrites) unless the pipeline is told not to.
     certify: ClassVar[bool] = False
     tolerance: ClassVar[float] = 1e-10
-    # Does this pass exist to change weights (fold, rotate, quantize, shard)? A recipe of such passes
-    # that changes none of a graph's linears is an error, not a silent pass-through (api.apply_recipe).
+    # Does it exist to change weights? Then changing none of a graph's linears is an error (api.check_changed).
     changes_weights: ClassVar[bool] = False
 
     def rules(self) -> list[Rule]:

@@ -104,8 +104,7 @@ class Report:
             if p.certificate:
                 c = p.certificate
                 lines.append(f"  certified: max |Δ| {c['max_abs']:.2e} (relative {c['rel']:.2e} ≤ {c['tolerance']:.0e}), {c['dtype']}")
-        lin = self.extra.get("linears")
-        if lin:
+        if lin := self.extra.get("linears"):
             lines.append(f"\nlinears changed: {lin['changed']} of {lin['total']}" + (f" ({lin['note']})" if "note" in lin else ""))
         acts = self.extra.get("activations")
         if acts:

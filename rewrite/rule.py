@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
 import torch.fx as fx
 
 from spinfx.errors import SpinfxError
@@ -85,7 +86,7 @@ def apply_rules(gm: fx.GraphModule, rules: list[Rule], ctx: Any = None, max_swee
             changed = True
             if isinstance(out, fx.Node) and out is not m.root:
                 out.meta.setdefault("module", m.root.meta.get("module", ""))
-                m.root.replace_all_uses_with(out)
+                m.root.replace_all_uses_with(_same_dtype(out, m.root))
             gm.graph.eliminate_dead_code()
         for key, st in stats.items():
             if st.matches == 0 and st.nearest_miss is None:
@@ -94,6 +95,17 @@ def apply_rules(gm: fx.GraphModule, rules: list[Rule], ctx: Any = None, max_swee
             return stats
     raise SpinfxError(f"rules did not reach a fixed point in {max_sweeps} sweeps: "
                       + ", ".join(s.name for s in stats.values() if s.applied))
+
+
+def _same_dtype(new: fx.Node, old: fx.Node) -> fx.Node:
+    """`new`, cast to `old`'s dtype if they differ: the dropped op may have promoted (float64 γ · float32 n)."""
+    a, b = new.meta.get("val"), old.meta.get("val")
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dtype == b.dtype:
+        return new
+    with old.graph.inserting_before(old):
+        cast = old.graph.call_function(torch.ops.aten._to_copy.default, (new,), {"dtype": b.dtype})
+    cast.meta = {**old.meta, "val": a.to(b.dtype)}
+    return cast
 
 
 def find(gm_or_graph, rules: list[Rule]) -> dict[str, RuleStats]:

@@ -141,3 +141,16 @@ def test_smollm2_rewrite_then_eval_reproduces_the_in_memory_perplexity(tmp_path)
     fp32 = evaluate(model, "hamlet", 512, 2, tokenizer=tok).ppl
     assert from_disk == pytest.approx(in_memory, rel=5e-3), (from_disk, in_memory)
     assert abs(from_disk - in_memory) < 0.1 * abs(in_memory - fp32), (from_disk, in_memory, fp32)
+
+
+def test_decode_step_uses_the_current_cache_keyword():
+    # transformers 5.24 renamed forward's `past_key_values` to `cache` (the old name warns with a
+    # FutureWarning in the middle of `spinfx demo`'s output); 5.23 only knows `past_key_values`
+    import warnings
+
+    from spinfx.cli import decode_step_ms
+
+    zm = zoo.build("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        assert decode_step_ms(zm.model, zm.config.vocab_size, prompt=8, reps=1) > 0

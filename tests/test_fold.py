@@ -89,3 +89,16 @@ def test_a_wrong_fold_is_caught_by_the_certificate():
             spinfx.rewrite(zm.model, "fold", zm.example_inputs)
     finally:
         fold_norms.scale_inputs = orig
+
+
+def test_hf_model_with_use_cache_in_its_config_traces_without_a_cache():
+    # the HF default config.use_cache=True would make the traced call return a DynamicCache; the
+    # caller did not ask for one, so the trace runs without it (the config is left as it was)
+    zm = zoo.build("llama")
+    ids = zm.example_inputs["input_ids"]
+    assert zm.config.use_cache is True
+    r = spinfx.rewrite(zm.model, "fold", example_inputs=(ids,))
+    assert r.report.passes[0].certificate["rel"] <= 1e-10
+    assert _rel(r.module(ids).logits, zm.model(ids, use_cache=False).logits) <= 1e-4
+    assert spinfx.inspect(zm.model, example_inputs=(ids,)).passes[0].findings["counts"]
+    assert zm.config.use_cache is True

@@ -119,3 +119,20 @@ def test_spinfx_trace_levels(monkeypatch, capsys):
     monkeypatch.setenv("SPINFX_TRACE", "3")
     spinfx.rewrite(zm.model, "fold", zm.example_inputs)
     assert "graph before fold-norms:" in capsys.readouterr().err
+
+
+def test_model_dir_whose_class_refuses_sdpa_is_inspected(tmp_path):
+    # transformers refuses attn_implementation="sdpa" for Gemma-2: spinfx asks for SDPA only where the
+    # class supports it and loads the others with eager attention, like plain transformers does
+    import transformers as tf
+
+    cfg = tf.Gemma2Config(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "g2")
+    out = _cli("inspect", str(tmp_path / "g2"), "--json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    counts = json.loads(out.stdout)["passes"][0]["findings"]["counts"]
+    # 4 norms per layer + the final one; only the pre-norms and the final norm feed linears
+    assert counts["norm"] == 9 and counts["norm-linears"] == 5
+    rep = spinfx.inspect(tmp_path / "g2")
+    assert rep.passes[0].findings["counts"] == counts

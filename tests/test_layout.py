@@ -111,3 +111,57 @@ def test_imports_point_down_only():
                     if theirs not in ALLOWED[mine]:
                         offenders.append(f"{room}/{f.name}:{node.lineno} ({mine}) imports {name} ({theirs})")
     assert not offenders, "\n".join(offenders)
+
+
+ROOMS = ("rewrite", "passes", "patterns", "kernels")
+
+
+def _dist(name: str) -> str:
+    """A distribution or import name in PEP 503 form (PyYAML -> pyyaml, compressed_tensors -> compressed-tensors)."""
+    import re
+
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _third_party_imports() -> dict[str, str]:
+    """Top-level module imported anywhere in the rooms (not stdlib, not spinfx) -> one file:line."""
+    import ast
+
+    found = {}
+    for room in ROOMS:
+        for f in sorted((REPO / room).rglob("*.py")):
+            for node in ast.walk(ast.parse(f.read_text(), str(f))):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for top in (n.split(".")[0] for n in names):
+                    if top not in sys.stdlib_module_names and top != "spinfx":
+                        found.setdefault(top, f"{f.relative_to(REPO)}:{node.lineno}")
+    return found
+
+
+def _declared() -> tuple[set[str], set[str]]:
+    """(core dependencies, core + every extra) as PEP 503 names, from pyproject.toml."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    name = lambda req: _dist(re.match(r"[A-Za-z0-9._-]+", req).group(0))  # noqa: E731
+    core = {name(r) for r in project["dependencies"]}
+    extras = {name(r) for reqs in project.get("optional-dependencies", {}).values() for r in reqs}
+    return core, core | extras - {"spinfx"}
+
+
+def test_every_third_party_import_is_declared_and_every_core_dependency_used():
+    import importlib.metadata
+
+    dists = importlib.metadata.packages_distributions()  # import name -> distributions providing it
+    core, declared = _declared()
+    imports = {top: {_dist(d) for d in dists.get(top, [top])} for top in _third_party_imports()}
+    undeclared = {f"{top} ({where})" for top, where in _third_party_imports().items() if not imports[top] & declared}
+    assert not undeclared, f"imported but not declared in pyproject.toml: {sorted(undeclared)}"
+    used = set().union(*imports.values())
+    assert not core - used, f"core dependencies never imported in {'/ '.join(ROOMS)}/: {sorted(core - used)}"

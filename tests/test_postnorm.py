@@ -1,0 +1,82 @@
+"""Post-norm blocks (OLMo-2: the attention and MLP outputs are normalized before they are added to
+the residual stream; per-projection q/k norms): fold and quantize are certified, R1 is refused naming
+the post-norm. And a rewrite never hands back a program whose dtypes no longer fit together."""
+import pytest
+import torch
+
+import spinfx
+from spinfx.certify import CertificateError
+from spinfx.pipeline import Pass, PassResult
+from spinfx.zoo import _randomize
+
+
+def olmo2(dtype=torch.float32):
+    import transformers as tf
+
+    cfg = tf.Olmo2Config(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    m = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+    _randomize(m, torch.Generator().manual_seed(0), "rms")  # norm scales ≠ 1: folding them shows
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(1))
+    return m.to(dtype).eval(), ids
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fold_and_quantize_are_certified(dtype, tmp_path):
+    # float64: the norm computes its core in float32 and γ (float64) promotes it back; folding γ away
+    # must keep the value float64 for the linear after it ("expected m1 and m2 to have the same dtype")
+    m, ids = olmo2(dtype)
+    ref = m(ids).logits
+    r = spinfx.rewrite(m, "fold", example_inputs=(ids,))
+    # only the final norm feeds a linear (lm_head): post-norms feed the stream, q/k norms feed RoPE
+    assert r.report.passes[0].certificate["rel"] <= 1e-10 and r.report.passes[0].edits == 1
+    out = r.module(ids).logits
+    assert out.dtype == dtype and _rel(out, ref) <= (1e-12 if dtype == torch.float64 else 1e-5)
+    q = spinfx.rewrite(m, "w4a16", example_inputs=(ids,))
+    cert = q.report.passes[-1].certificate
+    assert cert["rel"] <= cert["tolerance"] and q.module(ids).logits.dtype == dtype
+    if dtype == torch.float32:
+        q.save(tmp_path / "q")  # verified by loading it back in transformers
+        assert spinfx.load(tmp_path / "q")(ids).logits.shape == ref.shape
+
+
+def test_r1_is_refused_naming_the_post_norm():
+    m, ids = olmo2()
+    with pytest.raises(spinfx.Unsupported, match=r"post_attention_layernorm.*post-norm"):
+        spinfx.rewrite(m, "rotate", example_inputs=(ids,))
+
+
+class _Promote(torch.nn.Module):
+    """y = W·(g · x.float()) with g = 1 in float64: the mul is what makes the linear's input float64."""
+
+    def __init__(self):
+        super().__init__()
+        self.g = torch.nn.Parameter(torch.ones(8, dtype=torch.float64))
+        self.lin = torch.nn.Linear(8, 4, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.lin(self.g * x.float())
+
+
+class _DropScale(Pass):
+    """A wrong rewrite that is exact in float64: removes γ·x without restoring the dtype γ promoted to."""
+
+    name = "drop-scale"
+    certify = True
+
+    def run(self, prog, ctx):
+        mul = next(n for n in prog.graph.nodes if n.target is torch.ops.aten.mul.Tensor)
+        mul.replace_all_uses_with(next(a for a in mul.args if a.op != "get_attr"))
+        prog.graph.erase_node(mul)
+        return PassResult(self.name, {})
+
+
+def test_a_rewrite_that_changes_dtypes_is_refused_not_returned():
+    recipe = spinfx.recipe.Recipe("drop", [_DropScale()])
+    with pytest.raises(CertificateError, match="dtype"):
+        spinfx.rewrite(_Promote(), recipe, example_inputs=(torch.randn(2, 8, dtype=torch.float64),))
