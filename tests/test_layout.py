@@ -29,7 +29,9 @@ def test_spinfx_subpackages_map_to_the_rooms():
 
     for mod, room in ((spinfx, "rewrite"), (spinfx.kernels, "kernels"), (spinfx.passes, "passes"),
                       (spinfx.patterns, "patterns")):
-        assert Path(os.path.realpath(mod.__file__)).parent == REPO / room
+        # spinfx.kernels is a namespace package (no __init__.py, see the test below): read a module of it
+        some = mod.__file__ or str(next(Path(next(iter(mod.__path__))).glob("*.py")))
+        assert Path(os.path.realpath(some)).parent == REPO / room
 
 
 def test_no_code_imports_a_bare_room():
@@ -51,6 +53,26 @@ def test_transformers_kernels_probe_is_not_us():
     if spec is not None:
         assert not os.path.realpath(spec.origin or "").startswith(str(REPO))
     import transformers  # noqa: F401  (crashes if a shadowing `kernels` is found)
+
+
+def test_kernels_from_the_repo_root_is_not_the_kernels_room(tmp_path):
+    # `python -c` puts the cwd first on sys.path, before any installed package: run from the repo root,
+    # a kernels/__init__.py made the room the top-level `kernels` that transformers probes for. Without
+    # it the folder is at most a PEP 420 namespace portion: any installed `kernels` wins over it, and
+    # alone it is no module at all (no origin, nothing to execute; transformers counts a namespace
+    # package with no version as not installed).
+    probe = "import importlib.util as u; s = u.find_spec('kernels'); print(s and s.origin)"
+    stand_in = tmp_path / "site" / "kernels"  # what an installed kernels package looks like
+    stand_in.mkdir(parents=True)
+    (stand_in / "__init__.py").write_text("")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}  # on sys.path after the cwd
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == str(stand_in / "__init__.py"), out.stdout + out.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-c", probe + "; import transformers"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    origin = out.stdout.strip()
+    assert origin == "None" or not os.path.realpath(origin).startswith(str(REPO)), origin
 
 
 ENGINE = ["graph", "pattern", "match", "rule", "pipeline", "certify", "printer", "report", "errors"]
