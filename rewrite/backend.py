@@ -393,7 +393,8 @@ def sources_fingerprint() -> str:
     import spinfx
 
     h = hashlib.sha256()
-    roots = {Path(m.__file__).resolve().parent for m in _spinfx_packages(spinfx)}
+    # a package's folder from __path__: spinfx.kernels is a namespace package (no __init__.py, no __file__)
+    roots = {Path(next(iter(m.__path__))).resolve() for m in _spinfx_packages(spinfx)}
     for root in sorted(roots):
         for f in sorted(root.glob("*.py")):
             h.update(f.name.encode())
