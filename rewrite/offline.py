@@ -116,7 +116,12 @@ def checkpoint_parts(result) -> Parts:
             continue
         raise Unsupported(f"save: {key} is no longer read by the rewritten program and is not a folded norm "
                           f"scale; the model class cannot express this rewrite")
-    if any(sum(k in live for k in ks) > 1 for ks in shared.values()):
+    own = quantized - set(parts.tied)  # modules storing their own quantized tensors
+
+    def stored(k: str) -> bool:
+        return k in live or _belongs_to(k, own)
+
+    if any(sum(stored(k) for k in ks) > 1 for ks in shared.values()):
         parts.config["tie_word_embeddings"] = False
         parts.notes.append("the lm_head was untied from the embedding: tie_word_embeddings = false")
     return parts

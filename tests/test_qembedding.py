@@ -140,12 +140,28 @@ def test_lm_head_is_found_by_structure_not_by_name():
     assert layers["transformer.wte"].tied == ("lm_head",)
     assert not _ops(r.program, aten.embedding.default) or all(  # the position table (wpe) stays float
         n.args[0].target == "transformer.wpe.weight" for n in _ops(r.program, aten.embedding.default))
-    zm = zoo.build("llama")
-    r = spinfx.rewrite(zm.model, Recipe("t", load_recipe("rotate").passes + [Quantize(weights=W4, embedding=E8,
-                                                                                      lm_head=E8)]), zm.example_inputs)
+    r = _rotated()
     layers = quantized_layers(r.program)
     assert r.report.pass_result("quantize").certificate["rel"] <= 1e-10
     assert layers["model.embed_tokens"].tied == () and layers["lm_head"].weight.bits == 8
+
+
+def _rotated():
+    """The tied zoo llama through `rotate` (fold-norms unties the lm_head) and 8-bit ends."""
+    zm = zoo.build("llama")
+    passes = load_recipe("rotate").passes + [Quantize(weights=W4, embedding=E8, lm_head=E8)]
+    return spinfx.rewrite(zm.model, Recipe("t", passes), zm.example_inputs)
+
+
+def test_untied_by_fold_norms_saves_two_tables(tmp_path):
+    """A tied source untied by fold-norms (before R1): two quantized matrices, so the checkpoint must say
+    tie_word_embeddings = false, or the loaded lm_head would read the embedding's table."""
+    r = _rotated()
+    out = r.save(tmp_path / "rot")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    zm = zoo.build("llama")
+    got, ref = _logits(spinfx.load(out), zm), _logits(r.module, zm)
+    assert (got - ref).abs().max() <= 2e-2 * ref.abs().max()
 
 
 def test_tied_keep_with_online_r1_stays_one_matrix(tmp_path):
