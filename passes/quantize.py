@@ -31,9 +31,9 @@ Options (the recipe's words):
   samples      calibration windows GPTQ uses (default 128), cut from `ctx.calib` (a 1-D token tensor).
 
 Certificate (float64, ≤ 1e-10): the result equals the *input* program with every quantized W (embedding
-table included) replaced by dequantize(Q(W)) (activation quantizers included on both sides): packing, op and wiring are exact. What
-quantizing costs is reported per layer: ‖W − Ŵ‖/‖W‖, and for GPTQ the output error on the calibration
-inputs next to the one RTN would give.
+table included) replaced by dequantize(Q(W)) (activation quantizers included on both sides): packing, op
+and wiring are exact. What quantizing costs is reported per layer: ‖W − Ŵ‖/‖W‖, and for GPTQ the output
+error on the calibration inputs next to the one RTN would give.
 
 Drivers read `quantized_layers(prog)` → {module: QuantLayer}: the `QuantWeight` a checkpoint stores
 (`QuantWeight.to_compressed_tensors()`), the float weight it replaced, method and errors. It lives in
@@ -56,13 +56,13 @@ from spinfx.errors import BadInput, Unsupported
 from spinfx.graph import Program, add_const, drop_const
 from spinfx.kernels.gptq import gptq_quantize
 from spinfx.kernels.hadamard import hadamard_by_gemm
-from spinfx.kernels.qembedding import embedding_args  # registers spinfx::qembedding
+import spinfx.kernels.qembedding  # noqa: F401  (registers spinfx::qembedding)
 from spinfx.kernels.qlinear import generic_attrs, generic_tensors, plan_qlinear  # registers spinfx::qlinear*
 from spinfx.kernels.quant_pack import SUPPORTED_BITS
 from spinfx.kernels.quant_rtn import quantize_rtn
 from spinfx.kernels.quant_weight import QuantWeight, dequantize
-from spinfx.passes.actquant import check_bits, quantize_inputs, quantize_kv
 from spinfx.match import describe
+from spinfx.passes.actquant import check_bits, quantize_inputs, quantize_kv
 from spinfx.pattern import Var
 from spinfx.patterns.common import linear_node, linear_of
 from spinfx.patterns.residual import output_linear, token_embedding
@@ -313,7 +313,7 @@ class Quantize(Pass):
             raise Unsupported("quantize: lm_head: no single linear of a constant weight produces a graph output "
                               "(the logits) through views/casts only")
         h_t = head is not None and head.target is torch.ops.aten.addmm.default
-        h_w = head.args[2 if h_t else 1] if head is not None else None
+        h_w = _linear_weight(head) if head is not None else None
         tied = emb is not None and h_w is emb.args[0]
         out: list[_Layer] = []
         if tied:
@@ -385,11 +385,12 @@ class Quantize(Pass):
 
 def _module(node: fx.Node) -> str:
     """The module a reader belongs to (names the quantized tensors), else its weight's owner."""
-    w = node.args[0] if node.target is torch.ops.aten.embedding.default else linear_weight(node)
+    w = node.args[0] if node.target is torch.ops.aten.embedding.default else _linear_weight(node)
     return node.meta.get("module") or w.target.rsplit(".", 1)[0]
 
 
-def linear_weight(node: fx.Node) -> fx.Node:
+def _linear_weight(node: fx.Node) -> fx.Node:
+    """W of aten.linear(x, W, b) / Conv1D's aten.addmm(b, x, W)."""
     return node.args[2] if node.target is torch.ops.aten.addmm.default else node.args[1]
 
 
