@@ -195,7 +195,14 @@ class _Layer:
         return w.T if self.transposed else w
 
     def storage_dtype(self, prog: Program) -> torch.dtype:
-        return prog.meta.get("dtypes", {}).get(self.weight, prog.const(self.weight).dtype)
+        """The weight's dtype in the model; a constant a pass added (fold-norms' untied lm_head) has none
+        recorded and takes the model's dtype, as `finalize` gives it — not its float64 master's."""
+        from spinfx.certify import model_dtype
+
+        dtypes = prog.meta.get("dtypes", {})
+        if self.weight in dtypes:
+            return dtypes[self.weight]
+        return model_dtype(prog) if dtypes else prog.const(self.weight).dtype
 
 
 # ---- the pass -----------------------------------------------------------------------------------------

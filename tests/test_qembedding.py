@@ -159,6 +159,10 @@ def test_untied_by_fold_norms_saves_two_tables(tmp_path):
     r = _rotated()
     out = r.save(tmp_path / "rot")
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    from safetensors.torch import load_file
+
+    w = load_file(out / "model.safetensors")  # the untied copy's scales in the model's dtype, not float64
+    assert w["lm_head.weight_scale"].dtype == w["model.embed_tokens.weight_scale"].dtype == torch.float32
     zm = zoo.build("llama")
     got, ref = _logits(spinfx.load(out), zm), _logits(r.module, zm)
     assert (got - ref).abs().max() <= 2e-2 * ref.abs().max()
