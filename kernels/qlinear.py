@@ -93,8 +93,11 @@ def _decompose_qlinear(x, weight_packed, weight_scale, weight_zero_point, weight
 def qlinear_decompositions() -> dict:
     """Extra decompositions for Inductor (`compile_fx(..., decompositions={**select_decomp_table(), **this})`):
     on non-CUDA devices `spinfx::qlinear` becomes its unpack/dequant/linear ops, which Inductor fuses.
-    Without them the op stays one opaque node and runs its eager kernel."""
-    return {torch.ops.spinfx.qlinear.default: _decompose_qlinear}
+    Without them the op stays one opaque node and runs its eager kernel. The table also holds the
+    quantized embedding's (`spinfx::qembedding`, kernels/qembedding.py): one table for quantized weights."""
+    from spinfx.kernels.qembedding import qembedding_decompositions
+
+    return {torch.ops.spinfx.qlinear.default: _decompose_qlinear, **qembedding_decompositions()}
 
 
 # --- CPU fast paths ------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
     aten.linear(x, W, b)            ⇒  spinfx.qlinear(x, $m.weight_packed, $m.weight_scale,
     aten.addmm(b, x, W[in, out])    ⇒                 $m.weight_zero_point?, $m.weight_g_idx?, b, bits, group)
+    aten.embedding(E, ids)          ⇒  spinfx.qembedding(ids, $e.weight_packed, $e.weight_scale,
+                                                         $e.weight_zero_point?, bits, group)   (`embedding:`)
 
 `m` is the linear's original module path (node meta "module"), so the new constants are named like a
 compressed-tensors `pack-quantized` module's tensors and checkpoints mirror the graph. The graph keeps
@@ -13,6 +15,14 @@ Options (the recipe's words):
                largest smaller one of 128, 64, 32 that divides K (SmolLM2's 576: 128 → 64), else per
                channel; the report says so.
   ignore       module names kept in float (default [lm_head]).
+  embedding    {bits: 8}: also quantize the token embedding table (`patterns.residual.token_embedding`),
+               RTN, per row (group_size null, the default here) or group-wise ({bits: 4, group_size: 64}).
+  lm_head      {bits: 8}: also quantize the lm_head — the linear producing the logits, found by structure
+               (`patterns.residual.output_linear`), whatever its name and even if `ignore` names it —
+               RTN, per output channel by default. Both are weight-only (no activation quantizer) and
+               take the weight options of `weights:` (method rtn only). A tied pair (the lm_head reads
+               the embedding's table) is one matrix: quantized once, read by spinfx.qembedding and
+               spinfx.qlinear both, so its two options must be equal (or untie it: fold-norms tie: untie).
   overrides    [{pattern: "re:.*down_proj", bits: 8, ...}]: weight options per module, applied in order.
                A name is a module path or its last dotted parts ("down_proj", "mlp.down_proj");
                "re:<regex>" must match the whole path. Matched against the ORIGINAL module paths.
@@ -20,10 +30,10 @@ Options (the recipe's words):
   kv_cache     {bits: 4, symmetric: false}: per-head, per-token fake quantization of attention's k, v.
   samples      calibration windows GPTQ uses (default 128), cut from `ctx.calib` (a 1-D token tensor).
 
-Certificate (float64, ≤ 1e-10): the result equals the *input* program with every quantized W replaced by
-dequantize(Q(W)) (activation quantizers included on both sides): packing, op and wiring are exact. What
-quantizing costs is reported per layer: ‖W − Ŵ‖/‖W‖, and for GPTQ the output error on the calibration
-inputs next to the one RTN would give.
+Certificate (float64, ≤ 1e-10): the result equals the *input* program with every quantized W (embedding
+table included) replaced by dequantize(Q(W)) (activation quantizers included on both sides): packing, op
+and wiring are exact. What quantizing costs is reported per layer: ‖W − Ŵ‖/‖W‖, and for GPTQ the output
+error on the calibration inputs next to the one RTN would give.
 
 Drivers read `quantized_layers(prog)` → {module: QuantLayer}: the `QuantWeight` a checkpoint stores
 (`QuantWeight.to_compressed_tensors()`), the float weight it replaced, method and errors. It lives in
@@ -42,17 +52,20 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from spinfx.errors import BadInput
+from spinfx.errors import BadInput, Unsupported
 from spinfx.graph import Program, add_const, drop_const
 from spinfx.kernels.gptq import gptq_quantize
 from spinfx.kernels.hadamard import hadamard_by_gemm
+import spinfx.kernels.qembedding  # noqa: F401  (registers spinfx::qembedding)
 from spinfx.kernels.qlinear import generic_attrs, generic_tensors, plan_qlinear  # registers spinfx::qlinear*
 from spinfx.kernels.quant_pack import SUPPORTED_BITS
 from spinfx.kernels.quant_rtn import quantize_rtn
 from spinfx.kernels.quant_weight import QuantWeight, dequantize
+from spinfx.match import describe
 from spinfx.passes.actquant import check_bits, quantize_inputs, quantize_kv
 from spinfx.pattern import Var
 from spinfx.patterns.common import linear_node, linear_of
+from spinfx.patterns.residual import output_linear, token_embedding
 from spinfx.pipeline import Context, Pass, PassResult
 from spinfx.rule import Rule, find
 
@@ -120,12 +133,18 @@ class QuantLayer:
     input_bits: int | None = None  # per-token activation fake quantization of its input (None: float)
     output_error: float | None = None      # GPTQ: ‖X(W − Ŵ)ᵀ‖ / ‖XWᵀ‖ on the calibration inputs X
     rtn_output_error: float | None = None  # the same for the RTN weight (what GPTQ improved on)
+    embedding: bool = False        # the token embedding table (read by spinfx.qembedding)
+    tied: tuple[str, ...] = ()     # modules of the linears reading this same matrix (a tied lm_head)
 
     def to_dict(self) -> dict:
         qw = self.weight
         d = {"bits": qw.bits, "group_size": qw.group_size, "symmetric": qw.symmetric,
              "act_order": qw.weight_g_idx is not None, "method": self.method, "shape": list(qw.weight_shape),
              "error": round(self.error, 6), "bits_per_weight": round(qw.bits_per_weight(), 4)}
+        if self.embedding:
+            d["embedding"] = True
+        if self.tied:
+            d["tied"] = list(self.tied)
         if self.input_bits is not None:
             d["input_bits"] = self.input_bits
         if self.output_error is not None:
@@ -149,6 +168,7 @@ class _Layer:
     transposed: bool          # Conv1D addmm: W is stored [in, out]
     scheme: Scheme
     group_size: int | None = None  # after the fallback rule
+    table: fx.Node | None = None   # the aten.embedding reading the same matrix ([V, D]: rows = tokens)
 
     def x_arg(self) -> int:
         return 1 if self.transposed else 0
@@ -161,13 +181,28 @@ class _Layer:
             return node.args[0]
         return node.args[2] if len(node.args) > 2 else None
 
+    def readers(self) -> list[tuple[fx.Node, int]]:
+        """(node, index of its weight argument) for every node reading the weight."""
+        return [(n, self.w_arg()) for n in self.nodes] + ([(self.table, 0)] if self.table is not None else [])
+
+    def weight_node(self) -> fx.Node:
+        node, i = self.readers()[0]
+        return node.args[i]
+
     def master(self, prog: Program) -> torch.Tensor:
         """W as [out, in] (float64 during a pipeline run)."""
         w = prog.const(self.weight)
         return w.T if self.transposed else w
 
     def storage_dtype(self, prog: Program) -> torch.dtype:
-        return prog.meta.get("dtypes", {}).get(self.weight, prog.const(self.weight).dtype)
+        """The weight's dtype in the model; a constant a pass added (fold-norms' untied lm_head) has none
+        recorded and takes the model's dtype, as `finalize` gives it — not its float64 master's."""
+        from spinfx.certify import model_dtype
+
+        dtypes = prog.meta.get("dtypes", {})
+        if self.weight in dtypes:
+            return dtypes[self.weight]
+        return model_dtype(prog) if dtypes else prog.const(self.weight).dtype
 
 
 # ---- the pass -----------------------------------------------------------------------------------------
@@ -183,6 +218,8 @@ class Quantize(Pass):
     overrides: list = field(default_factory=list)
     activations: dict | None = None
     kv_cache: dict | None = None
+    embedding: dict | None = None
+    lm_head: dict | None = None
     samples: int = 128
 
     def calibration_windows(self) -> int:
@@ -194,12 +231,16 @@ class Quantize(Pass):
 
         res = PassResult(self.name, self.options())
         stats = find(prog.gm, [LINEARS])[f"{LINEARS.where}:{LINEARS.name}"]
-        layers, ignored = self._layers(prog, stats.found, res)
+        head = output_linear(prog.graph) if self.lm_head is not None else None
+        layers, ignored = self._layers(prog, stats.found, res, skip=head)
         stats.applied, stats.declined = sum(len(l.nodes) for l in layers), len(ignored)
         res.rules = [stats]
         if ignored:
             res.notes.append(f"kept in float (ignore): {', '.join(sorted(set(ignored)))}")
         input_bits = self._quantize_activations(prog, layers, res)
+        ends = self._ends(prog, head, res)  # embedding table / lm_head: weight-only
+        stats.applied += sum(len(l.nodes) for l in ends)
+        layers += ends
 
         t0 = time.perf_counter()
         done = {l.weight: _rtn(prog, l) for l in layers if l.scheme.method == "rtn"}  # → (QuantLayer, Ŵ)
@@ -212,18 +253,23 @@ class Quantize(Pass):
         for l in layers:
             layer, w_hat = done.pop(l.weight)
             _dequantized_into(reference, l, w_hat)
-            _to_qlinear(prog, l, layer.weight)
-            out[l.module] = dataclasses.replace(layer, input_bits=input_bits)
+            _to_quantized(prog, l, layer.weight)
+            out[l.module] = dataclasses.replace(layer, input_bits=None if l in ends else input_bits)
+            if l.table is not None:
+                out[l.module] = dataclasses.replace(out[l.module], embedding=True, tied=tuple(
+                    n.meta.get("module", "") for n in l.nodes))
         cert = certify_equal(reference, prog, EXACT, what=f"{self.name} (qlinear against its dequantized weights)")
         cert["reference"] = "the input program with each quantized W replaced by dequantize(Q(W))"
         res.certificate = cert
 
         prog.meta["quant"] = {**quantized_layers(prog), **out}
         _summarize(out, res)
+        _say_ends(ends, out, res)
         return res
 
     # -- which weights, how ---------------------------------------------------------------------------
-    def _layers(self, prog: Program, matches: list, res: PassResult) -> tuple[list[_Layer], list[str]]:
+    def _layers(self, prog: Program, matches: list, res: PassResult,
+                skip: fx.Node | None = None) -> tuple[list[_Layer], list[str]]:
         base = Scheme().updated(dict(self.weights), "weights")
         for o in self.overrides:
             if not isinstance(o, dict) or not isinstance(o.get("pattern"), str):
@@ -233,6 +279,8 @@ class Quantize(Pass):
         ignored: list[str] = []
         for m in matches:
             node, transposed = linear_node(m)
+            if node is skip:  # the lm_head, quantized by its own option (_ends)
+                continue
             w = node.args[2 if transposed else 1].target
             module = node.meta.get("module") or w.rsplit(".", 1)[0]
             if any(name_matches(p, module) for p in self.ignore):
@@ -247,19 +295,68 @@ class Quantize(Pass):
                 by_weight[w] = _Layer(w, module, [node], transposed, scheme)
         fallbacks: dict[tuple, list[str]] = defaultdict(list)
         for l in by_weight.values():
-            k = l.master(prog).shape[1]
-            l.group_size = group_for(k, l.scheme.group_size)
-            if l.group_size != l.scheme.group_size:
-                fallbacks[(k, l.scheme.group_size, l.group_size)].append(l.module)
+            _fall_back(prog, l, fallbacks)
             if l.scheme.method == "gptq" and len(l.nodes) > 1:
                 l.scheme = dataclasses.replace(l.scheme, method="rtn")
                 res.notes.append(f"{l.module}: its weight is read by {len(l.nodes)} linears with different "
                                  f"inputs; quantized with RTN (GPTQ needs one input distribution)")
-        for (k, want, got), mods in sorted(fallbacks.items(), key=lambda kv: str(kv[0])):
-            to = f"group {got}" if got else "per channel"
-            res.notes.append(f"group {want} does not divide K={k}: {len(mods)} layer(s) use {to} "
-                             f"({_examples(mods)})")
+        _note_fallbacks(fallbacks, res)
         return list(by_weight.values()), ignored
+
+    def _ends(self, prog: Program, head: fx.Node | None, res: PassResult) -> list[_Layer]:
+        """The token embedding table and the lm_head, each quantized by its own option (`embedding:`,
+        `lm_head:`): one layer per matrix, so a tied pair — the lm_head reading the embedding's table —
+        is one layer whose readers are both."""
+        if self.embedding is None and self.lm_head is None:
+            return []
+        g = prog.graph
+        emb = token_embedding(g)
+        head = head if head is not None else output_linear(g)
+        e_scheme = self._end_scheme(self.embedding, "embedding")
+        h_scheme = self._end_scheme(self.lm_head, "lm_head")
+        if self.embedding is not None and emb is None:
+            raise Unsupported("quantize: embedding: this graph has no token embedding (aten.embedding of a "
+                              "constant table indexed by an input)")
+        if self.lm_head is not None and head is None:
+            raise Unsupported("quantize: lm_head: no single linear of a constant weight produces a graph output "
+                              "(the logits) through views/casts only")
+        h_t = head is not None and head.target is torch.ops.aten.addmm.default
+        h_w = _linear_weight(head) if head is not None else None
+        tied = emb is not None and h_w is emb.args[0]
+        out: list[_Layer] = []
+        if tied:
+            if e_scheme != h_scheme:
+                raise Unsupported(
+                    f"quantize: {emb.args[0].target} is the token embedding and the lm_head's weight (tied): one "
+                    f"matrix takes one scheme — give `embedding:` and `lm_head:` the same options, or untie "
+                    f"them first (fold-norms tie: untie)")
+            out.append(_Layer(emb.args[0].target, _module(emb), [head], False, e_scheme, table=emb))
+        else:
+            if e_scheme is not None:
+                out.append(_Layer(emb.args[0].target, _module(emb), [], False, e_scheme, table=emb))
+            if h_scheme is not None:
+                out.append(_Layer(h_w.target, _module(head), [head], h_t, h_scheme))
+        for l in out:
+            others = [u for u in l.weight_node().users if u not in {r for r, _ in l.readers()}]
+            if others:
+                raise Unsupported(f"quantize: {l.weight} is also read by {describe(others[0])}; only the "
+                                  f"embedding lookup and the lm_head may read a matrix quantized by "
+                                  f"`embedding:`/`lm_head:`")
+        fallbacks: dict[tuple, list[str]] = defaultdict(list)
+        for l in out:
+            _fall_back(prog, l, fallbacks)
+        _note_fallbacks(fallbacks, res)
+        return out
+
+    def _end_scheme(self, opts: dict | None, what: str) -> Scheme | None:
+        if opts is None:
+            return None
+        if not isinstance(opts, dict):
+            raise BadInput(f"quantize: {what} takes {{bits: 8, ...}} (weight options) or null, got {opts!r}")
+        s = Scheme(bits=8, group_size=None).updated(dict(opts), what)
+        if s.method != "rtn":
+            raise BadInput(f"quantize: {what}: method must be 'rtn' (GPTQ is for the layers' linears), got {s.method!r}")
+        return s
 
     def _quantize_activations(self, prog: Program, layers: list[_Layer], res: PassResult) -> int | None:
         bits = None
@@ -292,6 +389,49 @@ class Quantize(Pass):
             raise BadInput(f"quantize: {ctx.calib.numel()} calibration tokens do not fill one window of the "
                            f"traced input shape")
         return batches
+
+
+def _module(node: fx.Node) -> str:
+    """The module a reader belongs to (names the quantized tensors), else its weight's owner."""
+    w = node.args[0] if node.target is torch.ops.aten.embedding.default else _linear_weight(node)
+    return node.meta.get("module") or w.target.rsplit(".", 1)[0]
+
+
+def _linear_weight(node: fx.Node) -> fx.Node:
+    """W of aten.linear(x, W, b) / Conv1D's aten.addmm(b, x, W)."""
+    return node.args[2] if node.target is torch.ops.aten.addmm.default else node.args[1]
+
+
+def _fall_back(prog: Program, l: _Layer, fallbacks: dict) -> None:
+    """l.group_size after the fallback rule (module docstring); fallbacks collects what changed."""
+    k = l.master(prog).shape[1]
+    l.group_size = group_for(k, l.scheme.group_size)
+    if l.group_size != l.scheme.group_size:
+        fallbacks[(k, l.scheme.group_size, l.group_size)].append(l.module)
+
+
+def _note_fallbacks(fallbacks: dict, res: PassResult) -> None:
+    for (k, want, got), mods in sorted(fallbacks.items(), key=lambda kv: str(kv[0])):
+        to = f"group {got}" if got else "per channel"
+        res.notes.append(f"group {want} does not divide K={k}: {len(mods)} layer(s) use {to} "
+                         f"({_examples(mods)})")
+
+
+def _say_ends(ends: list[_Layer], out: dict[str, QuantLayer], res: PassResult) -> None:
+    """What `embedding:` / `lm_head:` quantized, in the report's words."""
+    for l in ends:
+        q = out[l.module]
+        how = f"{q.weight.bits}-bit " + (f"group {q.weight.group_size}" if q.weight.group_size else
+                                         ("per row" if l.table is not None else "per channel"))
+        what = []
+        if l.table is not None:
+            what.append(f"the token embedding {l.module} (spinfx.qembedding)")
+        what += [f"the lm_head {m} (spinfx.qlinear)" for m in q.tied or ([l.module] if l.nodes else [])]
+        tie = "; one matrix (tied), stored once" if l.table is not None and l.nodes else ""
+        res.notes.append(f"quantized {' and '.join(what)}: {how} {q.method.upper()}, "
+                         f"‖W − Ŵ‖/‖W‖ = {q.error:.4f}{tie}")
+        res.findings.setdefault("ends", {})[l.module] = {
+            "embedding": l.table is not None, "lm_head": [_module(n) for n in l.nodes], **q.to_dict()}
 
 
 def _only(opts, keys: set, what: str) -> None:
@@ -334,8 +474,9 @@ def _rtn(prog: Program, l: _Layer) -> tuple[QuantLayer, torch.Tensor]:
     return QuantLayer(qw, l.weight, "rtn", _rel(w - w_hat, w)), w_hat
 
 
-def _to_qlinear(prog: Program, l: _Layer, qw: QuantWeight) -> None:
-    """Replace the linears reading l.weight by spinfx.qlinear over new named constants."""
+def _to_quantized(prog: Program, l: _Layer, qw: QuantWeight) -> None:
+    """Replace the readers of l.weight by spinfx ops over one set of new named constants: each linear by
+    spinfx.qlinear, the embedding lookup (a table) by spinfx.qembedding."""
     g = prog.graph
     consts = {}
     for role, t in generic_tensors(qw, None).items():
@@ -345,7 +486,16 @@ def _to_qlinear(prog: Program, l: _Layer, qw: QuantWeight) -> None:
                 prog.meta.setdefault("dtypes", {})[fqn] = t.dtype
             consts[role] = add_const(prog.gm, fqn, t)
     attrs = generic_attrs(qw)
-    w_node = l.nodes[0].args[l.w_arg()]
+    w_node = l.weight_node()
+    if l.table is not None:  # E[ids] ⇒ dequantize(Q(E))[ids]
+        emb = l.table
+        with g.inserting_before(emb):
+            q = g.call_function(torch.ops.spinfx.qembedding.default, (
+                emb.args[1], consts["weight_packed"], consts["weight_scale"], consts.get("weight_zero_point"),
+                attrs["bits"], attrs["group_size"]))
+        q.meta = dict(emb.meta)
+        emb.replace_all_uses_with(q)
+        g.erase_node(emb)
     for node in l.nodes:
         with g.inserting_before(node):
             q = g.call_function(torch.ops.spinfx.qlinear.default, (
@@ -362,9 +512,9 @@ def _dequantized_into(ref: Program, l: _Layer, w_hat: torch.Tensor) -> None:
     """In the reference copy, make l's linears read Ŵ = dequantize(Q(W)) (a new constant, so a weight
     shared with a non-linear reader, e.g. a tied embedding, stays as it was)."""
     node = add_const(ref.gm, f"{l.module}.weight_dequantized", w_hat.T.contiguous() if l.transposed else w_hat)
-    names = {n.name for n in l.nodes}
-    for n in [n for n in ref.graph.nodes if n.name in names]:
-        w = n.args[l.w_arg()]
+    arg = {n.name: i for n, i in l.readers()}
+    for n in [n for n in ref.graph.nodes if n.name in arg]:
+        w = n.args[arg[n.name]]
         n.replace_input_with(w, node)
         drop_const(ref, w)
 
@@ -560,6 +710,8 @@ def _lower_one(prog: Program, node: fx.Node, module: str, perm: torch.Tensor | N
     g = prog.graph
     x, bias = node.args[0], node.args[5]
     old = [a for a in node.args[1:5] if isinstance(a, fx.Node)]
+    if any(u.target is not torch.ops.spinfx.qlinear.default for a in old for u in a.users):
+        module = node.meta.get("module") or f"{module}.linear"  # a tied table's qembedding keeps reading them
     node.args = (x,)  # release the generic tensors before their names are reused
     for a in old:
         drop_const(prog, a)

@@ -5,7 +5,9 @@ of a constant table indexed by a graph input), follow the stream value through s
 scalar scalings (Gemma's √d) to the single `add` that extends it; the other operand of each add is a
 *writer* (a linear — o_proj, down_proj —, or a positional embedding). *Readers* are the norms whose
 input is a stream value. The walk stops where no add extends the stream; anything ambiguous (two adds,
-an add whose other side is not a writer) ends the walk with the reason recorded.
+an add whose other side is not a writer) ends the walk with the reason recorded. Beyond the stream's
+ends: `token_embedding` (the table it starts from) and `output_linear` (the lm_head: the linear whose
+result is the logits).
 """
 from __future__ import annotations
 
@@ -75,6 +77,18 @@ def token_embedding(graph: fx.Graph) -> fx.Node | None:
                 and _through(n.args[1], VIEWS).op == "placeholder"):
             return n
     return None
+
+
+def output_linear(graph: fx.Graph) -> fx.Node | None:
+    """The lm_head: the one linear (constant weight) whose result is a graph output, through
+    views/casts only (the logits). None when no output is such a linear, or more than one is."""
+    out = next((n for n in graph.nodes if n.op == "output"), None)
+    found = []
+    for a in out.all_input_nodes if out is not None else ():
+        w = _writer(a)
+        if w is not None and w.kind in ("linear", "linear_t") and w.node not in found:
+            found.append(w.node)
+    return found[0] if len(found) == 1 else None
 
 
 def residual_stream(graph: fx.Graph) -> Stream:

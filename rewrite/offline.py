@@ -7,9 +7,12 @@ A checkpoint is the source model's Hugging Face directory with the rewritten wei
   longer read by the program; it is written as the neutral value of its role in the norm (the norm
   patterns' captures: `gamma` → 1, `gamma1p` (Gemma's 1+w) → 0, `beta` → 0), so the model class
   computes the same function. An lm_head untied from the embedding sets `tie_word_embeddings: false`.
-* quantized linears (`spinfx::qlinear` nodes) in compressed-tensors `pack-quantized` form
-  (`QuantWeight.to_compressed_tensors()`) with a `quantization_config` (one config group per weight
-  scheme, explicit module names as targets, the other linears in `ignore`);
+* quantized linears (`spinfx::qlinear` nodes) and a quantized token embedding (`spinfx::qembedding`) in
+  compressed-tensors `pack-quantized` form (`QuantWeight.to_compressed_tensors()`; an embedding table
+  [V, D] is stored like a linear's weight [N, K], one row per token) with a `quantization_config` (one
+  config group per weight scheme, explicit module names as targets — the embedding module among them —,
+  the other linears in `ignore`). A tied lm_head reading the quantized embedding table is stored once,
+  under the embedding: `tie_word_embeddings` stays true and the lm_head is neither a target nor ignored;
 * online ops (R3/R4 Hadamards, an online R1 for a kept tied embedding) in `quantization_config.
   transform_config`, in compressed-tensors' TransformConfig schema: one group per transform with its
   `apply` targets (module names) and `location` — `input`/`output` of a module, `q_attn`/`k_cache`
@@ -24,8 +27,9 @@ into place. A rewrite the model class cannot express (an op with no module-level
 beyond its scale) is refused with `Unsupported`, never written.
 
 `load(dir)` builds the model class from `config.json` with transformers (plain checkpoints load
-exactly as transformers loads them), swaps quantized linears for `spinfx.kernels.qlinear.QLinear`,
-and re-attaches each online transform at its recorded site: forward pre-hooks / hooks for module
+exactly as transformers loads them), swaps quantized linears for `spinfx.kernels.qlinear.QLinear` and a
+quantized embedding for `spinfx.kernels.qembedding.QEmbedding` (a tied lm_head: a `QLinear` over the
+same codes and scales), and re-attaches each online transform at its recorded site: forward pre-hooks / hooks for module
 inputs / outputs, and an attention function (`spinfx_sdpa`) rotating q and k inside attention, *after*
 the KV cache, so the cache holds keys as the model class computes them. It is the model class
 itself: `generate` and every KV cache work (the rewritten `Result.module` is traced for one input
@@ -68,6 +72,7 @@ class Parts:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)         # changes to the source config
     quant_groups: dict[tuple, list[str]] = field(default_factory=dict)  # weight scheme -> modules
+    tied: dict[str, str] = field(default_factory=dict)           # module reading a quantized table -> its owner
     transforms: dict[str, dict] = field(default_factory=dict)    # transform_config config_groups
     notes: list[str] = field(default_factory=list)
 
@@ -111,7 +116,12 @@ def checkpoint_parts(result) -> Parts:
             continue
         raise Unsupported(f"save: {key} is no longer read by the rewritten program and is not a folded norm "
                           f"scale; the model class cannot express this rewrite")
-    if any(sum(k in live for k in ks) > 1 for ks in shared.values()):
+    own = quantized - set(parts.tied)  # modules storing their own quantized tensors
+
+    def stored(k: str) -> bool:
+        return k in live or _belongs_to(k, own)
+
+    if any(sum(stored(k) for k in ks) > 1 for ks in shared.values()):
         parts.config["tie_word_embeddings"] = False
         parts.notes.append("the lm_head was untied from the embedding: tie_word_embeddings = false")
     return parts
@@ -154,7 +164,10 @@ def _quantized(prog, parts: Parts) -> set[str]:
             parts.tensors[f"{module}.{name}"] = t
         scheme = (qw.bits, qw.group_size, qw.symmetric, qw.weight_g_idx is not None)
         parts.quant_groups.setdefault(scheme, []).append(module)
-    return set(layers)
+        for reader in layer.tied:
+            parts.tied[reader] = module
+            parts.notes.append(f"{reader} reads the quantized table of {module} (tied): stored once")
+    return set(layers) | set(parts.tied)
 
 
 def quantization_config(parts: Parts, linears: list[str]) -> dict | None:
@@ -169,7 +182,7 @@ def quantization_config(parts: Parts, linears: list[str]) -> dict | None:
                         else "group", "group_size": gs, "dynamic": False, "actorder": "group" if act else None,
                         "observer": "minmax"},
             "input_activations": None, "output_activations": None, "format": "pack-quantized"}
-    quantized = {m for ms in parts.quant_groups.values() for m in ms}
+    quantized = {m for ms in parts.quant_groups.values() for m in ms} | set(parts.tied)
     qc = {"quant_method": "compressed-tensors", "format": "pack-quantized" if groups else "dense",
           "quantization_status": "compressed", "config_groups": groups,
           "ignore": sorted(m for m in linears if m not in quantized) if groups else [],
@@ -402,7 +415,7 @@ def load(path: str | os.PathLike) -> torch.nn.Module:
         raise BadInput(f"{path}: weights do not fit {type(model).__name__}: missing {missing[:3]}, "
                        f"unexpected {unexpected[:3]}")
     if cfg.tie_word_embeddings:
-        model.tie_weights()
+        _tie(model)
     attach_transforms(model, transforms, matrices)
     return model.eval()
 
@@ -416,8 +429,25 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def _tie(model: torch.nn.Module) -> None:
+    """The lm_head reads the embedding's matrix: transformers' tie, or, for a quantized table, a QLinear
+    over the same codes and scales (per-row table = per-channel linear: the same QuantWeight)."""
+    from spinfx.kernels.qembedding import QEmbedding
+    from spinfx.kernels.qlinear import QLinear
+
+    emb = model.get_input_embeddings()
+    if not isinstance(emb, QEmbedding):
+        model.tie_weights()
+        return
+    if model.get_output_embeddings() is None:
+        raise BadInput(f"{type(model).__name__} ties its embeddings but has no output embedding to read the table")
+    model.set_output_embeddings(QLinear(emb.quant_weight()))
+
+
 def _swap_quantized(model: torch.nn.Module, group: dict, tensors: dict) -> set[str]:
-    """Replace the group's target linears by QLinear modules built from their tensors (popped)."""
+    """Replace the group's targets by QLinear modules (QEmbedding for an nn.Embedding) built from their
+    tensors (popped)."""
+    from spinfx.kernels.qembedding import QEmbedding
     from spinfx.kernels.qlinear import QLinear
     from spinfx.kernels.quant_weight import QuantWeight
 
@@ -427,7 +457,8 @@ def _swap_quantized(model: torch.nn.Module, group: dict, tensors: dict) -> set[s
         mine = {k.removeprefix(f"{name}."): tensors.pop(k) for k in list(tensors) if k.rsplit(".", 1)[0] == name}
         qw = QuantWeight.from_compressed_tensors(mine, bits=w["num_bits"], group_size=gs)
         parent, leaf = name.rsplit(".", 1) if "." in name else ("", name)
-        setattr(model.get_submodule(parent), leaf, QLinear(qw))
+        table = isinstance(model.get_submodule(name), torch.nn.Embedding)
+        setattr(model.get_submodule(parent), leaf, QEmbedding(qw) if table else QLinear(qw))
     return set(group["targets"])
 
 

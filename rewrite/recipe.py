@@ -25,7 +25,8 @@ PRESETS: dict[str, list[dict[str, dict]]] = {
     "spinquant": [{"fold-norms": {}}, {"rotate": {"r1": "hadamard", "r2": "hadamard", "r3": True, "r4": True}}],
 }
 _W4 = {"bits": 4, "group_size": 128, "symmetric": True, "method": "rtn"}
-PRESETS["w4a16"] = [{"quantize": {"weights": _W4, "ignore": ["lm_head"]}}]
+# the token embedding and the lm_head (found by structure): 8-bit per row, one matrix when tied
+PRESETS["w4a16"] = [{"quantize": {"weights": _W4, "embedding": {"bits": 8}, "lm_head": {"bits": 8}}}]
 PRESETS["spinquant-w4a16"] = PRESETS["spinquant"] + PRESETS["w4a16"]
 PRESETS["spinquant-w4a4kv4"] = PRESETS["spinquant"] + [
     {"quantize": {"weights": _W4, "ignore": ["lm_head"], "activations": {"bits": 4}, "kv_cache": {"bits": 4}}}]

@@ -71,7 +71,8 @@ def test_quantized_equals_unsharded_quantized(name, T, passes):
     prog, ranks, rel = _sharded_vs_unsharded(zm, chain, T)
     assert rel <= 1e-10  # the generic qlinear is exact in float64: same packed values, same sums
     q = [n for n in ranks[0].graph.nodes if n.target is torch.ops.spinfx.qlinear.default]
-    assert len(q) == zm.expect.layers * zm.expect.linears_per_layer
+    assert len(q) == zm.expect.layers * zm.expect.linears_per_layer + 1  # + the 8-bit lm_head, replicated
+    assert len([n for n in ranks[0].graph.nodes if n.target is torch.ops.spinfx.qembedding.default]) == 1
 
 
 def test_head_ownership_vllm_semantics():
