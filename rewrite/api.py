@@ -8,7 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
 
+from spinfx.certify import CertificateError
 from spinfx.errors import BadInput, SpinfxError
 from spinfx.graph import Program, from_module
 from spinfx.pipeline import Context, run_pipeline
@@ -176,7 +179,7 @@ def rewrite(model, recipe=DEFAULT_RECIPE, example_inputs=None, calib=None, certi
 def apply_recipe(prog: Program, recipe, calib=None, certify: bool = True) -> Report:
     """Run `recipe` on `prog` in place and return the report: float64 master weights, the passes
     (certified), weights back to their dtypes. Shared by `rewrite` and the torch.compile backend."""
-    from spinfx.certify import check_dtypes, finalize, to_master
+    from spinfx.certify import finalize, to_master
     from spinfx.recipe import load_recipe
     from spinfx.graph import token_batches
     from spinfx.stats import compare_stats, linear_input_stats
@@ -202,6 +205,27 @@ def apply_recipe(prog: Program, recipe, calib=None, certify: bool = True) -> Rep
         rep.extra["layer_graph"] = {"module": layer, "before": layer_before,
                                     "after": print_graph(prog.gm, module=layer)}
     return rep
+
+
+class _OneRank(fx.Interpreter):
+    """Runs a program alone: a collective (all_reduce, wait) returns its input, whose dtype it keeps."""
+
+    def call_function(self, target, args, kwargs):
+        return args[0] if getattr(target, "namespace", "") == "_c10d_functional" else super().call_function(
+            target, args, kwargs)
+
+
+def check_dtypes(prog: Program) -> None:
+    """Run the finalized program once in its dtypes: float64 certificates cannot see a dtype change."""
+    want = [getattr(getattr(a, "meta", {}).get("val"), "dtype", None) for a in pytree.tree_leaves(
+        prog.graph.output_node().args[0])]
+    try:
+        with torch.no_grad():
+            got = [getattr(t, "dtype", None) for t in pytree.tree_leaves(_OneRank(prog.gm).run(*prog.examples))]
+    except Exception as e:  # the op's own error says which dtypes met where
+        raise CertificateError(f"the rewritten program does not run in its dtypes: {str(e).strip()[:300]}") from e
+    if got != want:
+        raise CertificateError(f"the rewrite changed the output dtypes: {want} -> {got}")
 
 
 def linear_weights(prog: Program) -> dict[str, tuple[str, torch.Tensor]]:

@@ -77,19 +77,6 @@ def finalize(prog: Program) -> None:
     prog.gm.recompile()
 
 
-def check_dtypes(prog: Program) -> None:
-    """Run the finalized program once in its dtypes: float64 certificates cannot see a dtype change."""
-    want = [getattr(getattr(a, "meta", {}).get("val"), "dtype", None) for a in pytree.tree_leaves(
-        prog.graph.output_node().args[0])]
-    try:
-        with torch.no_grad():
-            got = [getattr(t, "dtype", None) for t in pytree.tree_leaves(prog.gm(*prog.examples))]
-    except Exception as e:  # the op's own error says which dtypes met where
-        raise CertificateError(f"the rewritten program does not run in its dtypes: {str(e).strip()[:300]}") from e
-    if got != want:
-        raise CertificateError(f"the rewrite changed the output dtypes: {want} -> {got}")
-
-
 def random_inputs(examples: list, seed: int) -> list:
     g = torch.Generator().manual_seed(seed)
     out = []
