@@ -12,6 +12,6 @@ _CLASSIC = {"norm": "2L+1", "norm-linears": "2L+1", "qkv": "L", "gate-up": "0", 
 
 CONTRACTS: dict[str, dict[str, str]] = {
     "llama": _GATED, "mistral": _GATED, "qwen2": _GATED, "gemma": _GATED, "phi3": _GATED,
-    "qwen3": _GATED | {"norm": "4L+1"},  # + q_norm and k_norm per layer (they feed no linear)
+    "qwen3": _GATED | {"norm": "4L+1"}, "granite": _GATED,  # + q_norm and k_norm per layer (they feed no linear)
     "opt": _CLASSIC, "gpt2": _CLASSIC,
 }

@@ -3,7 +3,8 @@
 A whole-graph question, not a local pattern: starting from the token embedding (an `aten.embedding`
 of a constant table indexed by a graph input), follow the stream value through shape-only views and
 scalar scalings (Gemma's √d) to the single `add` that extends it; the other operand of each add is a
-*writer* (a linear — o_proj, down_proj —, or a positional embedding). *Readers* are the norms whose
+*writer* (a linear — o_proj, down_proj —, or a positional embedding; possibly scaled by a number, as
+Granite's residual_multiplier: a scalar commutes with every rotation). *Readers* are the norms whose
 input is a stream value. The walk stops where no add extends the stream; anything ambiguous (two adds,
 an add whose other side is not a writer) ends the walk with the reason recorded. Beyond the stream's
 ends: `token_embedding` (the table it starts from) and `output_linear` (the lm_head: the linear whose
@@ -79,13 +80,32 @@ def token_embedding(graph: fx.Graph) -> fx.Node | None:
     return None
 
 
+_SCALINGS = (aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.div.Scalar)
+
+
+def _unscaled(v: fx.Node) -> fx.Node:
+    """`v` through views, casts and scalings by a number (Granite's logits / logits_scaling)."""
+    while True:
+        v = _through(v, VIEWS + CASTS)
+        if not (v.op == "call_function" and v.target in _SCALINGS):
+            return v
+        a, b = v.args[0], v.args[1]
+        if isinstance(b, (int, float)):
+            v = a
+        elif isinstance(a, (int, float)) and v.target is aten.mul.Tensor:
+            v = b
+        else:
+            return v
+
+
 def output_linear(graph: fx.Graph) -> fx.Node | None:
     """The lm_head: the one linear (constant weight) whose result is a graph output, through
-    views/casts only (the logits). None when no output is such a linear, or more than one is."""
+    views, casts and scalings by a number only (the logits). None when no output is such a linear, or
+    more than one is."""
     out = next((n for n in graph.nodes if n.op == "output"), None)
     found = []
     for a in out.all_input_nodes if out is not None else ():
-        w = _writer(a)
+        w = _writer(_unscaled(a))
         if w is not None and w.kind in ("linear", "linear_t") and w.node not in found:
             found.append(w.node)
     return found[0] if len(found) == 1 else None
@@ -137,7 +157,7 @@ def residual_stream(graph: fx.Graph) -> Stream:
             break
         add = adds[0]
         other = [a for a in add.args[:2] if a not in on_stream]
-        w = _writer(other[0]) if len(other) == 1 else None
+        w = _writer(_unscaled(other[0])) if len(other) == 1 else None  # a scaled writer (Granite) still writes
         if w is None:
             st.stop_reason = f"{describe(add)} adds {describe(other[0]) if other else '?'}, which is " + (
                 "a norm's output: a post-norm writes the stream (its nonlinearity sits between the "

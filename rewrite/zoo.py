@@ -46,7 +46,7 @@ class Expect:
     o_bias: bool
     mlp_bias: bool
     positions: str  # "rope" or "learned"
-    embed_scale: float  # Gemma multiplies the embeddings by sqrt(hidden); 1.0 elsewhere
+    embed_scale: float  # Gemma multiplies the embeddings by sqrt(hidden), Granite by its embedding_multiplier
     qk_norm: bool = False  # q and k pass a per-head RMSNorm (Qwen3): two more norm modules per layer
 
 
@@ -75,6 +75,11 @@ def _qwen2(tf, layers: int, **size):
 
 def _qwen3(tf, layers: int, **size):  # q and k pass a per-head RMSNorm before RoPE
     return tf.Qwen3Config(**_common(layers, size), head_dim=HEAD_DIM, tie_word_embeddings=True)
+
+
+def _granite(tf, layers: int, **size):  # scalar multipliers on the embedding, every writer, the logits
+    return tf.GraniteConfig(**_common(layers, size), tie_word_embeddings=True, embedding_multiplier=2.0,
+                            residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=4.0)
 
 
 def _gemma(tf, layers: int, **size):  # head_dim 24: heads·head_dim = 96 ≠ hidden 64; MQA
@@ -125,6 +130,7 @@ _FAMILIES: dict[str, tuple[Callable, dict]] = {
     "mistral": (_mistral, _DECODER),
     "qwen2": (_qwen2, _DECODER | dict(qkv_bias=True)),
     "qwen3": (_qwen3, _DECODER | dict(qk_norm=True)),
+    "granite": (_granite, _DECODER),
     "gemma": (_gemma, _DECODER | dict(norm="rms1p")),
     "phi3": (_phi3, _DECODER | dict(fused_qkv=True, fused_gate_up=True, linears_per_layer=4)),
     "opt": (_opt, _LAYERNORM | dict(linear="linear", fused_qkv=False, linears_per_layer=6)),
@@ -181,7 +187,7 @@ def _make(name: str, family: str, seed: int, layers: int, dtype: torch.dtype, op
         vocab=vocab,
         tied=model.lm_head.weight is model.get_input_embeddings().weight,
         norms=(4 if flags["qk_norm"] else 2) * layers + 1,
-        embed_scale=config.hidden_size ** 0.5 if family == "gemma" else 1.0,
+        embed_scale=getattr(config, "embedding_multiplier", None) or (config.hidden_size ** 0.5 if family == "gemma" else 1.0),
         **flags,
     )
     return ZooModel(name=name, family=family, model=model, config=config,

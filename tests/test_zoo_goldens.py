@@ -738,7 +738,91 @@ contract qwen3 (L=2): satisfied
 """)
 
 
-GOLDEN_TESTS = ['llama', 'llama_untied', 'mistral', 'qwen2', 'qwen3', 'gemma', 'phi3', 'opt', 'gpt2']
+def test_golden_granite(spinfx_golden):
+    _, prog, rep = traced("granite")
+    spinfx_golden(graph_text(prog, module="model.layers.0"), """
+v0 = aten.pow.Tensor_Scalar(ext0, 2) : f32[1,8,64]
+v1 = aten.mean.dim(v0, [-1], True) : f32[1,8,1]
+v2 = aten.add.Tensor(v1, 1e-06) : f32[1,8,1]
+v3 = aten.rsqrt(v2) : f32[1,8,1]
+v4 = aten.mul.Tensor(ext0, v3) : f32[1,8,64]
+v5 = aten.mul.Tensor($model.layers.0.input_layernorm.weight, v4) : f32[1,8,64]
+v6 = aten.linear(v5, $model.layers.0.self_attn.q_proj.weight) : f32[1,8,64]
+v7 = aten.reshape(v6, [1, 8, -1, 16]) : f32[1,8,4,16]
+v8 = aten.transpose.int(v7, 1, 2) : f32[1,4,8,16]
+v9 = aten.linear(v5, $model.layers.0.self_attn.k_proj.weight) : f32[1,8,32]
+v10 = aten.reshape(v9, [1, 8, -1, 16]) : f32[1,8,2,16]
+v11 = aten.transpose.int(v10, 1, 2) : f32[1,2,8,16]
+v12 = aten.linear(v5, $model.layers.0.self_attn.v_proj.weight) : f32[1,8,32]
+v13 = aten.reshape(v12, [1, 8, -1, 16]) : f32[1,8,2,16]
+v14 = aten.transpose.int(v13, 1, 2) : f32[1,2,8,16]
+v15 = aten.unsqueeze(ext1, 1) : f32[1,1,8,16]
+v16 = aten.unsqueeze(ext2, 1) : f32[1,1,8,16]
+v17 = aten.mul.Tensor(v8, v15) : f32[1,4,8,16]
+v18 = aten.slice.Tensor(v8, 3, 0, 8) : f32[1,4,8,8]
+v19 = aten.slice.Tensor(v8, 3, 8, 9223372036854775807) : f32[1,4,8,8]
+v20 = aten.neg(v19) : f32[1,4,8,8]
+v21 = aten.cat([v20, v18], -1) : f32[1,4,8,16]
+v22 = aten.mul.Tensor(v21, v16) : f32[1,4,8,16]
+v23 = aten.add.Tensor(v17, v22) : f32[1,4,8,16]
+v24 = aten.mul.Tensor(v11, v15) : f32[1,2,8,16]
+v25 = aten.slice.Tensor(v11, 3, 0, 8) : f32[1,2,8,8]
+v26 = aten.slice.Tensor(v11, 3, 8, 9223372036854775807) : f32[1,2,8,8]
+v27 = aten.neg(v26) : f32[1,2,8,8]
+v28 = aten.cat([v27, v25], -1) : f32[1,2,8,16]
+v29 = aten.mul.Tensor(v28, v16) : f32[1,2,8,16]
+v30 = aten.add.Tensor(v24, v29) : f32[1,2,8,16]
+v31 = aten.unsqueeze(v30, 2) : f32[1,2,1,8,16]
+v32 = aten.expand(v31, [1, 2, 2, 8, 16]) : f32[1,2,2,8,16]
+v33 = aten.reshape(v32, [1, 4, 8, 16]) : f32[1,4,8,16]
+v34 = aten.unsqueeze(v14, 2) : f32[1,2,1,8,16]
+v35 = aten.expand(v34, [1, 2, 2, 8, 16]) : f32[1,2,2,8,16]
+v36 = aten.reshape(v35, [1, 4, 8, 16]) : f32[1,4,8,16]
+v37 = aten.scaled_dot_product_attention(v23, v33, v36, ext3, scale=0.2) : f32[1,4,8,16]
+v38 = aten.transpose.int(v37, 1, 2) : f32[1,8,4,16]
+v39 = aten.reshape(v38, [1, 8, -1]) : f32[1,8,64]
+v40 = aten.linear(v39, $model.layers.0.self_attn.o_proj.weight) : f32[1,8,64]
+v41 = aten.mul.Tensor(v40, 0.5) : f32[1,8,64]
+v42 = aten.add.Tensor(ext0, v41) : f32[1,8,64]
+v43 = aten.pow.Tensor_Scalar(v42, 2) : f32[1,8,64]
+v44 = aten.mean.dim(v43, [-1], True) : f32[1,8,1]
+v45 = aten.add.Tensor(v44, 1e-06) : f32[1,8,1]
+v46 = aten.rsqrt(v45) : f32[1,8,1]
+v47 = aten.mul.Tensor(v42, v46) : f32[1,8,64]
+v48 = aten.mul.Tensor($model.layers.0.post_attention_layernorm.weight, v47) : f32[1,8,64]
+v49 = aten.linear(v48, $model.layers.0.mlp.gate_proj.weight) : f32[1,8,88]
+v50 = aten.silu(v49) : f32[1,8,88]
+v51 = aten.linear(v48, $model.layers.0.mlp.up_proj.weight) : f32[1,8,88]
+v52 = aten.mul.Tensor(v50, v51) : f32[1,8,88]
+v53 = aten.linear(v52, $model.layers.0.mlp.down_proj.weight) : f32[1,8,64]
+v54 = aten.mul.Tensor(v53, 0.5) : f32[1,8,64]
+v55 = aten.add.Tensor(v42, v54) : f32[1,8,64]
+""")
+    spinfx_golden(rep.to_text(stable=True), """
+spinfx report: granite
+
+[find-structure] 0 edits
+  counts: norm=5, norm-linears=5, qkv=2, gate-up=2, rope=2, attention=2, residual-writers=4, residual-readers=5
+  residual: embedding=model.embed_tokens.weight, writers=4, reader_norms=5, writer_kinds=linear, stop=end (no add extends the stream)
+  norm                   5 matches
+  norm-linears           5 matches
+  qkv                    2 matches
+  gate-up                2 matches
+  rope                   2 matches
+  attention              2 matches
+
+contract granite (L=2): satisfied
+  ok norm               expected    5, found    5
+  ok norm-linears       expected    5, found    5
+  ok qkv                expected    2, found    2
+  ok gate-up            expected    2, found    2
+  ok rope               expected    2, found    2
+  ok attention          expected    2, found    2
+  ok residual-writers   expected    4, found    4
+""")
+
+
+GOLDEN_TESTS = ['llama', 'llama_untied', 'mistral', 'qwen2', 'qwen3', 'granite', 'gemma', 'phi3', 'opt', 'gpt2']
 
 
 @functools.lru_cache(maxsize=None)
