@@ -32,14 +32,18 @@ def _rotate_half(t: str):
 
 
 def rope(t_pat, t: str, out: str):
-    """RoPE applied to the value matched by `t_pat` (captured as `t`); output captured as `out`."""
-    def core(name):
-        return Op(aten.add.Tensor, Op(aten.mul.Tensor, t_pat, Var("cos")),
-                  Op(aten.mul.Tensor, _rotate_half(t), Var("sin")), name=name)
+    """RoPE applied to the value matched by `t_pat` (captured as `t`); output captured as `out`. Partial
+    rotary: cat(rope(t), t[..., r:]) (Phi-3), or cat(rope(t[..., :r]), t[..., r:]) (StableLM, NeoX, Phi)."""
+    def core(x_pat, x: str, name):
+        return Op(aten.add.Tensor, Op(aten.mul.Tensor, x_pat, Var("cos")),
+                  Op(aten.mul.Tensor, _rotate_half(x), Var("sin")), name=name)
 
-    partial = Op(aten.cat.default, [core(out + "_rotated"), Op(aten.slice.Tensor, Var(t), ANY, ANY, ANY)], -1,
-                 name=out)
-    return partial | core(out)
+    def cat_rest(rotated):
+        return Op(aten.cat.default, [rotated, Op(aten.slice.Tensor, Var(t), ANY, ANY, ANY)], -1, name=out)
+
+    head = Op(aten.slice.Tensor, t_pat, ANY, 0, ANY, name=f"{t}_rot")
+    return (cat_rest(core(t_pat, t, out + "_rotated")) | cat_rest(core(head, f"{t}_rot", out + "_rotated"))
+            | core(t_pat, t, out))
 
 
 def _repeat_kv(p):

@@ -4,7 +4,8 @@ A whole-graph question, not a local pattern: starting from the token embedding (
 of a constant table indexed by a graph input), follow the stream value through shape-only views and
 scalar scalings (Gemma's √d) to the single `add` that extends it; the other operand of each add is a
 *writer* (a linear — o_proj, down_proj —, or a positional embedding; possibly scaled by a number, as
-Granite's residual_multiplier: a scalar commutes with every rotation). *Readers* are the norms whose
+Granite's residual_multiplier: a scalar commutes with every rotation; or a sum of writers, as a parallel
+block's attention + MLP in GPT-NeoX, Phi, Falcon). *Readers* are the norms whose
 input is a stream value. The walk stops where no add extends the stream; anything ambiguous (two adds,
 an add whose other side is not a writer) ends the walk with the reason recorded. Beyond the stream's
 ends: `token_embedding` (the table it starts from) and `output_linear` (the lm_head: the linear whose
@@ -65,6 +66,18 @@ def _writer(v: fx.Node) -> Writer | None:
     if src.target is aten.embedding.default and src.args[0].op == "get_attr":
         return Writer("embedding", src, None)
     return None
+
+
+def _writers(v: fx.Node) -> list[Writer] | None:
+    """What `v` writes into the stream: a linear or embedding, possibly scaled by a number (Granite's
+    residual_multiplier), or a sum of such (a parallel block's attention + MLP: GPT-NeoX, Phi, Falcon).
+    None when anything else is in it."""
+    u = _unscaled(v)
+    if u.op == "call_function" and u.target is aten.add.Tensor and all(isinstance(a, fx.Node) for a in u.args[:2]):
+        parts = [_writers(a) for a in u.args[:2]]
+        return None if None in parts else parts[0] + parts[1]
+    w = _writer(u)
+    return [w] if w is not None else None
 
 
 def _is_float(n) -> bool:
@@ -157,15 +170,16 @@ def residual_stream(graph: fx.Graph) -> Stream:
             break
         add = adds[0]
         other = [a for a in add.args[:2] if a not in on_stream]
-        w = _writer(_unscaled(other[0])) if len(other) == 1 else None  # a scaled writer (Granite) still writes
-        if w is None:
+        ws = _writers(other[0]) if len(other) == 1 else None
+        if ws is None:
             st.stop_reason = f"{describe(add)} adds {describe(other[0]) if other else '?'}, which is " + (
                 "a norm's output: a post-norm writes the stream (its nonlinearity sits between the "
                 "writer and the stream)" if other and _is_norm(_through(other[0], VIEWS + CASTS))
                 else "not a linear or an embedding")
             break
-        w.add = add
-        st.writers.append(w)
+        for w in ws:
+            w.add = add
+            st.writers.append(w)
         cur = add
     return st
 

@@ -1,0 +1,57 @@
+"""Architectures outside the zoo's goldens, by structure: tiny random configs of HF classes, each recipe
+either certified (float64, ≤1e-10) or refused with `spinfx.Unsupported` naming why — never another
+exception, never a silently different model. README's coverage table is this table."""
+import pytest
+import torch
+
+import spinfx
+
+SIZE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=64)
+
+
+def _config(family: str):
+    import transformers as tf
+
+    if family == "stablelm":  # partial rotary: RoPE on the first quarter of each head
+        return tf.StableLmConfig(**SIZE, num_key_value_heads=2, partial_rotary_factor=0.25)
+    if family == "phi":  # parallel attention + MLP on one LayerNorm, partial rotary, biases everywhere
+        return tf.PhiConfig(**SIZE, num_key_value_heads=2, partial_rotary_factor=0.5)
+    if family == "gpt_neox":  # parallel residual, fused q/k/v interleaved per head
+        return tf.GPTNeoXConfig(**SIZE, rotary_pct=0.25, use_parallel_residual=True)
+    raise KeyError(family)
+
+
+# family -> recipe -> "certified" or the refusal's reason (a regex)
+OUTCOMES = {
+    "stablelm": {"fold": "certified", "rotate": "certified", "spinquant": "certified", "w4a16": "certified"},
+    "phi": {"fold": "certified", "rotate": "certified", "spinquant": "certified", "w4a16": "certified"},
+    "gpt_neox": {"fold": "certified", "rotate": "R2: no attention with q/k/v projections",
+                 "spinquant": "R2: no attention with q/k/v projections", "w4a16": "certified"},
+}
+
+
+@pytest.mark.parametrize("family, recipe", [(f, r) for f, rs in OUTCOMES.items() for r in rs])
+def test_certified_or_refused_with_a_reason(family, recipe):
+    import transformers as tf
+
+    tf.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(_config(family), attn_implementation="sdpa").eval()
+    with torch.no_grad():  # spread the weights: HF's init (std 0.02) would hide a wrong rewrite
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    inputs = {"input_ids": torch.randint(0, 128, (1, 8)), "use_cache": False}
+    want = OUTCOMES[family][recipe]
+    if want != "certified":
+        with pytest.raises(spinfx.Unsupported, match=want):
+            spinfx.rewrite(model, recipe, inputs)
+        return
+    r = spinfx.rewrite(model, recipe, inputs)
+    certs = [p.certificate for p in r.report.passes if p.certificate]
+    assert certs and all(c["rel"] <= c["tolerance"] for c in certs)
+    assert r.report.extra["linears"]["changed"] > 0
+    ref = model(**inputs).logits
+    got = r.module(**inputs).logits
+    tol = 1e-4 if recipe != "w4a16" else 0.5  # w4a16 is certified against its dequantized weights
+    assert ((got - ref).abs().max() / ref.abs().max()).item() <= tol
