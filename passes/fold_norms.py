@@ -13,7 +13,8 @@ norm's op type and is never applied to RMSNorm models (their function would chan
 every reader of the stream to be a LayerNorm; otherwise the pass refuses, naming the reader.
 
 Tied weights (lm_head sharing the embedding): `tie="untie"` gives the linear its own copy before
-folding; `tie="keep"` leaves that norm's scale in place and says so.
+folding; `tie="keep"` leaves that norm's scale in place and says so; `tie="auto"` keeps the tie except
+where keeping it must refuse (centering a LayerNorm model's stream changes the embedding alone).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from spinfx.errors import Unsupported
+from spinfx.errors import BadInput, Unsupported
 from spinfx.graph import Program, add_const
 from spinfx.match import arg, describe, find_all
 from spinfx.pattern import Siblings, Var
@@ -51,8 +52,9 @@ class _State:
 # ---- weight edits -------------------------------------------------------------------------------
 
 
-def own_weight(st: _State, node: fx.Node, arg: int) -> str | None:
-    """The FQN of `node.args[arg]`, a weight this node may now change alone (None: shared, tie=keep).
+def own_weight(st: _State, node: fx.Node, arg: int, untie: bool = False) -> str | None:
+    """The FQN of `node.args[arg]`, a weight this node may now change alone (None: shared and kept
+    tied — tie: keep or auto, unless `untie`).
 
     A shared weight (tied embedding / lm_head) is untied: the linear reader gets a copy named after
     its module (its alias from the original model when there is one); the embedding keeps the name.
@@ -60,7 +62,7 @@ def own_weight(st: _State, node: fx.Node, arg: int) -> str | None:
     w = node.args[arg]
     if len(w.users) == 1:
         return w.target
-    if st.tie == "keep":
+    if st.tie != "untie" and not untie:
         return None
     movers = [node] if node.target in LINEAR_OPS else [u for u in w.users if u is not node]
     mine = w.target
@@ -117,9 +119,9 @@ def scale_inputs(st: _State, lm, gamma: torch.Tensor, beta: torch.Tensor | None)
 def _fold_into_linears(m, st: _State, gamma: torch.Tensor, beta: torch.Tensor | None) -> bool:
     linears = m["linears"]
     shared = [lm for lm in linears if len(linear_node(lm)[0].args[2 if linear_node(lm)[1] else 1].users) > 1]
-    if shared and st.tie == "keep":
+    if shared and st.tie != "untie":
         why = (f"{describe(m.root)}: kept its scale — {describe(linear_node(shared[0])[0])} "
-               f"reads a tied weight (tie: keep)")
+               f"reads a tied weight (tie: {st.tie})")
         if why not in st.res.refusals:  # the fixed-point sweep meets it again
             st.res.refusals.append(why)
         return False
@@ -216,7 +218,7 @@ def center_stream(st: _State, stream, layer_norm_roots: set) -> None:
 
 
 def _own(st: _State, node: fx.Node, arg: int) -> str:
-    fqn = own_weight(st, node, arg)
+    fqn = own_weight(st, node, arg, untie=st.tie == "auto")  # auto: untie only where keeping must refuse
     if fqn is None:
         raise Unsupported(f"cannot center {describe(node)}: its weight {node.args[arg].target} is tied "
                           f"(tie: keep); use tie: untie")
@@ -240,8 +242,8 @@ class FoldNorms(Pass):
         ]
 
     def run(self, prog: Program, ctx: Context) -> PassResult:
-        if self.tie not in ("untie", "keep"):
-            raise Unsupported(f"fold-norms: tie must be 'untie' or 'keep', not {self.tie!r}")
+        if self.tie not in ("untie", "keep", "auto"):
+            raise BadInput(f"fold-norms: tie must be 'untie', 'keep' or 'auto', not {self.tie!r}")
         res = PassResult(self.name, self.options())
         st = _State(prog, self.tie, set(), res)
         stream = residual_stream(prog.graph)
