@@ -66,10 +66,13 @@ def embedding_args(qw: QuantWeight) -> dict:
 
 
 class QEmbedding(nn.Module):
-    """nn.Embedding replacement over a quantized table; the packed tensors are buffers (state_dict, .to)."""
+    """nn.Embedding replacement over a quantized table; the packed tensors are buffers (state_dict, .to).
+    `scale`: a number the looked-up rows are multiplied by (an embedding class that scales its output,
+    e.g. transformers' ScaledWordEmbedding with `embed_scale` = √hidden)."""
 
-    def __init__(self, qw: QuantWeight) -> None:
+    def __init__(self, qw: QuantWeight, scale: float | None = None) -> None:
         super().__init__()
+        self.scale = scale
         args = embedding_args(qw)
         self.num_embeddings, self.embedding_dim = qw.weight_shape
         self.bits, self.group_size = args["bits"], args["group_size"]
@@ -85,8 +88,10 @@ class QEmbedding(nn.Module):
                            group_size=gs, weight_shape=(self.num_embeddings, self.embedding_dim))
 
     def forward(self, indices: Tensor) -> Tensor:
-        return torch.ops.spinfx.qembedding(indices, self.weight_packed, self.weight_scale, self.weight_zero_point,
+        rows = torch.ops.spinfx.qembedding(indices, self.weight_packed, self.weight_scale, self.weight_zero_point,
                                            self.bits, self.group_size)
+        return rows if self.scale is None else rows * torch.tensor(self.scale, dtype=rows.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group_size={self.group_size}"
+        return (f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group_size={self.group_size}"
+                + ("" if self.scale is None else f", scale={self.scale:g}"))

@@ -313,10 +313,19 @@ def _write(result, parts: Parts, tmp: Path) -> None:
     from spinfx.hf import copy_tokenizer_files
 
     source = result.source
-    config = source.config.__class__.from_dict(source.config.to_dict())
+    linears = sorted(name for name, m in source.named_modules() if isinstance(m, torch.nn.Linear))
+    write_config(source.config, parts, linears, tmp)
+    write_safetensors(parts.tensors, tmp)
+    if result.source_dir is not None:
+        copy_tokenizer_files(result.source_dir, tmp)
+
+
+def write_config(source_config, parts: Parts, linears: list[str], tmp: Path) -> None:
+    """config.json: the source's config with `parts.config`'s changes and the quantization_config over
+    `linears` (every nn.Linear module name of the model)."""
+    config = source_config.__class__.from_dict(source_config.to_dict())
     for k, v in parts.config.items():
         setattr(config, k, v)
-    linears = sorted(name for name, m in source.named_modules() if isinstance(m, torch.nn.Linear))
     qc = quantization_config(parts, linears)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -327,9 +336,6 @@ def _write(result, parts: Parts, tmp: Path) -> None:
         data = json.loads((tmp / "config.json").read_text())
         data[BASE_TYPE_KEY], data["model_type"] = data["model_type"], GUARD_TYPE
         (tmp / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    write_safetensors(parts.tensors, tmp)
-    if result.source_dir is not None:
-        copy_tokenizer_files(result.source_dir, tmp)
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], out: Path, max_shard: int = MAX_SHARD) -> list[str]:
@@ -457,8 +463,14 @@ def _swap_quantized(model: torch.nn.Module, group: dict, tensors: dict) -> set[s
         mine = {k.removeprefix(f"{name}."): tensors.pop(k) for k in list(tensors) if k.rsplit(".", 1)[0] == name}
         qw = QuantWeight.from_compressed_tensors(mine, bits=w["num_bits"], group_size=gs)
         parent, leaf = name.rsplit(".", 1) if "." in name else ("", name)
-        table = isinstance(model.get_submodule(name), torch.nn.Embedding)
-        setattr(model.get_submodule(parent), leaf, QEmbedding(qw) if table else QLinear(qw))
+        old = model.get_submodule(name)
+        if isinstance(old, torch.nn.Embedding):
+            # an embedding class that scales its rows (transformers' *ScaledWordEmbedding) keeps its scale
+            scale = getattr(old, "embed_scale", None)
+            new = QEmbedding(qw, None if scale is None else float(scale))
+        else:
+            new = QLinear(qw)
+        setattr(model.get_submodule(parent), leaf, new)
     return set(group["targets"])
 
 

@@ -235,6 +235,18 @@ def test_checkpoint_round_trip_and_config_group(tmp_path, name):
     assert torch.equal(m.get_input_embeddings()(ids), want)
 
 
+def test_a_scaled_embedding_keeps_its_scale_when_loaded_quantized(tmp_path):
+    """Gemma's embedding class multiplies its rows by √hidden (transformers' ScaledWordEmbedding): the
+    loaded QEmbedding must too (it did not: save's verification refused the checkpoint, 0.9 relative)."""
+    zm = zoo.build("gemma")
+    r = _quantize(zm, embedding=E8, lm_head=E8)
+    m = spinfx.load(r.save(tmp_path / "q"))
+    emb = m.get_input_embeddings()
+    assert isinstance(emb, QEmbedding) and emb.scale == pytest.approx(zm.expect.embed_scale)
+    got, ref = _logits(m, zm), _logits(r.module, zm)
+    assert (got - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
 def test_checkpoint_shrinks(tmp_path):
     zm = zoo.build("llama_untied")
     float_head = _quantize(zm).save(tmp_path / "float")
