@@ -31,10 +31,12 @@ from spinfx.kernels.hadamard_matrices import (
     plan,
     random_hadamard,
     random_orthogonal,
+    random_signs,
 )
 
 __all__ = [
     "FACTORS",
+    "HadamardRotation",
     "MAX_FACTOR",
     "HadamardPlan",
     "constructible_orders",
@@ -107,6 +109,47 @@ def hadamard_transform(x: torch.Tensor, plan: HadamardPlan, transpose: bool = Fa
         y = y * scale
     y = _butterfly(y.reshape(-1, 1 << plan.log2), plan.log2)
     return y.reshape(x.shape).to(x.dtype)
+
+
+class HadamardRotation:
+    """R = diag(s)·M (M = plan.matrix(), s = ±1 signs or none) applied to weights through the transform:
+    `X @ R` and `R.T @ X` read as in the algebra and cost one small GEMM per Kronecker factor (≈ 2·Σ k
+    flops per element, e.g. 320 for n = 4096, instead of the n×n matmul's 2n = 8192: an 8B model's W·R1
+    over all its linears takes seconds, not minutes), with the same result up to rounding.
+    X @ R = hadamard(X ⊙ s) over the last dim; Rᵀ @ X = Mᵀ·(s ⊙ X) over dim -2, i.e. hadamard((s ⊙ X)ᵀ)ᵀ.
+    `dense()` is R as a matrix (for an online matmul)."""
+
+    def __init__(self, p: HadamardPlan, signs: torch.Tensor | None = None):
+        self.plan, self.signs = p, signs
+        self.shape = (p.n, p.n)
+
+    @classmethod
+    def randomized(cls, n: int, seed: int, block: int | None = None) -> "HadamardRotation":
+        """random_hadamard(n, seed, block) as an operator."""
+        return cls(plan(n, block), random_signs(n, seed))
+
+    def __rmatmul__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.signs is not None:
+            x = x * self.signs.to(x.dtype)
+        return hadamard_by_gemm(x, list(self.plan.ks), self.plan.block)
+
+    @property
+    def T(self) -> "_TransposedRotation":
+        return _TransposedRotation(self)
+
+    def dense(self) -> torch.Tensor:
+        m = self.plan.matrix()
+        return m if self.signs is None else self.signs[:, None] * m
+
+
+class _TransposedRotation:
+    def __init__(self, r: HadamardRotation):
+        self.r = r
+
+    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.r.signs is not None:
+            x = x * self.r.signs.to(x.dtype)[:, None]
+        return hadamard_by_gemm(x.transpose(-1, -2), list(self.r.plan.ks), self.r.plan.block).transpose(-1, -2)
 
 
 def hadamard_dense_reference(x: torch.Tensor, plan: HadamardPlan, transpose: bool = False) -> torch.Tensor:

@@ -343,9 +343,13 @@ def random_hadamard(n: int, seed: int, block: int | None = None) -> torch.Tensor
 
     Orthonormal float64. x @ R equals the online transform of x ⊙ s, so the signs fold into weights.
     """
+    return random_signs(n, seed)[:, None] * plan(n, block).matrix()
+
+
+def random_signs(n: int, seed: int) -> torch.Tensor:
+    """The ±1 float64 vector s of random_hadamard(n, seed) = diag(s)·M."""
     g = torch.Generator().manual_seed(seed)
-    signs = torch.randint(0, 2, (n,), generator=g, dtype=torch.float64) * 2 - 1
-    return signs[:, None] * plan(n, block).matrix()
+    return torch.randint(0, 2, (n,), generator=g, dtype=torch.float64) * 2 - 1
 
 
 def random_orthogonal(n: int, seed: int) -> torch.Tensor:

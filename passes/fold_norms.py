@@ -241,6 +241,9 @@ class FoldNorms(Pass):
             Rule("layernorm-to-rms", LAYERNORM, layer_to_rms),
         ]
 
+    def streams(self) -> bool:
+        return True  # γ into the linears of its own block; centering is per row of the table / per tensor
+
     def run(self, prog: Program, ctx: Context) -> PassResult:
         if self.tie not in ("untie", "keep", "auto"):
             raise BadInput(f"fold-norms: tie must be 'untie', 'keep' or 'auto', not {self.tie!r}")

@@ -226,6 +226,9 @@ class Quantize(Pass):
         methods = [self.weights.get("method")] + [o.get("method") for o in self.overrides if isinstance(o, dict)]
         return self.samples if "gptq" in methods else 0
 
+    def streams(self) -> bool:
+        return not self.calibration_windows()  # RTN: per group of one row of one tensor
+
     def run(self, prog: Program, ctx: Context) -> PassResult:
         from spinfx.certify import certify_equal
 
@@ -243,21 +246,22 @@ class Quantize(Pass):
         layers += ends
 
         t0 = time.perf_counter()
-        done = {l.weight: _rtn(prog, l) for l in layers if l.scheme.method == "rtn"}  # → (QuantLayer, Ŵ)
         gptq = [l for l in layers if l.scheme.method == "gptq"]
-        if gptq:
-            done.update(_calibrate(prog, gptq, self._calibration(prog, ctx), ctx.progress, res))
-        res.findings["seconds_quantizing"] = round(time.perf_counter() - t0, 2)
+        done = _calibrate(prog, gptq, self._calibration(prog, ctx), ctx.progress, res) if gptq else {}
+        seconds = time.perf_counter() - t0
 
         reference, out = prog.clone(), {}
-        for l in layers:
-            layer, w_hat = done.pop(l.weight)
+        for l in layers:  # one weight at a time: its float64 master is freed once Ŵ and Q(W) replace it
+            t0 = time.perf_counter()
+            layer, w_hat = done.pop(l.weight) if l.weight in done else _rtn(prog, l)  # → (QuantLayer, Ŵ)
+            seconds += time.perf_counter() - t0
             _dequantized_into(reference, l, w_hat)
             _to_quantized(prog, l, layer.weight)
             out[l.module] = dataclasses.replace(layer, input_bits=None if l in ends else input_bits)
             if l.table is not None:
                 out[l.module] = dataclasses.replace(out[l.module], embedding=True, tied=tuple(
                     n.meta.get("module", "") for n in l.nodes))
+        res.findings["seconds_quantizing"] = round(seconds, 2)
         cert = certify_equal(reference, prog, EXACT, what=f"{self.name} (qlinear against its dequantized weights)")
         cert["reference"] = "the input program with each quantized W replaced by dequantize(Q(W))"
         res.certificate = cert

@@ -25,6 +25,7 @@ import torch.fx as fx
 
 from spinfx.errors import Unsupported
 from spinfx.graph import Program, add_const
+from spinfx.kernels.hadamard import HadamardRotation
 from spinfx.match import describe, find_all
 from spinfx.pattern import Siblings, Var
 from spinfx.patterns.attention import ATTENTION, QKV, ROPE_SITE, output_projection, qkv_linears
@@ -39,12 +40,14 @@ SCALE_FREE_GROUP = Siblings(RMSNORM_PLAIN, linear_of(Var("normout")), bind="norm
                             min=1, all_users=True, through=CASTS + VIEWS, name="linears")
 
 
-def make_rotation(kind: str, n: int, seed: int) -> torch.Tensor:
-    """An n×n orthonormal float64 matrix: 'hadamard' (randomized Hadamard), 'random' (seeded QR)."""
-    from spinfx.kernels import hadamard_matrices as H
+def make_rotation(kind: str, n: int, seed: int):
+    """An n×n orthonormal float64 rotation R, used as `X @ R` and `R.T @ X`: 'hadamard' (randomized
+    Hadamard, applied through the fast transform: kernels.hadamard.HadamardRotation), 'random' (a seeded
+    QR matrix)."""
+    from spinfx.kernels import hadamard as H
 
     if kind == "hadamard":
-        return H.random_hadamard(n, seed)
+        return H.HadamardRotation.randomized(n, seed)
     if kind == "random":
         return H.random_orthogonal(n, seed)
     raise Unsupported(f"rotation kind must be 'hadamard', 'random' or 'none', not {kind!r}")
@@ -76,7 +79,7 @@ def _lin(node: fx.Node) -> tuple[fx.Node, fx.Node | None, bool]:
 # ---- R1 -------------------------------------------------------------------------------------------
 
 
-def apply_r1(prog: Program, R: torch.Tensor, res: PassResult) -> None:
+def apply_r1(prog: Program, R, res: PassResult) -> None:
     g = prog.graph
     stream = residual_stream(g)
     if stream.end is None:
@@ -124,10 +127,11 @@ def apply_r1(prog: Program, R: torch.Tensor, res: PassResult) -> None:
     res.findings["r1"] = {"dim": R.shape[0], "writers": len(stream.writers) + 1, "reader_norms": len(readers)}
 
 
-def _online_embedding(prog: Program, stream, R: torch.Tensor, res: PassResult) -> None:
+def _online_embedding(prog: Program, stream, R, res: PassResult) -> None:
     """Tied embedding kept whole: rotate after the lookup, un-rotate before the final norm."""
     g = prog.graph
     emb = stream.embedding
+    R = R if isinstance(R, torch.Tensor) else R.dense()
     rot = add_const(prog.gm, "spinfx.r1", R.clone())
     with g.inserting_after(emb):
         new = g.call_function(aten.matmul.default, (emb, rot))
@@ -155,7 +159,7 @@ def _o_proj(attn: fx.Node) -> fx.Node:
     return o
 
 
-def apply_r2(prog: Program, kind: str, seed: int, res: PassResult) -> None:
+def apply_r2(prog: Program, kind: str, seed: int, res: PassResult, site_base: int = 0) -> None:
     W = _Weights(prog)
     sites = find_all(QKV, prog.graph)[0]
     if not sites:
@@ -164,7 +168,7 @@ def apply_r2(prog: Program, kind: str, seed: int, res: PassResult) -> None:
         vh = m["v_heads"].meta["val"]            # [B, kv, S, hd]
         kv, hd = vh.shape[1], vh.shape[-1]
         q_heads = m["attn"].meta["val"].shape[1]
-        R = make_rotation(kind, hd, seed + 1000 + i)
+        R = make_rotation(kind, hd, seed + 1000 + site_base + i)  # one seed per layer of the whole model
         lin = qkv_linears(m)
         if "qkv" in lin:
             v_node = lin["qkv"]
@@ -230,6 +234,9 @@ class Rotate(Pass):
     r4_block: int | None = None
     seed: int = 0
 
+    def streams(self) -> bool:
+        return True  # R1 from (hidden, seed), R2 from (head_dim, seed, layer index: ctx.site_base), R4 from shapes
+
     def run(self, prog: Program, ctx: Context) -> PassResult:
         res = PassResult(self.name, self.options())
         downs = mlp_down_projections(prog) if self.r4 else []  # found before R1 edits the stream
@@ -240,7 +247,7 @@ class Rotate(Pass):
             hidden = stream.embedding.meta["val"].shape[-1]
             apply_r1(prog, make_rotation(self.r1, hidden, self.seed), res)
         if self.r2 != "none":
-            apply_r2(prog, self.r2, self.seed, res)
+            apply_r2(prog, self.r2, self.seed, res, ctx.site_base)
         if self.r3:
             apply_r3(prog, res)
         if self.r4:
@@ -320,7 +327,7 @@ def apply_r4(prog: Program, downs: list[fx.Node], res: PassResult, block: int | 
         x = d.args[xi]
         p = _plan(x.meta["val"].shape[-1], f"R4 at {describe(d)}", block)
         plans.add(p.describe())
-        M = p.matrix()
+        M = HadamardRotation(p)  # the online op's M, applied to the weight through the same transform
         h = _online(g, x, p, before=d)
         d.replace_input_with(x, h)
         W.edit(wn, "down projection", (lambda A, M=M: M.T @ A) if t else (lambda A, M=M: A @ M))

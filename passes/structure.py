@@ -29,6 +29,9 @@ class Structure:
 class FindStructure(Pass):
     name = "find-structure"
 
+    def streams(self) -> bool:
+        return True  # finds, changes nothing
+
     def run(self, prog: Program, ctx: Context) -> PassResult:
         res = PassResult(self.name, self.options())
         stats = find(prog.gm, STRUCTURE)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,7 +177,7 @@ def rewrite(model, recipe=DEFAULT_RECIPE, example_inputs=None, calib=None, certi
     return Result(RewrittenModule(prog), rep, prog, module, source_dir)
 
 
-def apply_recipe(prog: Program, recipe, calib=None, certify: bool = True) -> Report:
+def apply_recipe(prog: Program, recipe, calib=None, certify: bool = True, site_base: int = 0) -> Report:
     """Run `recipe` on `prog` in place and return the report: float64 master weights, the passes
     (certified), weights back to their dtypes. Shared by `rewrite` and the torch.compile backend."""
     from spinfx.certify import finalize, to_master
@@ -191,7 +192,7 @@ def apply_recipe(prog: Program, recipe, calib=None, certify: bool = True) -> Rep
     layer_before = print_graph(prog.gm, module=layer) if layer else None
     to_master(prog)
     linears = linear_weights(prog)
-    ctx = Context(calib=calib, progress=progress)
+    ctx = Context(calib=calib, progress=progress, site_base=site_base)
     results = run_pipeline(prog, rec.passes, ctx, certify=certify)
     rep = Report(model=str(prog.meta.get("model_type") or prog.meta.get("class", "")), recipe=rec.name,
                  passes=results)
@@ -228,15 +229,16 @@ def check_dtypes(prog: Program) -> None:
         raise CertificateError(f"the rewrite changed the output dtypes: {want} -> {got}")
 
 
-def linear_weights(prog: Program) -> dict[str, tuple[str, torch.Tensor]]:
-    """Every float linear of the program: node name -> (weight FQN, the weight tensor now)."""
+def linear_weights(prog: Program) -> dict[str, tuple[str, weakref.ref]]:
+    """Every float linear of the program: node name -> (weight FQN, a weak reference to the weight tensor
+    now — a replaced weight is freed, not kept alive for this comparison)."""
     from spinfx.patterns.common import is_linear, linear_weight
 
-    return {n.name: (linear_weight(n).target, prog.const(linear_weight(n).target))
+    return {n.name: (linear_weight(n).target, weakref.ref(prog.const(linear_weight(n).target)))
             for n in prog.graph.nodes if is_linear(n)}
 
 
-def check_changed(prog: Program, rec, before: dict[str, tuple[str, torch.Tensor]], rep: Report) -> None:
+def check_changed(prog: Program, rec, before: dict[str, tuple[str, weakref.ref]], rep: Report) -> None:
     """A recipe that exists to change weights must change some linear: record how many it changed in
     the report, and raise `Unsupported` when it changed none of them (unless the recipe allows it).
     A linear counts as changed when its node is gone (replaced, e.g. by a quantized linear) or its
@@ -251,13 +253,16 @@ def check_changed(prog: Program, rec, before: dict[str, tuple[str, torch.Tensor]
     if not rec.changes_weights:
         return
     now = {n.name: n for n in prog.graph.nodes}
-    changed = 0
+    unchanged = []
     for name, (fqn, t) in before.items():
         n = now.get(name)
-        same = n is not None and n.op == "call_function" and any(
-            a.op == "get_attr" and a.target == fqn for a in n.all_input_nodes) and prog.const(fqn) is t
-        changed += not same
+        if n is not None and n.op == "call_function" and any(
+                a.op == "get_attr" and a.target == fqn for a in n.all_input_nodes) and prog.const(fqn) is t():
+            unchanged.append(n.meta.get("module") or name)
+    changed = len(before) - len(unchanged)
     lin = rep.extra["linears"] = {"total": len(before), "changed": changed}
+    if unchanged:
+        lin["unchanged"] = sorted(set(unchanged))  # module paths
     if changed or rec.allow_unchanged:
         return
     if not before:

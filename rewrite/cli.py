@@ -79,7 +79,8 @@ def cmd_inspect(args) -> int:
 
 def rewrite_to_dir(src: str, recipe: str, out: Path, force: bool, calib_file: str | None = None,
                    calib_tokens: torch.Tensor | None = None):
-    """`spinfx rewrite`: check every input first, then load → rewrite → save (verified). The Result."""
+    """`spinfx rewrite`: check every input first, then load → rewrite → save (verified). The Result; a
+    model larger than one window with a recipe that streams is rewritten window by window (spinfx.stream)."""
     from spinfx.api import progress, rewrite
     from spinfx.data import tokenize_file
     from spinfx.hf import load_model, resolve_source
@@ -92,6 +93,14 @@ def rewrite_to_dir(src: str, recipe: str, out: Path, force: bool, calib_file: st
     if calib_file is not None and not Path(calib_file).is_file():
         raise BadInput(f"{calib_file}: no such calibration text file")
     t0 = time.perf_counter()
+    if calib_file is None and calib_tokens is None:
+        from spinfx import stream
+
+        windows = stream.plan(path, rec)  # None: the model fits one window, or the recipe needs it whole
+        if windows is not None:
+            result = stream.rewrite(windows, rec, out, force=force)
+            progress(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
+            return result
     progress(f"loading {src} …")
     model, tokenizer = load_model(path)
     calib = calib_tokens

@@ -61,6 +61,14 @@ class Pass:
         """How many windows of calibration text the pass runs the model on (0: none)."""
         return 0
 
+    def streams(self) -> bool:
+        """May the pass run on windows of a model (spinfx.stream: a few decoder layers and some rows of the
+        vocabulary at a time) with the windows' results concatenated? True when every edit of a tensor reads
+        only that tensor, constants of its own window (a norm's scale) and values fixed by the model's
+        shapes and the options (a seeded rotation) — never a statistic over other layers or other rows,
+        never calibration data."""
+        return False
+
     def options(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
@@ -77,6 +85,10 @@ class Context:
     analyses: dict[str, Any] = field(default_factory=dict)
     calib: Any = None
     progress: Any = None  # callable(str) for long work
+    # The index, in the whole model, of the program's first repeated block: a streamed window of layers
+    # [i, i+k) has site_base i, so that passes numbering per-layer sites (R2's seeds) number them as in
+    # the whole model.
+    site_base: int = 0
 
 
 def verify(gm: fx.GraphModule, after: str) -> None:
@@ -101,7 +113,7 @@ def _has_effect(n: fx.Node) -> bool:
 def run_pipeline(prog: Program, passes: list[Pass], ctx: Context | None = None,
                  certify: bool = True) -> list[PassResult]:
     """Run `passes` in order on `prog` (in place). Returns one result per pass."""
-    from spinfx.certify import certify_equal
+    from spinfx.certify import certify_equal, outputs
 
     ctx = ctx or Context()
     results = []
@@ -109,7 +121,7 @@ def run_pipeline(prog: Program, passes: list[Pass], ctx: Context | None = None,
     for p in passes:
         if level >= 3:
             print(f"[spinfx] graph before {p.name}:\n{print_graph(prog.gm)}", file=sys.stderr)
-        before = prog.clone() if (certify and p.certify) else None
+        before = outputs(prog) if (certify and p.certify) else None  # outputs, not a copy: weights are freed
         t0 = time.perf_counter()
         res = p.run(prog, ctx)
         prog.gm.graph.eliminate_dead_code()

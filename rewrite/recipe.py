@@ -47,6 +47,11 @@ class Recipe:
     def changes_weights(self) -> bool:
         return any(p.changes_weights for p in self.passes)
 
+    @property
+    def streams(self) -> bool:
+        """Can the recipe run window by window (spinfx.stream)? Every pass must say so (Pass.streams)."""
+        return all(p.streams() for p in self.passes)
+
     def to_dict(self) -> dict:
         d = {"name": self.name, "passes": [{p.name: p.options()} for p in self.passes]}
         if self.allow_unchanged:

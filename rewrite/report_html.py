@@ -31,7 +31,11 @@ def render(report: dict) -> str:
     parts = [f"<h1>spinfx report — {esc(str(report.get('model', '')))}"
              + (f", recipe {esc(str(report['recipe']))}" if report.get("recipe") else "") + "</h1>"]
     ck = report.get("checkpoint")
-    if ck:
+    if ck and ck.get("streamed"):
+        parts.append(f"<p class=ok>Checkpoint written window by window ({len(report.get('windows', []))} windows), "
+                     f"each certified in float64; {esc(ck['why'])}.</p>")
+        parts += [f"<p>{esc(n)}</p>" for n in ck.get("notes", [])]
+    elif ck:
         parts.append(f"<p class=ok>Checkpoint verified: the reloaded model's logits match the program "
                      f"(max |Δ| {ck['max_abs']:.2e}, relative {ck['rel']:.2e} ≤ {ck['tolerance']:.0e}).</p>")
         parts += [f"<p>{esc(n)}</p>" for n in ck.get("notes", [])]

@@ -281,7 +281,7 @@ def test_a_recipe_may_say_that_nothing_may_change(tmp_path):
     path = tmp_path / "fold-if-any.yaml"
     path.write_text("passes:\n  - fold-norms: {}\nallow_unchanged: true\n")
     r = spinfx.rewrite(_MLP(), str(path), example_inputs=(x,))
-    assert r.report.extra["linears"] == {"total": 2, "changed": 0}
+    assert r.report.extra["linears"] == {"total": 2, "changed": 0, "unchanged": ["down", "up"]}  # module paths
     assert "linears changed: 0 of 2" in r.report.to_text()
     path.write_text("passes:\n  - fold-norms: {}\nallow_unchanged: maybe\n")
     with pytest.raises(BadInput, match="allow_unchanged must be true or false"):
