@@ -15,6 +15,9 @@ Options (the recipe's words):
                largest smaller one of 128, 64, 32 that divides K (SmolLM2's 576: 128 → 64), else per
                channel; the report says so.
   ignore       module names kept in float (default [lm_head]).
+  router       false (default): a mixture of experts' routers stay in float (`patterns.moe`: the linear
+               whose logits pick the top-k experts — a rounding there changes which experts run);
+               true: quantized like every other linear.
   embedding    {bits: 8}: also quantize the token embedding table (`patterns.residual.token_embedding`),
                RTN, per row (group_size null, the default here) or group-wise ({bits: 4, group_size: 64}).
   lm_head      {bits: 8}: also quantize the lm_head — the linear producing the logits, found by structure
@@ -65,6 +68,7 @@ from spinfx.match import describe
 from spinfx.passes.actquant import check_bits, quantize_inputs, quantize_kv
 from spinfx.pattern import Var
 from spinfx.patterns.common import linear_node, linear_of
+from spinfx.patterns.moe import routers
 from spinfx.patterns.residual import output_linear, token_embedding
 from spinfx.pipeline import Context, Pass, PassResult
 from spinfx.rule import Rule, find
@@ -220,6 +224,7 @@ class Quantize(Pass):
     kv_cache: dict | None = None
     embedding: dict | None = None
     lm_head: dict | None = None
+    router: bool = False
     samples: int = 128
 
     def calibration_windows(self) -> int:
@@ -232,11 +237,17 @@ class Quantize(Pass):
         res = PassResult(self.name, self.options())
         stats = find(prog.gm, [LINEARS])[f"{LINEARS.where}:{LINEARS.name}"]
         head = output_linear(prog.graph) if self.lm_head is not None else None
-        layers, ignored = self._layers(prog, stats.found, res, skip=head)
-        stats.applied, stats.declined = sum(len(l.nodes) for l in layers), len(ignored)
+        if not isinstance(self.router, bool):
+            raise BadInput(f"quantize: router is true or false, not {self.router!r}")
+        floats = set() if self.router else routers(prog.graph)
+        layers, ignored = self._layers(prog, stats.found, res, skip=head, floats=floats)
+        stats.applied, stats.declined = sum(len(l.nodes) for l in layers), len(ignored) + len(floats)
         res.rules = [stats]
         if ignored:
             res.notes.append(f"kept in float (ignore): {', '.join(sorted(set(ignored)))}")
+        if floats:
+            res.notes.append(f"kept in float (MoE routers; router: true quantizes them): "
+                             f"{_examples(sorted(_module(n) for n in floats))}")
         input_bits = self._quantize_activations(prog, layers, res)
         ends = self._ends(prog, head, res)  # embedding table / lm_head: weight-only
         stats.applied += sum(len(l.nodes) for l in ends)
@@ -268,8 +279,8 @@ class Quantize(Pass):
         return res
 
     # -- which weights, how ---------------------------------------------------------------------------
-    def _layers(self, prog: Program, matches: list, res: PassResult,
-                skip: fx.Node | None = None) -> tuple[list[_Layer], list[str]]:
+    def _layers(self, prog: Program, matches: list, res: PassResult, skip: fx.Node | None = None,
+                floats: set = frozenset()) -> tuple[list[_Layer], list[str]]:
         base = Scheme().updated(dict(self.weights), "weights")
         for o in self.overrides:
             if not isinstance(o, dict) or not isinstance(o.get("pattern"), str):
@@ -279,7 +290,7 @@ class Quantize(Pass):
         ignored: list[str] = []
         for m in matches:
             node, transposed = linear_node(m)
-            if node is skip:  # the lm_head, quantized by its own option (_ends)
+            if node is skip or node in floats:  # the lm_head, quantized by its own option (_ends); routers
                 continue
             w = node.args[2 if transposed else 1].target
             module = node.meta.get("module") or w.rsplit(".", 1)[0]

@@ -27,7 +27,8 @@ def model_facts(model: torch.nn.Module) -> dict[str, Any]:
     if cfg is None:
         return facts
     for key, names in {"model_type": ("model_type",), "layers": ("num_hidden_layers", "n_layer"),
-                       "vocab": ("vocab_size",), "hidden": ("hidden_size", "n_embd")}.items():
+                       "vocab": ("vocab_size",), "hidden": ("hidden_size", "n_embd"),
+                       "experts": ("num_local_experts", "num_experts")}.items():
         for n in names:
             if getattr(cfg, n, None) is not None:
                 facts[key] = getattr(cfg, n)
@@ -84,8 +85,10 @@ def load(model: torch.nn.Module | str | Path, example_inputs=None) -> tuple[Prog
         raise BadInput(f"expected an nn.Module or a model directory, got {type(model).__name__}")
     model.eval()
     args, kwargs = default_inputs(model) if example_inputs is None else _as_inputs(example_inputs)
+    from spinfx.moe import dense_experts
+
     try:
-        with _without_cache(model):
+        with _without_cache(model), dense_experts(model):
             prog = from_module(model, args, kwargs)
     except SpinfxError:
         raise
@@ -109,7 +112,8 @@ def inspect(model, example_inputs=None, name: str | None = None) -> Report:
     if fam in CONTRACTS and layers:
         counts = results[0].findings["counts"]
         misses = {r.name: r.nearest_miss for r in results[0].rules}
-        rep.contract = check_contract(fam, CONTRACTS[fam], {"L": int(layers)}, counts, misses)
+        env = {"L": int(layers)} | ({"E": int(prog.meta["experts"])} if prog.meta.get("experts") else {})
+        rep.contract = check_contract(fam, CONTRACTS[fam], env, counts, misses)
     rep.extra["nodes"] = sum(1 for _ in prog.graph.nodes)
     return rep
 

@@ -48,6 +48,8 @@ class Expect:
     positions: str  # "rope" or "learned"
     embed_scale: float  # Gemma multiplies the embeddings by sqrt(hidden), Granite by its embedding_multiplier
     qk_norm: bool = False  # q and k pass a per-head RMSNorm (Qwen3): two more norm modules per layer
+    experts: int = 0  # a mixture of experts per layer (0: a dense MLP); `intermediate` is then per expert
+    top_k: int = 0
 
 
 @dataclass
@@ -80,6 +82,22 @@ def _qwen3(tf, layers: int, **size):  # q and k pass a per-head RMSNorm before R
 def _granite(tf, layers: int, **size):  # scalar multipliers on the embedding, every writer, the logits
     return tf.GraniteConfig(**_common(layers, size), tie_word_embeddings=True, embedding_multiplier=2.0,
                             residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=4.0)
+
+
+EXPERTS, TOP_K, EXPERT_INTERMEDIATE = 4, 2, 40  # 40: not 2^k (R4 takes H_20 ⊗ H_2)
+
+
+def _mixtral(tf, layers: int, **size):  # every MLP a mixture: router + EXPERTS experts, top-TOP_K
+    return tf.MixtralConfig(**_common(layers, size | {"intermediate": EXPERT_INTERMEDIATE}), head_dim=HEAD_DIM,
+                            num_local_experts=EXPERTS, num_experts_per_tok=TOP_K, sliding_window=None,
+                            tie_word_embeddings=False)
+
+
+def _qwen3_moe(tf, layers: int, **size):  # Qwen3's per-head q/k norms + a mixture in every layer
+    return tf.Qwen3MoeConfig(**_common(layers, size), head_dim=HEAD_DIM, num_experts=EXPERTS,
+                             num_experts_per_tok=TOP_K, moe_intermediate_size=EXPERT_INTERMEDIATE,
+                             norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                             tie_word_embeddings=True)
 
 
 def _gemma(tf, layers: int, **size):  # head_dim 24: heads·head_dim = 96 ≠ hidden 64; MQA
@@ -131,6 +149,11 @@ _FAMILIES: dict[str, tuple[Callable, dict]] = {
     "qwen2": (_qwen2, _DECODER | dict(qkv_bias=True)),
     "qwen3": (_qwen3, _DECODER | dict(qk_norm=True)),
     "granite": (_granite, _DECODER),
+    # router + EXPERTS fused gate/up experts per layer: 4 + 1 + 2·EXPERTS linears
+    "mixtral": (_mixtral, _DECODER | dict(fused_gate_up=True, linears_per_layer=5 + 2 * EXPERTS,
+                                          experts=EXPERTS, top_k=TOP_K)),
+    "qwen3_moe": (_qwen3_moe, _DECODER | dict(qk_norm=True, fused_gate_up=True, linears_per_layer=5 + 2 * EXPERTS,
+                                              experts=EXPERTS, top_k=TOP_K)),
     "gemma": (_gemma, _DECODER | dict(norm="rms1p")),
     "phi3": (_phi3, _DECODER | dict(fused_qkv=True, fused_gate_up=True, linears_per_layer=4)),
     "opt": (_opt, _LAYERNORM | dict(linear="linear", fused_qkv=False, linears_per_layer=6)),
@@ -182,8 +205,8 @@ def _make(name: str, family: str, seed: int, layers: int, dtype: torch.dtype, op
         heads=heads,
         kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-        intermediate=next(getattr(config, k) for k in ("intermediate_size", "ffn_dim", "n_inner")
-                          if hasattr(config, k)),
+        intermediate=next(getattr(config, k) for k in ("moe_intermediate_size", "intermediate_size", "ffn_dim",
+                                                        "n_inner") if hasattr(config, k)),
         vocab=vocab,
         tied=model.lm_head.weight is model.get_input_embeddings().weight,
         norms=(4 if flags["qk_norm"] else 2) * layers + 1,

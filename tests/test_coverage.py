@@ -19,6 +19,12 @@ def _config(family: str):
         return tf.PhiConfig(**SIZE, num_key_value_heads=2, partial_rotary_factor=0.5)
     if family == "gpt_neox":  # parallel residual, fused q/k/v interleaved per head
         return tf.GPTNeoXConfig(**SIZE, rotary_pct=0.25, use_parallel_residual=True)
+    moe = dict(num_experts_per_tok=2, intermediate_size=40)  # 4 experts, top-2, traced densely (spinfx.moe)
+    if family == "olmoe":  # q/k RMSNorm over the whole projection (all heads at once)
+        return tf.OlmoeConfig(**SIZE | moe, num_key_value_heads=2, num_experts=4)
+    if family == "granitemoe":  # Granite's multipliers + a mixture (softmax over the top-k logits)
+        return tf.GraniteMoeConfig(**SIZE | moe, num_key_value_heads=2, num_local_experts=4,
+                                   embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=4.0)
     raise KeyError(family)
 
 
@@ -28,6 +34,9 @@ OUTCOMES = {
     "phi": {"fold": "certified", "rotate": "certified", "spinquant": "certified", "w4a16": "certified"},
     "gpt_neox": {"fold": "certified", "rotate": "R2: no attention with q/k/v projections",
                  "spinquant": "R2: no attention with q/k/v projections", "w4a16": "certified"},
+    "olmoe": {"fold": "certified", "rotate": "R2: no attention with q/k/v projections",
+              "spinquant": "R2: no attention with q/k/v projections", "w4a16": "certified"},
+    "granitemoe": {"fold": "certified", "rotate": "certified", "spinquant": "certified", "w4a16": "certified"},
 }
 
 
