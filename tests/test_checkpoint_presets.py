@@ -116,3 +116,34 @@ def test_w4a4kv4_quantizes_the_kv_cache_when_decoding_and_generating(saved):
     for m in loaded.modules():  # and the KV quantizer matters: without it the logits move a lot
         del m.__dict__["_spinfx_kv"]
     assert (logits(loaded, ids, use_cache=False) - full).abs().max() > 0.1
+
+
+def test_fake_quantization_alone_is_guarded_and_unknown_schemes_are_refused(saved, tmp_path):
+    import shutil
+
+    import transformers
+
+    from spinfx.errors import BadInput
+
+    # no rotation, no online transform: the guard comes from the activation quantizer alone
+    (tmp_path / "a8.yaml").write_text("passes:\n  - quantize: {weights: {bits: 4, group_size: 16}, "
+                                      "activations: {bits: 8}}\n")
+    zm = zoo.build("llama")
+    r = spinfx.rewrite(zm.model, str(tmp_path / "a8.yaml"), zm.example_inputs)
+    out = r.save(tmp_path / "a8")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "spinfx" and "transform_config" not in config["quantization_config"]
+    with pytest.raises(ValueError, match="spinfx"):  # transformers would round by compressed-tensors' rules
+        transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    assert torch.equal(logits(spinfx.load(out), zm.example_inputs["input_ids"], use_cache=False),
+                       program_logits(r, zm))
+
+    # a scheme spinfx does not apply (static per-tensor activations) is refused, not approximated
+    _, _, w4a4 = saved("spinquant-w4a4kv4")
+    edited = shutil.copytree(w4a4, tmp_path / "edited")
+    config = json.loads((edited / "config.json").read_text())
+    group = next(iter(config["quantization_config"]["config_groups"].values()))
+    group["input_activations"].update(strategy="tensor", dynamic=False)
+    (edited / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BadInput, match="input_activations"):
+        spinfx.load(edited)
