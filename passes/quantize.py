@@ -380,10 +380,11 @@ class Quantize(Pass):
             _only(self.kv_cache, {"bits", "symmetric"}, "kv_cache")
             kv_bits = check_bits(self.kv_cache.get("bits"), "kv_cache")
             symmetric = bool(self.kv_cache.get("symmetric", False))
-            n = quantize_kv(prog, kv_bits, symmetric)
-            res.findings["kv_cache"] = {"bits": kv_bits, "attention_sites": n,
+            sizes = quantize_kv(prog, kv_bits, symmetric)
+            res.findings["kv_cache"] = {"bits": kv_bits, "attention_sites": len(sizes) // 2,
                                         "scheme": f"per head and token, {'symmetric' if symmetric else 'asymmetric'}"}
-            prog.meta["kv_cache"] = {"bits": kv_bits, "symmetric": symmetric}
+            # for checkpoints (spinfx.offline): the scheme and the sizes it quantizes over (head_dim)
+            prog.meta["kv_cache"] = {"bits": kv_bits, "symmetric": symmetric, "head_dims": sorted(set(sizes))}
         if self.activations is not None or self.kv_cache is not None:
             res.notes.append("activations/KV are fake-quantized (rounded to the integer grid and scaled back "
                              "in float): torch._int_mm is slower than the float matmul on this CPU")
