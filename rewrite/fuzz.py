@@ -52,6 +52,12 @@ HIDDENS = (16, 24, 32, 48, 64)        # families whose config has head_dim (else
 INTERMEDIATES = (16, 24, 40, 64, 88, 96, 128)
 VOCABS = (64, 96, 128)
 ACTS = ("silu", "gelu", "relu")
+# RoPE variants (they change cos/sin only). Not "dynamic": its frequency update branches on
+# max(position_ids), which torch.export refuses to guard on (tests/test_fuzz.py, an expected failure).
+ROPES = (None, {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+         {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16, "rope_theta": 500000.0},
+         {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0})
 
 
 def _rotary(s: dict) -> list[float]:
@@ -71,7 +77,8 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("llama", True, True, (("attention_bias", BOOL), ("mlp_bias", BOOL), ("hidden_act", ACTS))),
+    Family("llama", True, True, (("attention_bias", BOOL), ("mlp_bias", BOOL), ("hidden_act", ACTS),
+                                 ("rope_parameters", ROPES))),
     Family("mistral", True, True, (("sliding_window", (None, 4)), ("hidden_act", ACTS))),
     Family("qwen2", False, True, (("hidden_act", ACTS),), "q/k/v biases always"),
     Family("qwen3", True, True, (("attention_bias", BOOL), ("hidden_act", ACTS)), "per-head q/k RMSNorm"),
