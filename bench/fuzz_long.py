@@ -55,6 +55,22 @@ def summarize(records: list[dict], args) -> dict:
     }
 
 
+def table(summary: dict) -> str:
+    """Markdown: per family, cases and per recipe certified / refused (crash and wrong in their own columns)."""
+    from spinfx import fuzz
+
+    rows = ["| family | cases | " + " | ".join(f"{r} ✓ / refused" for r in fuzz.RECIPES) + " | crash | wrong |",
+            "|---|---:|" + "---:|" * len(fuzz.RECIPES) + "---:|---:|"]
+    for fam, per in summary["per_family"].items():
+        cells = [f"{per[r]['certified']} / {per[r]['refused']}" for r in fuzz.RECIPES]
+        bad = [sum(per[r][k] for r in fuzz.RECIPES) for k in ("crash", "wrong")]
+        rows.append(f"| {fam} | {summary['cases_per_family'][fam]} | " + " | ".join(cells) + f" | {bad[0]} | {bad[1]} |")
+    t = summary["rewrites"]
+    rows.append(f"| **all** | **{summary['cases']}** | {t['certified']} certified, {t['refused']} refused"
+                + " |" * (len(fuzz.RECIPES) - 1) + f" **{t['crash']}** | **{t['wrong']}** |")
+    return "\n".join(rows)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", type=int, default=2000)
@@ -64,7 +80,11 @@ def main() -> int:
     ap.add_argument("--families", default="", help="comma-separated subset of spinfx.fuzz.FAMILIES")
     ap.add_argument("--only", type=int, default=None, help="run case I alone and print its outcomes")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--table", action="store_true", help="print --out's summary as bench/README.md's table")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(args.out.read_text())))
+        return 0
     torch.set_num_threads(args.threads)
 
     from spinfx import fuzz
