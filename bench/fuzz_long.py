@@ -126,7 +126,9 @@ def main() -> int:
             print(f"[fuzz] {len(records)}/{args.cases} cases, {rate * 60:.1f}/min, ETA {eta / 60:.0f} min, "
                   f"crash+wrong so far: {n_bad} ({case.family}: "
                   f"{' '.join(SHORT[o.kind] for o in outcomes)})", file=sys.stderr, flush=True)
-    print(json.dumps(summarize(records, args)["rewrites"]))
+    summary = summarize(records, args)
+    args.out.write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps(summary["rewrites"]))
     return 1 if n_bad else 0
 
 
