@@ -79,7 +79,11 @@ def load(model: torch.nn.Module | str | Path, example_inputs=None) -> tuple[Prog
     if isinstance(model, (str, Path)):
         from spinfx.hf import load_model
 
-        model, _ = load_model(model)
+        model, _ = load_model(model)  # checks what it loaded (hf.check_loaded)
+    elif isinstance(model, torch.nn.Module):
+        from spinfx.hf import check_finite
+
+        check_finite(model)
     if not isinstance(model, torch.nn.Module):
         raise BadInput(f"expected an nn.Module or a model directory, got {type(model).__name__}")
     model.eval()
