@@ -197,6 +197,15 @@ def test_unwritable_output(tmp_path, source, capsys, monkeypatch, case, needle):
     assert snapshot(source) == before
 
 
+def test_safetensors_io_errors_are_os_errors(tmp_path):
+    """safetensors reports a failed write as its own error type; spinfx raises it as the OSError it is
+    (what staged_dir turns into the one line naming --out)."""
+    from spinfx.offline import save_tensors
+
+    with pytest.raises(FileNotFoundError):
+        save_tensors({"w": torch.zeros(4)}, tmp_path / "no-such-dir" / "model.safetensors")
+
+
 def test_missing_parents_are_not_left_behind(tmp_path, source, capsys, monkeypatch):
     _full_disk(monkeypatch)
     rc, line = run(capsys, "rewrite", source, "--recipe", "fold", "--out", tmp_path / "a" / "b" / "out")
@@ -253,10 +262,10 @@ def test_calibration_file_too_short(tmp_path, source, capsys):
     recipe = tmp_path / "gptq.yaml"
     recipe.write_text(GPTQ)
     tiny = tmp_path / "tiny.txt"
-    tiny.write_text("To be, or not to be: that is the question.\n" * 20)  # 880 bytes = 880 tokens here
+    tiny.write_text("To be, or not to be: that is the question.\n" * 20)  # 860 bytes = 860 tokens here
     rc, line = run(capsys, "rewrite", source, "--recipe", recipe, "--calib", tiny, "--out", tmp_path / "out")
     assert rc == 2, line
-    assert "4 windows of 512 tokens (2048 tokens)" in line and "880 tokens" in line and "tiny.txt" in line, line
+    assert "4 windows of 512 tokens (2048 tokens)" in line and "860 tokens (1 window)" in line and "tiny.txt" in line, line
     assert not (tmp_path / "out").exists()
 
 
@@ -270,3 +279,25 @@ def test_calibration_tokens_too_few_python_api(tmp_path):
         spinfx.rewrite(zm.model, rec, zm.example_inputs, calib=torch.arange(24))
     with pytest.raises(spinfx.BadInput, match=r"4 windows of 512 tokens \(2048 tokens\).* 600 tokens"):
         spinfx.rewrite(zm.model, rec, calib=torch.arange(600) % 256)
+
+
+@pytest.fixture(scope="module")
+def w4_checkpoint(source, tmp_path_factory):
+    return spinfx.rewrite(source, "w4a16").save(tmp_path_factory.mktemp("w4") / "w4")
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("hidden_size changed", r"model\.layers\.0\.input_layernorm\.weight is \[64\].*\[128\]"),
+    ("NaN norm", r"model\.norm\.weight holds NaN"),
+])
+def test_bad_spinfx_checkpoint(tmp_path, w4_checkpoint, capsys, case, needle):
+    """A quantized spinfx checkpoint (read by spinfx.load, not transformers) is checked the same way."""
+    ckpt = copy(w4_checkpoint, tmp_path)
+    if case == "hidden_size changed":
+        edit_config(ckpt, hidden_size=128)
+    else:
+        edit_tensors(ckpt, _set("model.norm.weight", float("nan")))
+    rc, line = run(capsys, "eval", ckpt, "--text", ckpt / "config.json", "--ctx", 8)
+    assert rc == 2 and re.search(needle, line), line
+    with pytest.raises(spinfx.BadInput, match=needle):
+        spinfx.load(ckpt)
