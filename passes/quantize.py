@@ -242,7 +242,6 @@ class Quantize(Pass):
 
     def validate(self) -> None:
         """Every option's type and value, before any work (the graph-dependent checks stay in `run`)."""
-        check_fields(self, self.name)
         if not isinstance(self.weights, dict):
             raise BadInput(f"quantize: weights takes {{bits: 4, group_size: 128, ...}}, got {self.weights!r}")
         base = Scheme().updated(dict(self.weights), "weights")
@@ -250,7 +249,7 @@ class Quantize(Pass):
             if not isinstance(o, dict) or not isinstance(o.get("pattern"), str):
                 raise BadInput(f"quantize: each override is {{pattern: NAME, <weight options>}}, got {o!r}")
             base.updated({k: v for k, v in o.items() if k != "pattern"}, f"override {o['pattern']!r}")
-        bad = [p for p in self.ignore if not isinstance(p, str)]
+        bad = [p for p in self.ignore if not isinstance(p, str)] if isinstance(self.ignore, (list, tuple)) else []
         if bad:
             raise BadInput(f"quantize: ignore lists module names (or 're:<regex>'), got {bad[0]!r}")
         if self.activations is not None:
@@ -263,6 +262,7 @@ class Quantize(Pass):
                 raise BadInput(f"quantize: kv_cache symmetric must be true or false, got {self.kv_cache['symmetric']!r}")
         self._end_scheme(self.embedding, "embedding")
         self._end_scheme(self.lm_head, "lm_head")
+        check_fields(self, self.name)  # the rest (ignore, samples) by type; the options above said what they take
         if self.samples < 1:
             raise BadInput(f"quantize: samples (calibration windows) must be a positive integer, got {self.samples}")
 
@@ -422,10 +422,9 @@ class Quantize(Pass):
         if not isinstance(ctx.calib, torch.Tensor) or ctx.calib.is_floating_point():
             raise BadInput("quantize: method gptq needs calibration text: pass calib=<1-D tensor of token ids> "
                            "(e.g. spinfx.rewrite(model, recipe, calib=tokens))")
-        batches = token_batches(prog, ctx.calib.reshape(-1), limit=self.samples)
         window = next(e.numel() for e in prog.examples if isinstance(e, torch.Tensor) and not e.is_floating_point())
         check_calibration(ctx.calib.numel(), self.samples, window)
-        return batches
+        return token_batches(prog, ctx.calib.reshape(-1), limit=self.samples)
 
 
 def _module(node: fx.Node) -> str:

@@ -157,9 +157,8 @@ def rewrite(model, recipe=DEFAULT_RECIPE, example_inputs=None, calib=None, certi
     given, the report carries activation statistics at every linear's input before and after, and
     for a recipe that calibrates on it (GPTQ) without `example_inputs`, the model is traced for
     [1, 512] windows of it."""
-    from spinfx.recipe import load_recipe
-
     from spinfx.passes.quantize import check_calibration
+    from spinfx.recipe import load_recipe
 
     rec = load_recipe(recipe)
     src = model

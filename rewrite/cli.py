@@ -83,10 +83,9 @@ def rewrite_to_dir(src: str, recipe: str, out: Path, force: bool, calib_file: st
     from spinfx.api import CALIB_SEQ, calibration_windows, progress, rewrite
     from spinfx.data import tokenize_file
     from spinfx.hf import load_model, load_tokenizer, resolve_source
+    from spinfx.offline import check_writable
     from spinfx.passes.quantize import check_calibration
     from spinfx.recipe import load_recipe
-
-    from spinfx.offline import check_writable
 
     if out.exists() and not force:
         raise BadInput(f"{out} exists (use --force to replace it)")
@@ -96,12 +95,14 @@ def rewrite_to_dir(src: str, recipe: str, out: Path, force: bool, calib_file: st
     if calib_file is not None and not Path(calib_file).is_file():
         raise BadInput(f"{calib_file}: no such calibration text file")
     calib = calib_tokens
-    if calib_file is not None:  # read and checked against what the recipe asks before the model loads
+    if calib_file is not None:
         tokenizer = load_tokenizer(path)
         if tokenizer is None:
             raise BadInput(f"{src} has no tokenizer to read the calibration text with")
         calib = tokenize_file(tokenizer, calib_file)
-        check_calibration(calib.numel(), calibration_windows(rec), CALIB_SEQ, what=str(calib_file))
+    # as much calibration text as the recipe asks, checked before the model loads
+    check_calibration(None if calib is None else calib.numel(), calibration_windows(rec), CALIB_SEQ,
+                      what=str(calib_file or "the calibration text"))
     t0 = time.perf_counter()
     progress(f"loading {src} …")
     model, _ = load_model(path)
