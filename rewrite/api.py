@@ -163,8 +163,9 @@ def rewrite(model, recipe=DEFAULT_RECIPE, example_inputs=None, calib=None, certi
     rec = load_recipe(recipe)
     src = model
     windows = calibration_windows(rec)
-    check_calibration(calib.numel() if isinstance(calib, torch.Tensor) else None, windows,
-                      CALIB_SEQ if example_inputs is None else token_window(example_inputs))
+    if windows:  # as much calibration text as the recipe asks, before any work
+        check_calibration(calib.numel() if isinstance(calib, torch.Tensor) else None, windows,
+                          CALIB_SEQ if example_inputs is None else token_window(example_inputs))
     if example_inputs is None and windows:
         # traced for windows of real context: GPTQ's Hessians are taken on [1, CALIB_SEQ] windows of
         # `calib` (the default 16-token trace would cut it into snippets)
