@@ -66,6 +66,7 @@ from spinfx.kernels.quant_rtn import quantize_rtn
 from spinfx.kernels.quant_weight import QuantWeight, dequantize
 from spinfx.match import describe
 from spinfx.passes.actquant import check_bits, quantize_inputs, quantize_kv
+from spinfx.passes.options import check_fields
 from spinfx.pattern import Var
 from spinfx.patterns.common import linear_node, linear_of
 from spinfx.patterns.moe import routers
@@ -99,6 +100,7 @@ class Scheme:
             raise BadInput(f"quantize: {where} has no option(s) {', '.join(sorted(bad))}; "
                            f"weight options: {', '.join(sorted(known))}")
         s = dataclasses.replace(self, **opts)
+        check_fields(s, f"quantize: {where}")
         if s.bits not in SUPPORTED_BITS:
             raise BadInput(f"quantize: {where}: bits must be one of {SUPPORTED_BITS}, got {s.bits!r}")
         if s.method not in ("rtn", "gptq"):
@@ -106,6 +108,22 @@ class Scheme:
         if s.group_size is not None and (not isinstance(s.group_size, int) or s.group_size < 1):
             raise BadInput(f"quantize: {where}: group_size must be a positive integer or null, got {s.group_size!r}")
         return s
+
+
+def check_calibration(tokens: int | None, windows: int, window: int, what: str = "the calibration text") -> None:
+    """A recipe that calibrates on `windows` windows of `window` tokens gets at least that many
+    tokens, else one BadInput saying how many are needed and how many `what` has (never a silent
+    calibration on less than the recipe asks)."""
+    if not windows:
+        return
+    if tokens is None:
+        raise BadInput(f"the recipe calibrates on {windows} windows of {window} tokens (quantize: method gptq) "
+                       f"and no calibration text was given: pass calib=<1-D tensor of token ids> (CLI: --calib FILE)")
+    if tokens < windows * window:
+        have = tokens // window
+        fewer = f", or ask for fewer windows (quantize: samples: {have})" if have else ""
+        raise BadInput(f"the recipe calibrates on {windows} windows of {window} tokens ({windows * window} tokens); "
+                       f"{what} has {tokens} tokens ({have} window{'' if have == 1 else 's'}): give more text{fewer}")
 
 
 def name_matches(pattern: str, module: str) -> bool:
@@ -227,6 +245,32 @@ class Quantize(Pass):
     router: bool = False
     samples: int = 128
 
+    def validate(self) -> None:
+        """Every option's type and value, before any work (the graph-dependent checks stay in `run`)."""
+        if not isinstance(self.weights, dict):
+            raise BadInput(f"quantize: weights takes {{bits: 4, group_size: 128, ...}}, got {self.weights!r}")
+        base = Scheme().updated(dict(self.weights), "weights")
+        for o in self.overrides:
+            if not isinstance(o, dict) or not isinstance(o.get("pattern"), str):
+                raise BadInput(f"quantize: each override is {{pattern: NAME, <weight options>}}, got {o!r}")
+            base.updated({k: v for k, v in o.items() if k != "pattern"}, f"override {o['pattern']!r}")
+        bad = [p for p in self.ignore if not isinstance(p, str)] if isinstance(self.ignore, (list, tuple)) else []
+        if bad:
+            raise BadInput(f"quantize: ignore lists module names (or 're:<regex>'), got {bad[0]!r}")
+        if self.activations is not None:
+            _only(self.activations, {"bits"}, "activations")
+            check_bits(self.activations.get("bits"), "activations")
+        if self.kv_cache is not None:
+            _only(self.kv_cache, {"bits", "symmetric"}, "kv_cache")
+            check_bits(self.kv_cache.get("bits"), "kv_cache")
+            if not isinstance(self.kv_cache.get("symmetric", False), bool):
+                raise BadInput(f"quantize: kv_cache symmetric must be true or false, got {self.kv_cache['symmetric']!r}")
+        self._end_scheme(self.embedding, "embedding")
+        self._end_scheme(self.lm_head, "lm_head")
+        check_fields(self, self.name)  # the rest (ignore, samples) by type; the options above said what they take
+        if self.samples < 1:
+            raise BadInput(f"quantize: samples (calibration windows) must be a positive integer, got {self.samples}")
+
     def calibration_windows(self) -> int:
         methods = [self.weights.get("method")] + [o.get("method") for o in self.overrides if isinstance(o, dict)]
         return self.samples if "gptq" in methods else 0
@@ -281,11 +325,7 @@ class Quantize(Pass):
     # -- which weights, how ---------------------------------------------------------------------------
     def _layers(self, prog: Program, matches: list, res: PassResult, skip: fx.Node | None = None,
                 floats: set = frozenset()) -> tuple[list[_Layer], list[str]]:
-        base = Scheme().updated(dict(self.weights), "weights")
-        for o in self.overrides:
-            if not isinstance(o, dict) or not isinstance(o.get("pattern"), str):
-                raise BadInput(f"quantize: each override is {{pattern: NAME, <weight options>}}, got {o!r}")
-            base.updated({k: v for k, v in o.items() if k != "pattern"}, f"override {o['pattern']!r}")
+        base = Scheme().updated(dict(self.weights), "weights")  # options were checked when built (validate)
         by_weight: dict[str, _Layer] = {}
         ignored: list[str] = []
         for m in matches:
@@ -372,14 +412,12 @@ class Quantize(Pass):
     def _quantize_activations(self, prog: Program, layers: list[_Layer], res: PassResult) -> int | None:
         bits = None
         if self.activations is not None:
-            _only(self.activations, {"bits"}, "activations")
-            bits = check_bits(self.activations.get("bits"), "activations")
+            bits = self.activations["bits"]
             n = quantize_inputs(prog, [(node, l.x_arg()) for l in layers for node in l.nodes], bits)
             res.findings["activations"] = {"bits": bits, "quantizers": n, "scheme": "per-token symmetric, dynamic"}
         if self.kv_cache is not None:
-            _only(self.kv_cache, {"bits", "symmetric"}, "kv_cache")
-            kv_bits = check_bits(self.kv_cache.get("bits"), "kv_cache")
-            symmetric = bool(self.kv_cache.get("symmetric", False))
+            kv_bits = self.kv_cache["bits"]
+            symmetric = self.kv_cache.get("symmetric", False)
             sizes = quantize_kv(prog, kv_bits, symmetric)
             res.findings["kv_cache"] = {"bits": kv_bits, "attention_sites": len(sizes) // 2,
                                         "scheme": f"per head and token, {'symmetric' if symmetric else 'asymmetric'}"}
@@ -396,11 +434,9 @@ class Quantize(Pass):
         if not isinstance(ctx.calib, torch.Tensor) or ctx.calib.is_floating_point():
             raise BadInput("quantize: method gptq needs calibration text: pass calib=<1-D tensor of token ids> "
                            "(e.g. spinfx.rewrite(model, recipe, calib=tokens))")
-        batches = token_batches(prog, ctx.calib.reshape(-1), limit=self.samples)
-        if not batches:
-            raise BadInput(f"quantize: {ctx.calib.numel()} calibration tokens do not fill one window of the "
-                           f"traced input shape")
-        return batches
+        window = next(e.numel() for e in prog.examples if isinstance(e, torch.Tensor) and not e.is_floating_point())
+        check_calibration(ctx.calib.numel(), self.samples, window)
+        return token_batches(prog, ctx.calib.reshape(-1), limit=self.samples)
 
 
 def _module(node: fx.Node) -> str:

@@ -80,7 +80,11 @@ def load(model: torch.nn.Module | str | Path, example_inputs=None) -> tuple[Prog
     if isinstance(model, (str, Path)):
         from spinfx.hf import load_model
 
-        model, _ = load_model(model)
+        model, _ = load_model(model)  # checks what it loaded (hf.check_loaded)
+    elif isinstance(model, torch.nn.Module):
+        from spinfx.hf import check_finite
+
+        check_finite(model)
     if not isinstance(model, torch.nn.Module):
         raise BadInput(f"expected an nn.Module or a model directory, got {type(model).__name__}")
     model.eval()
@@ -157,12 +161,16 @@ def rewrite(model, recipe=DEFAULT_RECIPE, example_inputs=None, calib=None, certi
     given, the report carries activation statistics at every linear's input before and after, and
     for a recipe that calibrates on it (GPTQ) without `example_inputs`, the model is traced for
     [1, 512] windows of it."""
+    from spinfx.passes.quantize import check_calibration
     from spinfx.recipe import load_recipe
 
     rec = load_recipe(recipe)
     src = model
-    calibrating = any(p.calibration_windows() for p in rec.passes)
-    if example_inputs is None and calibrating and isinstance(calib, torch.Tensor) and calib.numel() >= CALIB_SEQ:
+    windows = calibration_windows(rec)
+    if windows:  # as much calibration text as the recipe asks, before any work
+        check_calibration(calib.numel() if isinstance(calib, torch.Tensor) else None, windows,
+                          CALIB_SEQ if example_inputs is None else token_window(example_inputs))
+    if example_inputs is None and windows:
         # traced for windows of real context: GPTQ's Hessians are taken on [1, CALIB_SEQ] windows of
         # `calib` (the default 16-token trace would cut it into snippets)
         if isinstance(model, (str, Path)):
@@ -178,6 +186,21 @@ def rewrite(model, recipe=DEFAULT_RECIPE, example_inputs=None, calib=None, certi
 
         source_dir = resolve_source(src)
     return Result(RewrittenModule(prog), rep, prog, module, source_dir)
+
+
+def calibration_windows(recipe) -> int:
+    """How many windows of calibration text the recipe runs the model on (0: it does not calibrate)."""
+    return max((p.calibration_windows() for p in recipe.passes), default=0)
+
+
+def token_window(example_inputs) -> int:
+    """Tokens per calibration window when tracing for `example_inputs`: its token tensor's size (the first
+    integer tensor, as `graph.token_batches` cuts calibration text)."""
+    args, kwargs = _as_inputs(example_inputs)
+    ids = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor) and not x.is_floating_point()]
+    if not ids:
+        raise BadInput("calibration needs example inputs with a tensor of token ids")
+    return ids[0].numel()
 
 
 def apply_recipe(prog: Program, recipe, calib=None, certify: bool = True) -> Report:

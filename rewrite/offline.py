@@ -46,8 +46,10 @@ signature and does not).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -342,14 +344,39 @@ def save(result, out: str | os.PathLike, force: bool = False, progress=None) -> 
     return out
 
 
+def check_writable(out: Path) -> None:
+    """`out` can be created: its nearest existing ancestor is a directory we may create entries in
+    (tried, with an empty temporary directory, removed at once). Otherwise one BadInput naming `out`
+    and why — checked before long work starts."""
+    out = Path(out).expanduser().absolute()
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise BadInput(f"cannot write {out}: {os.strerror(errno.ENOTDIR)} ({parent})")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent))
+    except OSError as e:
+        raise unwritable(out, e) from None
+
+
+def unwritable(out: Path, e: OSError) -> BadInput:
+    """An OSError met while writing `out` (read-only, full disk, …), as the user's one line."""
+    return BadInput(f"cannot write {out}: {e.strerror or e}; nothing was written")
+
+
 @contextlib.contextmanager
 def staged_dir(out: Path):
     """Yield an empty sibling directory of `out` to write into; when the block ends normally it replaces
-    `out` (an existing one is moved aside first, then removed), otherwise it is removed: a failure
-    never leaves a half-written `out`."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    `out` (an existing one is moved aside first, then removed), otherwise it is removed, and so are the
+    parent directories it created: a failure never leaves a half-written `out`. An OSError on the way
+    (a read-only location, a full disk) is a BadInput naming `out`."""
+    check_writable(out)
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # innermost first
+    done, tmp = False, None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         yield tmp
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -358,8 +385,16 @@ def staged_dir(out: Path):
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.rename(tmp, out)
+        done = True
+    except OSError as e:
+        raise unwritable(out, e) from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not done:
+            for p in made:
+                with contextlib.suppress(OSError):
+                    p.rmdir()  # only if still empty
 
 
 def _write(result, parts: Parts, tmp: Path) -> None:
@@ -394,7 +429,6 @@ def write_config(source_config, parts: Parts, linears: list[str], tmp: Path) -> 
 def write_safetensors(tensors: dict[str, torch.Tensor], out: Path, max_shard: int = MAX_SHARD) -> list[str]:
     """`model.safetensors`, or shards plus `model.safetensors.index.json` past `max_shard` bytes."""
     from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
 
     # safetensors refuses views and shared storage: every tensor gets its own contiguous copy
     own = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
@@ -403,13 +437,29 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out: Path, max_shard: in
     umask = os.umask(0)
     os.umask(umask)
     for file, names in split.filename_to_tensors.items():
-        save_file({k: own[k] for k in names}, out / file, metadata={"format": "pt"})
+        save_tensors({k: own[k] for k in names}, out / file, metadata={"format": "pt"})
         os.chmod(out / file, 0o666 & ~umask)  # safetensors creates files private (0600)
     if split.is_sharded:
         index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in own.values())},
                  "weight_map": split.tensor_to_filename}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return sorted(split.filename_to_tensors)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dict | None = None) -> None:
+    """safetensors' `save_file`, its I/O failures (a full disk, …) raised as the OSError they are
+    (safetensors reports them as its own error type: "… I/O error: … (os error 28) …")."""
+    import safetensors.torch
+
+    try:
+        safetensors.torch.save_file(tensors, str(file), metadata=metadata)
+    except OSError:
+        raise
+    except Exception as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(file)) from e
 
 
 def _write_reports(result, tmp: Path) -> None:
@@ -456,7 +506,7 @@ def load(path: str | os.PathLike, cpu_compute_dtype: torch.dtype | None | str = 
     A 4-bit grid's rounding is discontinuous: bf16's relative 2⁻⁹ moves a few percent of the values
     across a rounding boundary, one whole step each (the tiny zoo llama under spinquant-w4a4kv4: logits
     off by 34% of their max in bf16, bit-identical to the program in its own dtype)."""
-    from spinfx.hf import _transformers, attention_impl, load_model, resolve_source
+    from spinfx.hf import _transformers, attention_impl, check_finite, load_model, resolve_source
 
     path = resolve_source(path)
     config = json.loads((path / "config.json").read_text())
@@ -484,6 +534,13 @@ def load(path: str | os.PathLike, cpu_compute_dtype: torch.dtype | None | str = 
             act_quant.update(dict.fromkeys(group["targets"], fn))
     transforms = (qc.get("transform_config") or {}).get("config_groups", {})
     matrices = {k: tensors.pop(k) for k in transforms if k in tensors}
+    want = model.state_dict()
+    for key, t in sorted(tensors.items()):
+        if key in want and tuple(t.shape) != tuple(want[key].shape):
+            raise BadInput(f"{path}: tensor {key} is {list(t.shape)} in the checkpoint but config.json makes it "
+                           f"{list(want[key].shape)}: the config disagrees with the weights")
+        if key in want and want[key].is_floating_point() and not t.is_floating_point():
+            raise BadInput(f"{path}: tensor {key} is {t.dtype} in the checkpoint, where a float weight is expected")
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or []) if cfg.tie_word_embeddings else set()
     missing = [k for k in missing if k not in tied and not _belongs_to(k, swapped)]
@@ -497,6 +554,7 @@ def load(path: str | os.PathLike, cpu_compute_dtype: torch.dtype | None | str = 
         model.get_submodule(name).register_forward_pre_hook(lambda m, args, fn=fn: (fn(args[0]), *args[1:]))
     if qc.get("kv_cache_scheme"):
         attach_kv_quantizer(model, _fake_quantizer(qc["kv_cache_scheme"], "kv_cache_scheme", path))
+    check_finite(model, str(path))
     return model.eval()
 
 

@@ -150,7 +150,7 @@ def test_gptq_beats_rtn_on_model_output():
 
     w3 = {"bits": 3, "group_size": None}
     rtn = _rewrite(zm, [Quantize(weights=w3)])
-    gptq = _rewrite(zm, [Quantize(weights={**w3, "method": "gptq"})], calib=calib)
+    gptq = _rewrite(zm, [Quantize(weights={**w3, "method": "gptq"}, samples=64)], calib=calib)
     assert error(gptq.module) < 0.9 * error(rtn.module)
     q = gptq.report.pass_result("quantize")
     assert q.certificate["rel"] <= 1e-10
@@ -162,7 +162,8 @@ def test_gptq_beats_rtn_on_model_output():
 def test_gptq_act_order_and_conv1d():
     zm = zoo.build("gpt2")  # Conv1D: addmm with W stored [in, out]
     calib = torch.randint(0, zm.expect.vocab, (32 * 8,), generator=torch.Generator().manual_seed(2))
-    r = _rewrite(zm, [Quantize(weights={"bits": 4, "group_size": 32, "method": "gptq", "act_order": True})], calib)
+    r = _rewrite(zm, [Quantize(weights={"bits": 4, "group_size": 32, "method": "gptq", "act_order": True},
+                               samples=32)], calib)
     assert r.report.pass_result("quantize").certificate["rel"] <= 1e-10
     layers = quantized_layers(r.program)
     grouped = [l for l in layers.values() if l.weight.group_size is not None]  # c_proj's K = 88: per channel
@@ -309,7 +310,8 @@ def test_spinquant_gptq_calibrates_through_online_hadamards():
     the result is certified, and every layer's GPTQ output error on the calibration inputs is below RTN's."""
     zm = zoo.build("llama")
     calib = torch.randint(0, zm.expect.vocab, (16 * 8,), generator=torch.Generator().manual_seed(3))
-    passes = load_recipe("spinquant").passes + [Quantize(weights={"bits": 3, "group_size": 32, "method": "gptq"})]
+    passes = load_recipe("spinquant").passes + [Quantize(weights={"bits": 3, "group_size": 32, "method": "gptq"},
+                                                         samples=16)]
     # fold/rotate certificates are tested elsewhere; the quantize pass certifies itself regardless
     from spinfx.api import rewrite
 
