@@ -17,6 +17,7 @@ de-quantized Q4_1 (asymmetric, group 32), so each group of 32 holds at most 16 v
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -73,6 +74,9 @@ def run_config(name: str, windows: int, calib: torch.Tensor) -> dict:
     if passes is not None:
         gptq = any(isinstance(p, Quantize) and p.weights["method"] == "gptq" for p in passes)
         example = {"input_ids": torch.zeros(1, CTX, dtype=torch.long), "use_cache": False}
+        if gptq:  # calibrate on every window given (a recipe refuses fewer windows than its `samples`)
+            passes = [dataclasses.replace(p, samples=calib.numel() // CTX) if isinstance(p, Quantize) else p
+                      for p in passes]
         r = rewrite(model, Recipe(name, passes), example, calib=calib if gptq else None, certify=False)
         q = r.report.pass_result("quantize")
         row.update(rewrite_s=round(time.perf_counter() - t0, 1), quantize_s=round(q.seconds, 1),

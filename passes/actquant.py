@@ -1,4 +1,5 @@
-"""Dynamic activation and KV-cache fake quantization, inserted into the graph as plain ATen ops.
+"""Dynamic activation and KV-cache fake quantization, inserted into the graph as plain ATen ops
+(the quantizer itself is `spinfx.kernels.fake_quant`):
 
     per token (a linear's input x, over its last dim), symmetric, b bits, m = 2^(b-1) - 1:
         s = max|x| / m        x̂ = clamp(round(x / s), -m-1, m) · s
@@ -16,16 +17,19 @@ online Hadamard when the rotation pass put one there), so the cache would hold t
 """
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 
 from spinfx.errors import BadInput
 from spinfx.graph import Program
+from spinfx.kernels.fake_quant import fake_quant as kernel_fake_quant
 from spinfx.match import find_all
 from spinfx.pattern import ANY, Op, Var
 from spinfx.patterns.attention import SDPA, _repeat_kv
 
-aten = torch.ops.aten
+
+# node meta "module_type" of the quantizers' ops (drivers find the KV quantizer by it)
+ACT_KIND, KV_KIND = "act-fake-quant", "kv-fake-quant"
+KINDS = (ACT_KIND, KV_KIND)
 
 # Attention with its k and v captured before GQA's repeat (the tensors a KV cache holds).
 KV_SITE = Op(SDPA, ANY, _repeat_kv(Var("k")), _repeat_kv(Var("v")), name="attn")
@@ -55,22 +59,11 @@ class _Chain:
 
 
 def fake_quant(graph: fx.Graph, x: fx.Node, bits: int, symmetric: bool, kind: str) -> fx.Node:
-    """Insert the fake quantizer of x over its last dim right after x; return its output node."""
-    tiny = torch.finfo(x.meta["val"].dtype).tiny  # keeps an all-zero row at zero instead of 0/0
-    op = _Chain(graph, x, x.meta.get("module", ""), kind)
-    if symmetric:
-        m = (1 << (bits - 1)) - 1
-        s = op(aten.clamp_min.default, op(aten.div.Tensor, op(aten.amax.default, op(aten.abs.default, x), [-1], True),
-                                          float(m)), tiny)
-        q = op(aten.clamp.default, op(aten.round.default, op(aten.div.Tensor, x, s)), float(-m - 1), float(m))
-        return op(aten.mul.Tensor, q, s)
-    top = float((1 << bits) - 1)
-    lo = op(aten.amin.default, x, [-1], True)
-    hi = op(aten.amax.default, x, [-1], True)
-    s = op(aten.clamp_min.default, op(aten.div.Tensor, op(aten.sub.Tensor, hi, lo), top), tiny)
-    z = op(aten.round.default, op(aten.div.Tensor, op(aten.neg.default, lo), s))
-    q = op(aten.clamp.default, op(aten.add.Tensor, op(aten.round.default, op(aten.div.Tensor, x, s)), z), 0.0, top)
-    return op(aten.mul.Tensor, op(aten.sub.Tensor, q, z), s)
+    """Insert the fake quantizer of x over its last dim right after x; return its output node. The ops
+    are `spinfx.kernels.fake_quant`'s, appended to the graph one by one (`spinfx.load` runs the same
+    function on tensors)."""
+    return kernel_fake_quant(x, bits, symmetric, dtype=x.meta["val"].dtype,
+                             op=_Chain(graph, x, x.meta.get("module", ""), kind))
 
 
 def quantize_inputs(prog: Program, linears: list[tuple[fx.Node, int]], bits: int) -> int:
@@ -82,24 +75,26 @@ def quantize_inputs(prog: Program, linears: list[tuple[fx.Node, int]], bits: int
     for node, i in linears:
         readers.setdefault(node.args[i], []).append(node)
     for x, users in readers.items():
-        q = fake_quant(prog.graph, x, bits, symmetric=True, kind="act-fake-quant")
+        q = fake_quant(prog.graph, x, bits, symmetric=True, kind=ACT_KIND)
         for u in users:
             u.replace_input_with(x, q)
     return len(readers)
 
 
-def quantize_kv(prog: Program, bits: int, symmetric: bool) -> int:
+def quantize_kv(prog: Program, bits: int, symmetric: bool) -> list[int]:
     """Per-head, per-token fake quantization of every attention's k and v (what a KV cache stores).
-    Returns the number of attention sites."""
+    Returns the sizes quantized over (head_dim of k and of v), two per attention site."""
     sites = find_all(KV_SITE, prog.graph)[0]
     if not sites:
         raise BadInput("quantize: kv_cache asks for KV quantization but no attention "
                        "(scaled_dot_product_attention) was found")
+    sizes = []
     for m in sites:
         for key in ("k", "v"):
             x = m[key]
             users = list(x.users)  # every reader: a cache output, when there is one, holds x̂ too
-            q = fake_quant(prog.graph, x, bits, symmetric, kind="kv-fake-quant")
+            q = fake_quant(prog.graph, x, bits, symmetric, kind=KV_KIND)
             for u in users:
                 u.replace_input_with(x, q)
-    return len(sites)
+            sizes.append(x.meta["val"].shape[-1])
+    return sizes

@@ -26,6 +26,7 @@ import torch.fx as fx
 from spinfx.errors import BadInput, Unsupported
 from spinfx.graph import Program, add_const
 from spinfx.match import arg, describe, find_all
+from spinfx.passes.options import check_fields
 from spinfx.pattern import Siblings, Var
 from spinfx.patterns.common import CASTS, LINEAR_OPS, VIEWS, linear_node, linear_of
 from spinfx.patterns.norms import LAYERNORM, RMSNORM, RMSNORM_1P, RMSNORM_ATEN
@@ -244,9 +245,12 @@ class FoldNorms(Pass):
     def streams(self) -> bool:
         return True  # γ into the linears of its own block; centering is per row of the table / per tensor
 
-    def run(self, prog: Program, ctx: Context) -> PassResult:
+    def validate(self) -> None:
+        check_fields(self, self.name)
         if self.tie not in ("untie", "keep", "auto"):
             raise BadInput(f"fold-norms: tie must be 'untie', 'keep' or 'auto', not {self.tie!r}")
+
+    def run(self, prog: Program, ctx: Context) -> PassResult:
         res = PassResult(self.name, self.options())
         st = _State(prog, self.tie, set(), res)
         stream = residual_stream(prog.graph)

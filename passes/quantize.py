@@ -15,6 +15,9 @@ Options (the recipe's words):
                largest smaller one of 128, 64, 32 that divides K (SmolLM2's 576: 128 → 64), else per
                channel; the report says so.
   ignore       module names kept in float (default [lm_head]).
+  router       false (default): a mixture of experts' routers stay in float (`patterns.moe`: the linear
+               whose logits pick the top-k experts — a rounding there changes which experts run);
+               true: quantized like every other linear.
   embedding    {bits: 8}: also quantize the token embedding table (`patterns.residual.token_embedding`),
                RTN, per row (group_size null, the default here) or group-wise ({bits: 4, group_size: 64}).
   lm_head      {bits: 8}: also quantize the lm_head — the linear producing the logits, found by structure
@@ -63,8 +66,10 @@ from spinfx.kernels.quant_rtn import quantize_rtn
 from spinfx.kernels.quant_weight import QuantWeight, dequantize
 from spinfx.match import describe
 from spinfx.passes.actquant import check_bits, quantize_inputs, quantize_kv
+from spinfx.passes.options import check_fields
 from spinfx.pattern import Var
 from spinfx.patterns.common import linear_node, linear_of
+from spinfx.patterns.moe import routers
 from spinfx.patterns.residual import output_linear, token_embedding
 from spinfx.pipeline import Context, Pass, PassResult
 from spinfx.rule import Rule, find
@@ -95,6 +100,7 @@ class Scheme:
             raise BadInput(f"quantize: {where} has no option(s) {', '.join(sorted(bad))}; "
                            f"weight options: {', '.join(sorted(known))}")
         s = dataclasses.replace(self, **opts)
+        check_fields(s, f"quantize: {where}")
         if s.bits not in SUPPORTED_BITS:
             raise BadInput(f"quantize: {where}: bits must be one of {SUPPORTED_BITS}, got {s.bits!r}")
         if s.method not in ("rtn", "gptq"):
@@ -102,6 +108,22 @@ class Scheme:
         if s.group_size is not None and (not isinstance(s.group_size, int) or s.group_size < 1):
             raise BadInput(f"quantize: {where}: group_size must be a positive integer or null, got {s.group_size!r}")
         return s
+
+
+def check_calibration(tokens: int | None, windows: int, window: int, what: str = "the calibration text") -> None:
+    """A recipe that calibrates on `windows` windows of `window` tokens gets at least that many
+    tokens, else one BadInput saying how many are needed and how many `what` has (never a silent
+    calibration on less than the recipe asks)."""
+    if not windows:
+        return
+    if tokens is None:
+        raise BadInput(f"the recipe calibrates on {windows} windows of {window} tokens (quantize: method gptq) "
+                       f"and no calibration text was given: pass calib=<1-D tensor of token ids> (CLI: --calib FILE)")
+    if tokens < windows * window:
+        have = tokens // window
+        fewer = f", or ask for fewer windows (quantize: samples: {have})" if have else ""
+        raise BadInput(f"the recipe calibrates on {windows} windows of {window} tokens ({windows * window} tokens); "
+                       f"{what} has {tokens} tokens ({have} window{'' if have == 1 else 's'}): give more text{fewer}")
 
 
 def name_matches(pattern: str, module: str) -> bool:
@@ -220,7 +242,34 @@ class Quantize(Pass):
     kv_cache: dict | None = None
     embedding: dict | None = None
     lm_head: dict | None = None
+    router: bool = False
     samples: int = 128
+
+    def validate(self) -> None:
+        """Every option's type and value, before any work (the graph-dependent checks stay in `run`)."""
+        if not isinstance(self.weights, dict):
+            raise BadInput(f"quantize: weights takes {{bits: 4, group_size: 128, ...}}, got {self.weights!r}")
+        base = Scheme().updated(dict(self.weights), "weights")
+        for o in self.overrides:
+            if not isinstance(o, dict) or not isinstance(o.get("pattern"), str):
+                raise BadInput(f"quantize: each override is {{pattern: NAME, <weight options>}}, got {o!r}")
+            base.updated({k: v for k, v in o.items() if k != "pattern"}, f"override {o['pattern']!r}")
+        bad = [p for p in self.ignore if not isinstance(p, str)] if isinstance(self.ignore, (list, tuple)) else []
+        if bad:
+            raise BadInput(f"quantize: ignore lists module names (or 're:<regex>'), got {bad[0]!r}")
+        if self.activations is not None:
+            _only(self.activations, {"bits"}, "activations")
+            check_bits(self.activations.get("bits"), "activations")
+        if self.kv_cache is not None:
+            _only(self.kv_cache, {"bits", "symmetric"}, "kv_cache")
+            check_bits(self.kv_cache.get("bits"), "kv_cache")
+            if not isinstance(self.kv_cache.get("symmetric", False), bool):
+                raise BadInput(f"quantize: kv_cache symmetric must be true or false, got {self.kv_cache['symmetric']!r}")
+        self._end_scheme(self.embedding, "embedding")
+        self._end_scheme(self.lm_head, "lm_head")
+        check_fields(self, self.name)  # the rest (ignore, samples) by type; the options above said what they take
+        if self.samples < 1:
+            raise BadInput(f"quantize: samples (calibration windows) must be a positive integer, got {self.samples}")
 
     def calibration_windows(self) -> int:
         methods = [self.weights.get("method")] + [o.get("method") for o in self.overrides if isinstance(o, dict)]
@@ -235,11 +284,17 @@ class Quantize(Pass):
         res = PassResult(self.name, self.options())
         stats = find(prog.gm, [LINEARS])[f"{LINEARS.where}:{LINEARS.name}"]
         head = output_linear(prog.graph) if self.lm_head is not None else None
-        layers, ignored = self._layers(prog, stats.found, res, skip=head)
-        stats.applied, stats.declined = sum(len(l.nodes) for l in layers), len(ignored)
+        if not isinstance(self.router, bool):
+            raise BadInput(f"quantize: router is true or false, not {self.router!r}")
+        floats = set() if self.router else routers(prog.graph)
+        layers, ignored = self._layers(prog, stats.found, res, skip=head, floats=floats)
+        stats.applied, stats.declined = sum(len(l.nodes) for l in layers), len(ignored) + len(floats)
         res.rules = [stats]
         if ignored:
             res.notes.append(f"kept in float (ignore): {', '.join(sorted(set(ignored)))}")
+        if floats:
+            res.notes.append(f"kept in float (MoE routers; router: true quantizes them): "
+                             f"{_examples(sorted(_module(n) for n in floats))}")
         input_bits = self._quantize_activations(prog, layers, res)
         ends = self._ends(prog, head, res)  # embedding table / lm_head: weight-only
         stats.applied += sum(len(l.nodes) for l in ends)
@@ -272,18 +327,14 @@ class Quantize(Pass):
         return res
 
     # -- which weights, how ---------------------------------------------------------------------------
-    def _layers(self, prog: Program, matches: list, res: PassResult,
-                skip: fx.Node | None = None) -> tuple[list[_Layer], list[str]]:
-        base = Scheme().updated(dict(self.weights), "weights")
-        for o in self.overrides:
-            if not isinstance(o, dict) or not isinstance(o.get("pattern"), str):
-                raise BadInput(f"quantize: each override is {{pattern: NAME, <weight options>}}, got {o!r}")
-            base.updated({k: v for k, v in o.items() if k != "pattern"}, f"override {o['pattern']!r}")
+    def _layers(self, prog: Program, matches: list, res: PassResult, skip: fx.Node | None = None,
+                floats: set = frozenset()) -> tuple[list[_Layer], list[str]]:
+        base = Scheme().updated(dict(self.weights), "weights")  # options were checked when built (validate)
         by_weight: dict[str, _Layer] = {}
         ignored: list[str] = []
         for m in matches:
             node, transposed = linear_node(m)
-            if node is skip:  # the lm_head, quantized by its own option (_ends)
+            if node is skip or node in floats:  # the lm_head, quantized by its own option (_ends); routers
                 continue
             w = node.args[2 if transposed else 1].target
             module = node.meta.get("module") or w.rsplit(".", 1)[0]
@@ -365,18 +416,17 @@ class Quantize(Pass):
     def _quantize_activations(self, prog: Program, layers: list[_Layer], res: PassResult) -> int | None:
         bits = None
         if self.activations is not None:
-            _only(self.activations, {"bits"}, "activations")
-            bits = check_bits(self.activations.get("bits"), "activations")
+            bits = self.activations["bits"]
             n = quantize_inputs(prog, [(node, l.x_arg()) for l in layers for node in l.nodes], bits)
             res.findings["activations"] = {"bits": bits, "quantizers": n, "scheme": "per-token symmetric, dynamic"}
         if self.kv_cache is not None:
-            _only(self.kv_cache, {"bits", "symmetric"}, "kv_cache")
-            kv_bits = check_bits(self.kv_cache.get("bits"), "kv_cache")
-            symmetric = bool(self.kv_cache.get("symmetric", False))
-            n = quantize_kv(prog, kv_bits, symmetric)
-            res.findings["kv_cache"] = {"bits": kv_bits, "attention_sites": n,
+            kv_bits = self.kv_cache["bits"]
+            symmetric = self.kv_cache.get("symmetric", False)
+            sizes = quantize_kv(prog, kv_bits, symmetric)
+            res.findings["kv_cache"] = {"bits": kv_bits, "attention_sites": len(sizes) // 2,
                                         "scheme": f"per head and token, {'symmetric' if symmetric else 'asymmetric'}"}
-            prog.meta["kv_cache"] = {"bits": kv_bits, "symmetric": symmetric}
+            # for checkpoints (spinfx.offline): the scheme and the sizes it quantizes over (head_dim)
+            prog.meta["kv_cache"] = {"bits": kv_bits, "symmetric": symmetric, "head_dims": sorted(set(sizes))}
         if self.activations is not None or self.kv_cache is not None:
             res.notes.append("activations/KV are fake-quantized (rounded to the integer grid and scaled back "
                              "in float): torch._int_mm is slower than the float matmul on this CPU")
@@ -388,11 +438,9 @@ class Quantize(Pass):
         if not isinstance(ctx.calib, torch.Tensor) or ctx.calib.is_floating_point():
             raise BadInput("quantize: method gptq needs calibration text: pass calib=<1-D tensor of token ids> "
                            "(e.g. spinfx.rewrite(model, recipe, calib=tokens))")
-        batches = token_batches(prog, ctx.calib.reshape(-1), limit=self.samples)
-        if not batches:
-            raise BadInput(f"quantize: {ctx.calib.numel()} calibration tokens do not fill one window of the "
-                           f"traced input shape")
-        return batches
+        window = next(e.numel() for e in prog.examples if isinstance(e, torch.Tensor) and not e.is_floating_point())
+        check_calibration(ctx.calib.numel(), self.samples, window)
+        return token_batches(prog, ctx.calib.reshape(-1), limit=self.samples)
 
 
 def _module(node: fx.Node) -> str:

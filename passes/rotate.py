@@ -23,10 +23,11 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from spinfx.errors import Unsupported
+from spinfx.errors import BadInput, Unsupported
 from spinfx.graph import Program, add_const
 from spinfx.kernels.hadamard import HadamardRotation
 from spinfx.match import describe, find_all
+from spinfx.passes.options import check_fields
 from spinfx.pattern import Siblings, Var
 from spinfx.patterns.attention import ATTENTION, QKV, ROPE_SITE, output_projection, qkv_linears
 from spinfx.patterns.common import CASTS, HEAD_LAYOUT, LINEAR_OPS as LINEARS, VIEWS, linear_of
@@ -38,6 +39,9 @@ aten = torch.ops.aten
 
 SCALE_FREE_GROUP = Siblings(RMSNORM_PLAIN, linear_of(Var("normout")), bind="normout",
                             min=1, all_users=True, through=CASTS + VIEWS, name="linears")
+
+
+KINDS = ("hadamard", "random", "none")  # r1 / r2: a randomized Hadamard, a seeded random orthogonal, none
 
 
 def make_rotation(kind: str, n: int, seed: int):
@@ -236,6 +240,14 @@ class Rotate(Pass):
 
     def streams(self) -> bool:
         return True  # R1 from (hidden, seed), R2 from (head_dim, seed, layer index: ctx.site_base), R4 from shapes
+
+    def validate(self) -> None:
+        check_fields(self, self.name)
+        for key in ("r1", "r2"):
+            if getattr(self, key) not in KINDS:
+                raise BadInput(f"rotate: {key} must be {' or '.join(map(repr, KINDS))}, got {getattr(self, key)!r}")
+        if self.r4_block is not None and self.r4_block < 1:
+            raise BadInput(f"rotate: r4_block must be a positive integer or null, got {self.r4_block!r}")
 
     def run(self, prog: Program, ctx: Context) -> PassResult:
         res = PassResult(self.name, self.options())

@@ -39,10 +39,11 @@ from fractions import Fraction
 import torch
 import torch.fx as fx
 
-from spinfx.errors import Unsupported
+from spinfx.errors import BadInput, Unsupported
 from spinfx.graph import Program, add_const, drop_const, infer_meta
 from spinfx.kernels import tp_specs as specs
 from spinfx.match import describe, find_all
+from spinfx.passes.options import check_fields
 from spinfx.patterns.attention import ATTENTION, output_projection
 from spinfx.patterns.common import ALL_REDUCE, CASTS, HEAD_LAYOUT, VIEWS, WAIT_TENSOR
 from spinfx.pipeline import Context, Pass, PassResult
@@ -680,6 +681,13 @@ class Shard(Pass):
     group: str | None = None     # process-group name for the collectives (default: WORLD, if initialized)
     attention: str = "shard"     # "replicate": keep attention whole, split only the MLPs
     check: bool = True           # certify (builds and runs all T rank programs in float64)
+
+    def validate(self) -> None:
+        check_fields(self, self.name)
+        if self.tp < 1 or not 0 <= self.rank < self.tp:
+            raise BadInput(f"shard: tp must be a positive integer and 0 <= rank < tp, got tp={self.tp}, rank={self.rank}")
+        if self.attention not in ("shard", "replicate"):
+            raise BadInput(f"shard: attention must be 'shard' or 'replicate', not {self.attention!r}")
 
     def run(self, prog: Program, ctx: Context) -> PassResult:
         res = PassResult(self.name, self.options())

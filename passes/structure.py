@@ -1,7 +1,7 @@
 """find-structure: the analysis every other pass starts from.
 
 Runs the structure finders of spinfx.patterns (norms, norm→linear groups, q/k/v, gate/up, RoPE,
-attention) and the residual-stream walk; records counts, nearest misses, and the matches themselves
+attention, MoE routers) and the residual-stream walk, and groups each router with its experts; records counts, nearest misses, and the matches themselves
 in `ctx.analyses["structure"]` for later passes. Edits nothing.
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Any
 
 from spinfx.graph import Program
 from spinfx.patterns import STRUCTURE
+from spinfx.patterns.moe import expert_groups
 from spinfx.patterns.residual import Stream, residual_stream
 from spinfx.pipeline import Context, Pass, PassResult
 from spinfx.rule import find
@@ -49,6 +50,11 @@ class FindStructure(Pass):
             "embedding": stream.summary()["embedding"], "writers": len(stream.writers),
             "reader_norms": len(reading), "writer_kinds": ", ".join(stream.summary()["writer_kinds"]),
             "stop": stream.stop_reason}
+        groups = expert_groups(prog.graph)
+        if groups:  # mixture of experts (only then: other models' reports stay as they were)
+            counts["router"] = len(groups)
+            counts["experts"] = sum(len(g.experts) for g in groups)
+            res.findings["experts"] = {g.router.meta.get("module") or g.router.name: g.summary() for g in groups}
         return res
 
 

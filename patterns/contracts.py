@@ -1,4 +1,5 @@
-"""Model contracts: what each family must show in its graph, as counts in terms of L (layers).
+"""Model contracts: what each family must show in its graph, as counts in terms of L (layers) and, for a
+mixture of experts, E (experts per layer; `EL` is E·L).
 
 A broken contract is an error that names what is missing and the nearest miss of that finder. The
 engine evaluates these (spinfx.report.check_contract); the family knowledge lives only here.
@@ -9,9 +10,13 @@ _GATED = {"norm": "2L+1", "norm-linears": "2L+1", "qkv": "L", "gate-up": "L", "r
           "attention": "L", "residual-writers": "2L"}
 _CLASSIC = {"norm": "2L+1", "norm-linears": "2L+1", "qkv": "L", "gate-up": "0", "rope": "0",
             "attention": "L", "residual-writers": "2L+1"}  # + the learned positional embedding
+# every layer's MLP a mixture: a router and E experts (fused gate/up each) reading the post-attention
+# norm, and each expert's down_proj a writer of the stream (scaled per token by its routing weight)
+_MOE = _GATED | {"gate-up": "EL", "router": "L", "experts": "EL", "residual-writers": "L+EL"}
 
 CONTRACTS: dict[str, dict[str, str]] = {
     "llama": _GATED, "mistral": _GATED, "qwen2": _GATED, "gemma": _GATED, "phi3": _GATED,
     "qwen3": _GATED | {"norm": "4L+1"}, "granite": _GATED,  # + q_norm and k_norm per layer (they feed no linear)
     "opt": _CLASSIC, "gpt2": _CLASSIC,
+    "mixtral": _MOE, "qwen3_moe": _MOE | {"norm": "4L+1"},
 }

@@ -4,8 +4,9 @@ A whole-graph question, not a local pattern: starting from the token embedding (
 of a constant table indexed by a graph input), follow the stream value through shape-only views and
 scalar scalings (Gemma's √d) to the single `add` that extends it; the other operand of each add is a
 *writer* (a linear — o_proj, down_proj —, or a positional embedding; possibly scaled by a number, as
-Granite's residual_multiplier: a scalar commutes with every rotation; or a sum of writers, as a parallel
-block's attention + MLP in GPT-NeoX, Phi, Falcon). *Readers* are the norms whose
+Granite's residual_multiplier: a scalar commutes with every rotation; or by one number per token, as a
+mixture of experts' routing weight; or a sum of writers, as a parallel block's attention + MLP in
+GPT-NeoX, Phi, Falcon, or the experts of a mixture). *Readers* are the norms whose
 input is a stream value. The walk stops where no add extends the stream; anything ambiguous (two adds,
 an add whose other side is not a writer) ends the walk with the reason recorded. Beyond the stream's
 ends: `token_embedding` (the table it starts from) and `output_linear` (the lm_head: the linear whose
@@ -76,8 +77,22 @@ def _writers(v: fx.Node) -> list[Writer] | None:
     if u.op == "call_function" and u.target is aten.add.Tensor and all(isinstance(a, fx.Node) for a in u.args[:2]):
         parts = [_writers(a) for a in u.args[:2]]
         return None if None in parts else parts[0] + parts[1]
+    if u.op == "call_function" and u.target is aten.mul.Tensor:  # a per-token weight: a routed expert
+        scaled = [a for a, s in (u.args[:2], u.args[1::-1]) if _is_row_scale(s, a)]
+        if scaled:
+            return _writers(scaled[0])
     w = _writer(u)
     return [w] if w is not None else None
+
+
+def _is_row_scale(s, x) -> bool:
+    """Is `s` one number per row of `x` (shape [..., 1] against x's [..., d]): a mixture-of-experts
+    routing weight? It scales whole feature vectors, so it commutes with every map of the feature dim
+    (a rotation, a centering) like a number does."""
+    vs, vx = (a.meta.get("val") if isinstance(a, fx.Node) else None for a in (s, x))
+    return (isinstance(vs, torch.Tensor) and isinstance(vx, torch.Tensor) and vs.dim() >= 1
+            and vs.shape[-1] == 1 and vx.shape[-1] > 1 and vs.dim() <= vx.dim()
+            and tuple(vs.shape[:-1]) == tuple(vx.shape[vx.dim() - vs.dim():-1]))
 
 
 def _is_float(n) -> bool:

@@ -28,7 +28,8 @@ def model_facts(model: torch.nn.Module) -> dict[str, Any]:
     if cfg is None:
         return facts
     for key, names in {"model_type": ("model_type",), "layers": ("num_hidden_layers", "n_layer"),
-                       "vocab": ("vocab_size",), "hidden": ("hidden_size", "n_embd")}.items():
+                       "vocab": ("vocab_size",), "hidden": ("hidden_size", "n_embd"),
+                       "experts": ("num_local_experts", "num_experts")}.items():
         for n in names:
             if getattr(cfg, n, None) is not None:
                 facts[key] = getattr(cfg, n)
@@ -80,13 +81,19 @@ def load(model: torch.nn.Module | str | Path, example_inputs=None) -> tuple[Prog
     if isinstance(model, (str, Path)):
         from spinfx.hf import load_model
 
-        model, _ = load_model(model)
+        model, _ = load_model(model)  # checks what it loaded (hf.check_loaded)
+    elif isinstance(model, torch.nn.Module):
+        from spinfx.hf import check_finite
+
+        check_finite(model)
     if not isinstance(model, torch.nn.Module):
         raise BadInput(f"expected an nn.Module or a model directory, got {type(model).__name__}")
     model.eval()
     args, kwargs = default_inputs(model) if example_inputs is None else _as_inputs(example_inputs)
+    from spinfx.moe import dense_experts
+
     try:
-        with _without_cache(model):
+        with _without_cache(model), dense_experts(model):
             prog = from_module(model, args, kwargs)
     except SpinfxError:
         raise
@@ -110,7 +117,8 @@ def inspect(model, example_inputs=None, name: str | None = None) -> Report:
     if fam in CONTRACTS and layers:
         counts = results[0].findings["counts"]
         misses = {r.name: r.nearest_miss for r in results[0].rules}
-        rep.contract = check_contract(fam, CONTRACTS[fam], {"L": int(layers)}, counts, misses)
+        env = {"L": int(layers)} | ({"E": int(prog.meta["experts"])} if prog.meta.get("experts") else {})
+        rep.contract = check_contract(fam, CONTRACTS[fam], env, counts, misses)
     rep.extra["nodes"] = sum(1 for _ in prog.graph.nodes)
     return rep
 
@@ -154,12 +162,16 @@ def rewrite(model, recipe=DEFAULT_RECIPE, example_inputs=None, calib=None, certi
     given, the report carries activation statistics at every linear's input before and after, and
     for a recipe that calibrates on it (GPTQ) without `example_inputs`, the model is traced for
     [1, 512] windows of it."""
+    from spinfx.passes.quantize import check_calibration
     from spinfx.recipe import load_recipe
 
     rec = load_recipe(recipe)
     src = model
-    calibrating = any(p.calibration_windows() for p in rec.passes)
-    if example_inputs is None and calibrating and isinstance(calib, torch.Tensor) and calib.numel() >= CALIB_SEQ:
+    windows = calibration_windows(rec)
+    if windows:  # as much calibration text as the recipe asks, before any work
+        check_calibration(calib.numel() if isinstance(calib, torch.Tensor) else None, windows,
+                          CALIB_SEQ if example_inputs is None else token_window(example_inputs))
+    if example_inputs is None and windows:
         # traced for windows of real context: GPTQ's Hessians are taken on [1, CALIB_SEQ] windows of
         # `calib` (the default 16-token trace would cut it into snippets)
         if isinstance(model, (str, Path)):
@@ -175,6 +187,21 @@ def rewrite(model, recipe=DEFAULT_RECIPE, example_inputs=None, calib=None, certi
 
         source_dir = resolve_source(src)
     return Result(RewrittenModule(prog), rep, prog, module, source_dir)
+
+
+def calibration_windows(recipe) -> int:
+    """How many windows of calibration text the recipe runs the model on (0: it does not calibrate)."""
+    return max((p.calibration_windows() for p in recipe.passes), default=0)
+
+
+def token_window(example_inputs) -> int:
+    """Tokens per calibration window when tracing for `example_inputs`: its token tensor's size (the first
+    integer tensor, as `graph.token_batches` cuts calibration text)."""
+    args, kwargs = _as_inputs(example_inputs)
+    ids = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor) and not x.is_floating_point()]
+    if not ids:
+        raise BadInput("calibration needs example inputs with a tensor of token ids")
+    return ids[0].numel()
 
 
 def apply_recipe(prog: Program, recipe, calib=None, certify: bool = True, site_base: int = 0) -> Report:

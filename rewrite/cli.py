@@ -81,19 +81,31 @@ def rewrite_to_dir(src: str, recipe: str, out: Path, force: bool, calib_file: st
                    calib_tokens: torch.Tensor | None = None):
     """`spinfx rewrite`: check every input first, then load → rewrite → save (verified). The Result; a
     model larger than one window with a recipe that streams is rewritten window by window (spinfx.stream)."""
-    from spinfx.api import progress, rewrite
+    from spinfx.api import CALIB_SEQ, calibration_windows, progress, rewrite
     from spinfx.data import tokenize_file
-    from spinfx.hf import load_model, resolve_source
+    from spinfx.hf import load_model, load_tokenizer, resolve_source
+    from spinfx.offline import check_writable
+    from spinfx.passes.quantize import check_calibration
     from spinfx.recipe import load_recipe
 
     if out.exists() and not force:
         raise BadInput(f"{out} exists (use --force to replace it)")
+    check_writable(out)
     rec = load_recipe(recipe)
     path = resolve_source(src)
     if calib_file is not None and not Path(calib_file).is_file():
         raise BadInput(f"{calib_file}: no such calibration text file")
+    calib = calib_tokens
+    if calib_file is not None:
+        tokenizer = load_tokenizer(path)
+        if tokenizer is None:
+            raise BadInput(f"{src} has no tokenizer to read the calibration text with")
+        calib = tokenize_file(tokenizer, calib_file)
+    # as much calibration text as the recipe asks, checked before the model loads
+    check_calibration(None if calib is None else calib.numel(), calibration_windows(rec), CALIB_SEQ,
+                      what=str(calib_file or "the calibration text"))
     t0 = time.perf_counter()
-    if calib_file is None and calib_tokens is None:
+    if calib is None:
         from spinfx import stream
 
         windows = stream.plan(path, rec)  # None: the model fits one window, or the recipe needs it whole
@@ -102,12 +114,7 @@ def rewrite_to_dir(src: str, recipe: str, out: Path, force: bool, calib_file: st
             progress(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
             return result
     progress(f"loading {src} …")
-    model, tokenizer = load_model(path)
-    calib = calib_tokens
-    if calib_file is not None:
-        if tokenizer is None:
-            raise BadInput(f"{src} has no tokenizer to read the calibration text with")
-        calib = tokenize_file(tokenizer, calib_file)
+    model, _ = load_model(path)
     progress(f"tracing and rewriting with {rec.name} (certified in float64) …")
     result = rewrite(model, rec, calib=calib)
     result.source_dir = path

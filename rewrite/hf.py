@@ -95,6 +95,7 @@ def _transformers():
             f"this needs transformers: {sys.executable} -m pip install 'transformers>=4.45' gguf sentencepiece"
         ) from None
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # stderr is spinfx's progress and its one error line
     return transformers
 
 
@@ -164,8 +165,7 @@ def resolve_source(src: str | os.PathLike) -> Path:
     if not safetensors and not any(path.glob("pytorch_model*.bin")):
         raise BadInput(f"{src}: no weights (expected *.safetensors or pytorch_model.bin)")
     _check_shards(path)
-    for file in safetensors:
-        _check_safetensors(file)
+    tensor_headers(path)  # every safetensors header reads
     return path
 
 
@@ -181,14 +181,87 @@ def _check_shards(path: Path) -> None:
             raise BadInput(f"{index}: missing shard {missing[0]}{more}")
 
 
-def _check_safetensors(file: Path) -> None:
+def is_float(dtype: str) -> bool:
+    """A safetensors dtype name (F64, F32, F16, BF16, F8_E4M3, …; I32, U8, BOOL, … are not float)."""
+    return dtype.startswith("F") or dtype == "BF16"
+
+
+def tensor_headers(path: Path) -> dict[str, tuple[str, str]]:
+    """tensor name -> (dtype as safetensors names it: "F32", "I32", …; file name) for every tensor of a
+    model directory, read from the files' headers (nothing else is read; a `pytorch_model*.bin` is
+    memory-mapped with `torch.load(weights_only=True)`). A file whose header does not read, or whose
+    data does not fill the file (truncated), is a one-line BadInput naming the file."""
     from safetensors import safe_open
 
-    try:
-        with safe_open(file, framework="pt") as f:
-            f.keys()
-    except Exception as e:  # safetensors raises its own error type (and OSError) for a bad header
-        raise BadInput(f"{file}: corrupted safetensors file ({_one_line(e)})") from None
+    out: dict[str, tuple[str, str]] = {}
+    files = sorted(path.glob("*.safetensors"))
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    out[key] = (f.get_slice(key).get_dtype(), file.name)
+        except Exception as e:  # safetensors raises its own error type (and OSError) for a bad header
+            raise BadInput(f"{file}: corrupted safetensors file ({_one_line(e)})") from None
+    if files:
+        return out
+    for file in sorted(path.glob("pytorch_model*.bin")):
+        try:
+            state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:  # a truncated zip, a pickle that is not plain tensors, …
+            raise BadInput(f"{file}: not a readable PyTorch checkpoint ({_one_line(e)})") from None
+        for key, t in state.items() if isinstance(state, dict) else ():
+            if isinstance(t, torch.Tensor):
+                name = str(t.dtype).removeprefix("torch.")  # float32 -> "F32", int64 -> "I64", bool -> "BOOL"
+                out[key] = (("BF16" if name == "bfloat16" else "F" + name.removeprefix("float")) if t.is_floating_point()
+                            else name.upper().replace("UINT", "U").replace("INT", "I"), file.name)
+    return out
+
+
+def check_loaded(path: Path, model: torch.nn.Module, info: dict, headers: dict[str, tuple[str, str]]) -> None:
+    """The weights as loaded fit the model class config.json describes, one BadInput naming the tensor
+    otherwise: no tensor whose shape disagrees with the config, none missing (transformers would
+    initialize it at random), none left unused, no integer tensor where a float parameter is, every
+    parameter finite. Uses what loading already knows (transformers' loading info, the headers)."""
+    cls = type(model).__name__
+
+    def more(keys: list) -> str:
+        return f" (+{len(keys) - 1} more)" if len(keys) > 1 else ""
+
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda m: m[0])
+    if mismatched:
+        key, got, want = mismatched[0]
+        raise BadInput(f"{path}: tensor {key} is {list(got)} in the checkpoint but config.json makes it "
+                       f"{list(want)}{more(mismatched)}: the config disagrees with the weights")
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise BadInput(f"{path}: tensor {missing[0]} is missing from the checkpoint ({cls} as config.json "
+                       f"describes it has it){more(missing)}")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    prefix = getattr(model, "base_model_prefix", "")
+    for key, (dtype, file) in sorted(headers.items()):
+        p = params.get(key, params.get(f"{prefix}.{key}"))
+        if not is_float(dtype) and p is not None and p.is_floating_point():
+            raise BadInput(f"{path}: tensor {key} is {dtype} in {file}, where a float weight is expected")
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if unexpected:
+        raise BadInput(f"{path}: tensor {unexpected[0]} of the checkpoint is not used by {cls} as config.json "
+                       f"describes it{more(unexpected)}: the config disagrees with the weights")
+    check_finite(model, str(path))
+
+
+def check_finite(model: torch.nn.Module, where: str | None = None) -> None:
+    """Every floating parameter is finite, else one BadInput naming the first that is not."""
+    for name, p in model.named_parameters():
+        if not p.is_floating_point() or p.is_meta:
+            continue
+        flat = p.detach().reshape(-1)
+        if all(torch.isfinite(chunk).all() for chunk in flat.split(1 << 24)):
+            continue
+        nan = int(torch.isnan(flat).sum())
+        inf = int(torch.isinf(flat).sum())
+        what = " and ".join(k for k, n in (("NaN", nan), ("Inf", inf)) if n)
+        raise BadInput(f"{where + ': ' if where else ''}tensor {name} holds {what} ({nan + inf} of {flat.numel()} "
+                       f"values); weights must be finite")
 
 
 def _one_line(e: BaseException) -> str:
@@ -206,7 +279,8 @@ def load_model(src: str | os.PathLike, dtype: torch.dtype = torch.float32):
     tf = _transformers()
     try:
         config = tf.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-        model = tf.AutoModelForCausalLM.from_pretrained(
+        plain = getattr(config, "quantization_config", None) is None
+        model, info = tf.AutoModelForCausalLM.from_pretrained(
             path,
             config=config,
             dtype=dtype,
@@ -215,9 +289,14 @@ def load_model(src: str | os.PathLike, dtype: torch.dtype = torch.float32):
             weights_only=True,
             local_files_only=True,
             trust_remote_code=False,
+            # a shape that disagrees with config.json is listed (check_loaded names it), not a bare error
+            ignore_mismatched_sizes=plain,
+            output_loading_info=True,
         )
     except Exception as e:  # transformers raises ValueError/OSError/KeyError/RuntimeError… for bad inputs
         raise BadInput(f"{path}: transformers cannot load this model ({type(e).__name__}: {_one_line(e)})") from None
+    if plain:
+        check_loaded(path, model, info, tensor_headers(path))
     model.eval()
     return model, load_tokenizer(path)
 

@@ -210,12 +210,16 @@ def _match_siblings(p: Siblings, node: fx.Node) -> Match | Miss:
     best: Miss | None = None
     used: set[fx.Node] = set(r.nodes)
     candidates: list[fx.Node] = []
-    for u in _order(node.users):
-        if u.op == "call_function" and u.target in p.through:
-            candidates.extend(_order(u.users))
-            used.add(u)
-        else:
-            candidates.append(u)
+
+    def reach(n: fx.Node) -> None:  # users, through any chain of `through` ops (a cast, then a view)
+        for u in _order(n.users):
+            if u.op == "call_function" and u.target in p.through and u not in used:
+                used.add(u)
+                reach(u)
+            else:
+                candidates.append(u)
+
+    reach(node)
     for c in candidates:
         sub = _m(p.consumer, c, r.fork(), node)
         if isinstance(sub, _St):

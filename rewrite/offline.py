@@ -19,6 +19,12 @@ A checkpoint is the source model's Hugging Face directory with the rewritten wei
   at attention. Their types are `spinfx-hadamard` (the `spinfx::hadamard` transform of size
   `head_dim`) and `spinfx-matrix` (x @ the matrix stored under the group's name). Other clients do
   not know these types and refuse the checkpoint instead of silently dropping the rotation.
+* activation and KV-cache fake quantization (the quantize pass's `activations:` / `kv_cache:`,
+  `spinfx.kernels.fake_quant`) in compressed-tensors' schema: a config group's `input_activations`
+  (int, `token`, dynamic, symmetric) for the linears whose input is quantized, and the top-level
+  `kv_cache_scheme` (int, `group` with group_size = head_dim, dynamic: per head and token). Their
+  rounding convention is spinfx's, not compressed-tensors' (`_act_args`), so the config is guarded
+  (GUARD_TYPE) as for online transforms.
 * tokenizer files copied from the source directory, `spinfx_report.json`, `report.html`.
 
 Everything is written to a temporary sibling directory, then *verified* — loaded back with `load` and
@@ -31,15 +37,19 @@ exactly as transformers loads them), swaps quantized linears for `spinfx.kernels
 quantized embedding for `spinfx.kernels.qembedding.QEmbedding` (a tied lm_head: a `QLinear` over the
 same codes and scales), and re-attaches each online transform at its recorded site: forward pre-hooks / hooks for module
 inputs / outputs, and an attention function (`spinfx_sdpa`) rotating q and k inside attention, *after*
-the KV cache, so the cache holds keys as the model class computes them. It is the model class
+the KV cache, so the cache holds keys as the model class computes them. Fake quantizers follow the
+transforms of their site, as in the program: a forward pre-hook on each linear with `input_activations`
+(after an input Hadamard), and k and v in `spinfx_sdpa` (after R3, over the whole cache). It is the model class
 itself: `generate` and every KV cache work (the rewritten `Result.module` is traced for one input
 signature and does not).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -56,7 +66,8 @@ NEUTRAL = {"gamma": 1.0, "gamma1p": 0.0, "beta": 0.0}  # norm-pattern capture ->
 HADAMARD, MATRIX = "spinfx-hadamard", "spinfx-matrix"
 ATTENTION_IMPL = "spinfx_sdpa"
 # transformers ignores `transform_config` (and skips unknown quantization methods with a warning): a
-# checkpoint with online transforms would load there silently computing something else. Its config's
+# checkpoint with online transforms would load there silently computing something else; one with
+# spinfx's activation/KV fake quantization would be rounded by compressed-tensors' convention. Its config's
 # `model_type` is therefore `spinfx`, which every other client refuses, with the model class's type
 # kept under BASE_TYPE_KEY for `load`.
 GUARD_TYPE, BASE_TYPE_KEY = "spinfx", "spinfx_model_type"
@@ -74,7 +85,13 @@ class Parts:
     quant_groups: dict[tuple, list[str]] = field(default_factory=dict)  # weight scheme -> modules
     tied: dict[str, str] = field(default_factory=dict)           # module reading a quantized table -> its owner
     transforms: dict[str, dict] = field(default_factory=dict)    # transform_config config_groups
+    kv_cache: dict | None = None                                 # kv_cache_scheme (QuantizationArgs)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def fake_quantized(self) -> bool:
+        """Activations or the KV cache are fake-quantized (spinfx's quantizer, see `_act_args`)."""
+        return self.kv_cache is not None or any(key[-1] for key in self.quant_groups)
 
 
 def checkpoint_parts(result) -> Parts:
@@ -85,6 +102,7 @@ def checkpoint_parts(result) -> Parts:
     parts = Parts()
     live = {n.target for n in prog.graph.nodes if n.op == "get_attr"}
     quantized = _quantized(prog, parts)
+    parts.kv_cache = _kv_cache_scheme(prog)
     for n in prog.graph.nodes:
         if _is_online(n):
             _record_transform(n, parts)
@@ -153,16 +171,14 @@ def _belongs_to(key: str, modules: set[str]) -> bool:
 
 def _quantized(prog, parts: Parts) -> set[str]:
     """Record every weight the quantize pass replaced (`prog.meta["quant"]`: module -> QuantLayer) in
-    compressed-tensors form; returns their module names."""
+    compressed-tensors form, with the fake quantization of its input if it has one; returns their
+    module names."""
     layers = prog.meta.get("quant", {})
     for module, layer in layers.items():
-        if layer.input_bits:
-            raise Unsupported(f"save: {module} quantizes its input activations to {layer.input_bits} bits; "
-                              f"activation quantization has no checkpoint form here yet")
         qw = layer.weight
         for name, t in qw.to_compressed_tensors().items():
             parts.tensors[f"{module}.{name}"] = t
-        scheme = (qw.bits, qw.group_size, qw.symmetric, qw.weight_g_idx is not None)
+        scheme = (qw.bits, qw.group_size, qw.symmetric, qw.weight_g_idx is not None, layer.input_bits)
         parts.quant_groups.setdefault(scheme, []).append(module)
         for reader in layer.tied:
             parts.tied[reader] = module
@@ -170,23 +186,48 @@ def _quantized(prog, parts: Parts) -> set[str]:
     return set(layers) | set(parts.tied)
 
 
+def _kv_cache_scheme(prog) -> dict | None:
+    """The quantize pass's KV fake quantization (`prog.meta["kv_cache"]`) as compressed-tensors'
+    `kv_cache_scheme`: per head and token over head_dim is its `group` strategy with group_size =
+    head_dim on the cache's [batch, heads, tokens, head_dim] (its `token` strategy would share one
+    scale across all tokens of a head)."""
+    kv = prog.meta.get("kv_cache")
+    if not kv:
+        return None
+    if len(kv["head_dims"]) != 1:
+        raise Unsupported(f"save: the KV cache is quantized over head sizes {kv['head_dims']}; compressed-tensors' "
+                          f"kv_cache_scheme has one group size")
+    return {**_act_args(kv["bits"], kv["symmetric"]), "strategy": "group", "group_size": kv["head_dims"][0]}
+
+
+def _act_args(bits: int, symmetric: bool) -> dict:
+    """compressed-tensors QuantizationArgs of spinfx's dynamic fake quantizer (`spinfx.kernels.fake_quant`):
+    int, per token, scales computed at run time. Its scale convention is spinfx's (symmetric: max|x| /
+    (2^(b-1) - 1); asymmetric: the row's own min..max), not compressed-tensors' (max|x| / 7.5 at 4 bits;
+    a range always holding 0): a checkpoint that carries one is therefore guarded like one with online
+    transforms (GUARD_TYPE), so that no other client runs it with its own rounding."""
+    return {"num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": "token", "dynamic": True}
+
+
 def quantization_config(parts: Parts, linears: list[str]) -> dict | None:
-    """compressed-tensors `quantization_config` (pack-quantized) and/or the transform_config."""
-    if not parts.quant_groups and not parts.transforms:
+    """compressed-tensors `quantization_config` (pack-quantized, with `input_activations` /
+    `kv_cache_scheme` where activations / the KV cache are fake-quantized) and/or the transform_config."""
+    if not parts.quant_groups and not parts.transforms and parts.kv_cache is None:
         return None
     groups = {}
-    for i, ((bits, gs, sym, act), modules) in enumerate(sorted(parts.quant_groups.items(), key=str)):
+    for i, ((bits, gs, sym, act, ib), modules) in enumerate(sorted(parts.quant_groups.items(), key=str)):
         groups[f"group_{i}"] = {
             "targets": sorted(modules),
             "weights": {"num_bits": bits, "type": "int", "symmetric": sym, "strategy": "channel" if gs is None
                         else "group", "group_size": gs, "dynamic": False, "actorder": "group" if act else None,
                         "observer": "minmax"},
-            "input_activations": None, "output_activations": None, "format": "pack-quantized"}
+            "input_activations": _act_args(ib, True) if ib else None, "output_activations": None,
+            "format": "pack-quantized"}
     quantized = {m for ms in parts.quant_groups.values() for m in ms} | set(parts.tied)
     qc = {"quant_method": "compressed-tensors", "format": "pack-quantized" if groups else "dense",
           "quantization_status": "compressed", "config_groups": groups,
           "ignore": sorted(m for m in linears if m not in quantized) if groups else [],
-          "kv_cache_scheme": None, "sparsity_config": {}}
+          "kv_cache_scheme": parts.kv_cache, "sparsity_config": {}}
     if parts.transforms:
         qc["transform_config"] = {"config_groups": parts.transforms}
     return qc
@@ -222,7 +263,7 @@ def _site(n: fx.Node) -> tuple[str, str]:
 
     values, todo, attention = {n}, [n], []
     while todo:  # q/k at attention: n reaches scaled_dot_product_attention's q or k through layout ops
-        for u in todo.pop().users:
+        for u in _readers(todo.pop()):
             if u.target is aten.scaled_dot_product_attention.default:
                 attention.append(u)
             elif u.target in _PASS_THROUGH and u not in values:
@@ -232,7 +273,7 @@ def _site(n: fx.Node) -> tuple[str, str]:
         for i, loc in ((0, "q_attn"), (1, "k_cache")):
             if a.args[i] in values:
                 return a.meta.get("module", ""), loc
-    users = {u.meta.get("module", "") for u in n.users}
+    users = {u.meta.get("module", "") for u in _readers(n)}
     src = n.args[0].meta.get("module", "")
     if len(users) == 1 and next(iter(users)) not in ("", src):
         return next(iter(users)), "input"
@@ -240,6 +281,20 @@ def _site(n: fx.Node) -> tuple[str, str]:
         return src, "output"
     raise Unsupported(f"save: the online op {describe(n)} has no module-level site (input of one module, "
                       f"output of one, or q/k at attention)")
+
+
+def _readers(x: fx.Node) -> list[fx.Node]:
+    """x's users, seen through the fake quantizers after it (actquant: a linear's input, attention's k/v).
+    `load` applies a quantizer after the transforms of its site, as the program does."""
+    from spinfx.passes.actquant import KINDS
+
+    out, seen, todo = [], set(), [x]
+    while todo:
+        for u in todo.pop().users:
+            if u not in seen:
+                seen.add(u)
+                (todo if u.meta.get("module_type") in KINDS else out).append(u)
+    return out
 
 
 def _record_transform(n: fx.Node, parts: Parts) -> None:
@@ -289,14 +344,39 @@ def save(result, out: str | os.PathLike, force: bool = False, progress=None) -> 
     return out
 
 
+def check_writable(out: Path) -> None:
+    """`out` can be created: its nearest existing ancestor is a directory we may create entries in
+    (tried, with an empty temporary directory, removed at once). Otherwise one BadInput naming `out`
+    and why — checked before long work starts."""
+    out = Path(out).expanduser().absolute()
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise BadInput(f"cannot write {out}: {os.strerror(errno.ENOTDIR)} ({parent})")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent))
+    except OSError as e:
+        raise unwritable(out, e) from None
+
+
+def unwritable(out: Path, e: OSError) -> BadInput:
+    """An OSError met while writing `out` (read-only, full disk, …), as the user's one line."""
+    return BadInput(f"cannot write {out}: {e.strerror or e}; nothing was written")
+
+
 @contextlib.contextmanager
 def staged_dir(out: Path):
     """Yield an empty sibling directory of `out` to write into; when the block ends normally it replaces
-    `out` (an existing one is moved aside first, then removed), otherwise it is removed: a failure
-    never leaves a half-written `out`."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    `out` (an existing one is moved aside first, then removed), otherwise it is removed, and so are the
+    parent directories it created: a failure never leaves a half-written `out`. An OSError on the way
+    (a read-only location, a full disk) is a BadInput naming `out`."""
+    check_writable(out)
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # innermost first
+    done, tmp = False, None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         yield tmp
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -305,8 +385,16 @@ def staged_dir(out: Path):
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.rename(tmp, out)
+        done = True
+    except OSError as e:
+        raise unwritable(out, e) from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not done:
+            for p in made:
+                with contextlib.suppress(OSError):
+                    p.rmdir()  # only if still empty
 
 
 def _write(result, parts: Parts, tmp: Path) -> None:
@@ -332,7 +420,7 @@ def write_config(source_config, parts: Parts, linears: list[str], tmp: Path) -> 
     if qc is not None:
         config.quantization_config = qc
     config.save_pretrained(tmp)
-    if parts.transforms:  # see GUARD_TYPE
+    if parts.transforms or parts.fake_quantized:  # see GUARD_TYPE and _act_args
         data = json.loads((tmp / "config.json").read_text())
         data[BASE_TYPE_KEY], data["model_type"] = data["model_type"], GUARD_TYPE
         (tmp / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -341,7 +429,6 @@ def write_config(source_config, parts: Parts, linears: list[str], tmp: Path) -> 
 def write_safetensors(tensors: dict[str, torch.Tensor], out: Path, max_shard: int = MAX_SHARD) -> list[str]:
     """`model.safetensors`, or shards plus `model.safetensors.index.json` past `max_shard` bytes."""
     from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
 
     # safetensors refuses views and shared storage: every tensor gets its own contiguous copy
     own = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
@@ -350,13 +437,29 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out: Path, max_shard: in
     umask = os.umask(0)
     os.umask(umask)
     for file, names in split.filename_to_tensors.items():
-        save_file({k: own[k] for k in names}, out / file, metadata={"format": "pt"})
+        save_tensors({k: own[k] for k in names}, out / file, metadata={"format": "pt"})
         os.chmod(out / file, 0o666 & ~umask)  # safetensors creates files private (0600)
     if split.is_sharded:
         index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in own.values())},
                  "weight_map": split.tensor_to_filename}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return sorted(split.filename_to_tensors)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dict | None = None) -> None:
+    """safetensors' `save_file`, its I/O failures (a full disk, …) raised as the OSError they are
+    (safetensors reports them as its own error type: "… I/O error: … (os error 28) …")."""
+    import safetensors.torch
+
+    try:
+        safetensors.torch.save_file(tensors, str(file), metadata=metadata)
+    except OSError:
+        raise
+    except Exception as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(file)) from e
 
 
 def _write_reports(result, tmp: Path) -> None:
@@ -378,7 +481,10 @@ def verify(result, path: Path, quantized: bool = False) -> dict:
     got = load(path)(input_ids=ids[0], use_cache=False).logits
     err = (got.double() - ref.double()).abs().max().item()
     rel = err / max(ref.double().abs().max().item(), 1e-30)
-    # quantized linears load as QLinear, whose CPU fast paths round activations to bf16 (kernels/qlinear)
+    # quantized linears load as QLinear, whose CPU fast paths round activations to bf16 (kernels/qlinear).
+    # A fake-quantized checkpoint loads them in the activation dtype (see `load`: bit for bit the program
+    # on the zoo, and on SmolLM2's 16-token example under spinquant-w4a4kv4) but keeps this bound: one
+    # float ulp between the model class and the graph may move a value across a rounding boundary.
     tol = 2e-2 if quantized else _VERIFY_TOL.get(ref.dtype, 2e-2)
     if not rel <= tol:
         raise Unsupported(f"save: the model class loaded from the checkpoint does not compute the rewritten "
@@ -390,9 +496,17 @@ def verify(result, path: Path, quantized: bool = False) -> dict:
 # ---- reading --------------------------------------------------------------------------------------
 
 
-def load(path: str | os.PathLike) -> torch.nn.Module:
-    """A checkpoint directory (any HF model dir, or one written by `save`) as a runnable model."""
-    from spinfx.hf import _transformers, attention_impl, load_model, resolve_source
+def load(path: str | os.PathLike, cpu_compute_dtype: torch.dtype | None | str = "auto") -> torch.nn.Module:
+    """A checkpoint directory (any HF model dir, or one written by `save`) as a runnable model.
+
+    `cpu_compute_dtype`: what quantized linears compute in on CPU (`kernels.qlinear.plan_qlinear`):
+    bfloat16 takes the fast int4/int8 kernels (activations rounded to bf16 on the way in); None runs the
+    generic `spinfx::qlinear` in the activation dtype, the op the rewritten program runs. "auto" (the
+    default): None where the checkpoint fake-quantizes activations or the KV cache, bfloat16 otherwise.
+    A 4-bit grid's rounding is discontinuous: bf16's relative 2⁻⁹ moves a few percent of the values
+    across a rounding boundary, one whole step each (the tiny zoo llama under spinquant-w4a4kv4: logits
+    off by 34% of their max in bf16, bit-identical to the program in its own dtype)."""
+    from spinfx.hf import _transformers, attention_impl, check_finite, load_model, resolve_source
 
     path = resolve_source(path)
     config = json.loads((path / "config.json").read_text())
@@ -408,12 +522,25 @@ def load(path: str | os.PathLike) -> torch.nn.Module:
     dtype = getattr(cfg, "dtype", None) or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation=attention_impl(cfg), dtype=dtype)
+    if cpu_compute_dtype == "auto":
+        fake = qc.get("kv_cache_scheme") or any(g.get("input_activations") for g in qc.get("config_groups", {}).values())
+        cpu_compute_dtype = None if fake else torch.bfloat16
     tensors = read_safetensors(path)
-    swapped = set()
+    swapped, act_quant = set(), {}
     for group in qc.get("config_groups", {}).values():
-        swapped |= _swap_quantized(model, group, tensors)
+        swapped |= _swap_quantized(model, group, tensors, cpu_compute_dtype)
+        if group.get("input_activations"):
+            fn = _fake_quantizer(group["input_activations"], "input_activations", path)
+            act_quant.update(dict.fromkeys(group["targets"], fn))
     transforms = (qc.get("transform_config") or {}).get("config_groups", {})
     matrices = {k: tensors.pop(k) for k in transforms if k in tensors}
+    want = model.state_dict()
+    for key, t in sorted(tensors.items()):
+        if key in want and tuple(t.shape) != tuple(want[key].shape):
+            raise BadInput(f"{path}: tensor {key} is {list(t.shape)} in the checkpoint but config.json makes it "
+                           f"{list(want[key].shape)}: the config disagrees with the weights")
+        if key in want and want[key].is_floating_point() and not t.is_floating_point():
+            raise BadInput(f"{path}: tensor {key} is {t.dtype} in the checkpoint, where a float weight is expected")
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or []) if cfg.tie_word_embeddings else set()
     missing = [k for k in missing if k not in tied and not _belongs_to(k, swapped)]
@@ -421,9 +548,34 @@ def load(path: str | os.PathLike) -> torch.nn.Module:
         raise BadInput(f"{path}: weights do not fit {type(model).__name__}: missing {missing[:3]}, "
                        f"unexpected {unexpected[:3]}")
     if cfg.tie_word_embeddings:
-        _tie(model)
+        _tie(model, cpu_compute_dtype)
     attach_transforms(model, transforms, matrices)
+    for name, fn in act_quant.items():  # after the transforms: an input Hadamard (R4) runs first, as in the program
+        model.get_submodule(name).register_forward_pre_hook(lambda m, args, fn=fn: (fn(args[0]), *args[1:]))
+    if qc.get("kv_cache_scheme"):
+        attach_kv_quantizer(model, _fake_quantizer(qc["kv_cache_scheme"], "kv_cache_scheme", path))
+    check_finite(model, str(path))
     return model.eval()
+
+
+def _fake_quantizer(args: dict, what: str, path: Path):
+    """x -> x̂ for compressed-tensors QuantizationArgs written by `_act_args` (spinfx's dynamic quantizer,
+    `spinfx.kernels.fake_quant`); other activation schemes are refused, not approximated."""
+    from spinfx.kernels.fake_quant import fake_quant
+
+    strategy, gs = args.get("strategy"), args.get("group_size")
+    per_row = strategy == "token" if what == "input_activations" else strategy == "group" and isinstance(gs, int)
+    if args.get("type", "int") != "int" or args.get("dynamic") is not True or not per_row:
+        raise BadInput(f"{path}: {what} {args} is not one spinfx applies (int, dynamic, per token"
+                       f"{'' if what == 'input_activations' else ' and head: strategy group, group_size head_dim'})")
+    bits, symmetric = int(args["num_bits"]), bool(args.get("symmetric", True))
+
+    def quantize(x: torch.Tensor) -> torch.Tensor:
+        if gs is not None and x.shape[-1] != gs:
+            raise BadInput(f"{path}: {what} has group_size {gs} but attention's head_dim is {x.shape[-1]}")
+        return fake_quant(x, bits, symmetric)
+
+    return quantize
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -435,7 +587,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _tie(model: torch.nn.Module) -> None:
+def _tie(model: torch.nn.Module, cpu_compute_dtype: torch.dtype | None = torch.bfloat16) -> None:
     """The lm_head reads the embedding's matrix: transformers' tie, or, for a quantized table, a QLinear
     over the same codes and scales (per-row table = per-channel linear: the same QuantWeight)."""
     from spinfx.kernels.qembedding import QEmbedding
@@ -447,10 +599,11 @@ def _tie(model: torch.nn.Module) -> None:
         return
     if model.get_output_embeddings() is None:
         raise BadInput(f"{type(model).__name__} ties its embeddings but has no output embedding to read the table")
-    model.set_output_embeddings(QLinear(emb.quant_weight()))
+    model.set_output_embeddings(QLinear(emb.quant_weight(), cpu_compute_dtype=cpu_compute_dtype))
 
 
-def _swap_quantized(model: torch.nn.Module, group: dict, tensors: dict) -> set[str]:
+def _swap_quantized(model: torch.nn.Module, group: dict, tensors: dict,
+                    cpu_compute_dtype: torch.dtype | None = torch.bfloat16) -> set[str]:
     """Replace the group's targets by QLinear modules (QEmbedding for an nn.Embedding) built from their
     tensors (popped)."""
     from spinfx.kernels.qembedding import QEmbedding
@@ -469,7 +622,7 @@ def _swap_quantized(model: torch.nn.Module, group: dict, tensors: dict) -> set[s
             scale = getattr(old, "embed_scale", None)
             new = QEmbedding(qw, None if scale is None else float(scale))
         else:
-            new = QLinear(qw)
+            new = QLinear(qw, cpu_compute_dtype=cpu_compute_dtype)
         setattr(model.get_submodule(parent), leaf, new)
     return set(group["targets"])
 
@@ -502,8 +655,21 @@ def attach_transforms(model: torch.nn.Module, groups: dict[str, dict], matrices:
                 else:
                     raise BadInput(f"transform {key}: unknown location {loc!r}")
     if attention:
-        _register_attention()
-        model.set_attn_implementation(ATTENTION_IMPL)
+        _use_attention(model)
+
+
+def attach_kv_quantizer(model: torch.nn.Module, fn) -> None:
+    """KV-cache fake quantization at every attention (compressed-tensors' `kv_cache_scheme` names no
+    modules: it is the whole model's, as the quantize pass quantizes every attention's k and v): every
+    module carries `fn`, and `spinfx_sdpa` applies it to the attention modules it is called with."""
+    for m in model.modules():
+        m.__dict__["_spinfx_kv"] = fn
+    _use_attention(model)
+
+
+def _use_attention(model: torch.nn.Module) -> None:
+    _register_attention()
+    model.set_attn_implementation(ATTENTION_IMPL)
 
 
 def _hadamard_fn(ks: list[int], block: int):
@@ -515,9 +681,12 @@ def _matrix_fn(m: torch.Tensor):
 
 
 def _register_attention() -> None:
-    """`spinfx_sdpa`: SDPA with q and k rotated first (the module's `_spinfx_qk` transforms). The key
-    here is the whole cached key, so the KV cache holds keys as the model class computes them; the
-    scores q·H·(k·H)ᵀ = q·kᵀ are unchanged."""
+    """`spinfx_sdpa`: SDPA with q and k rotated first (the module's `_spinfx_qk` transforms), then k and
+    v fake-quantized (the module's `_spinfx_kv`), where the program does both: after R3, before GQA's
+    repeat. The key and value here are the whole cache (past tokens and the new ones), so the KV
+    cache holds them as the model class computes them and every step quantizes all of them; per head
+    and token, each cached token's x̂ is the one the program computes. The scores q·H·(k·H)ᵀ = q·kᵀ
+    are unchanged by H."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -527,6 +696,9 @@ def _register_attention() -> None:
             query = qk["q_attn"](query)
         if "k_cache" in qk:
             key = qk["k_cache"](key)
+        kv = module.__dict__.get("_spinfx_kv")
+        if kv is not None:
+            key, value = kv(key), kv(value)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register(ATTENTION_IMPL, spinfx_sdpa)

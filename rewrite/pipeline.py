@@ -54,6 +54,12 @@ class Pass:
     # Does it exist to change weights? Then changing none of a graph's linears is an error (api.check_changed).
     changes_weights: ClassVar[bool] = False
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse options the pass cannot take (BadInput naming the option) when it is built, before any work."""
+
     def rules(self) -> list[Rule]:
         return []
 

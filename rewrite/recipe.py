@@ -61,6 +61,7 @@ class Recipe:
 
 def _build(name: str, steps: Any, allow_unchanged: bool = False) -> Recipe:
     from spinfx.passes import REGISTRY
+    from spinfx.passes.options import check_fields
 
     if not isinstance(steps, list):
         raise BadInput(f"recipe {name}: 'passes' must be a list of {{pass-name: {{options}}}}")
@@ -72,13 +73,19 @@ def _build(name: str, steps: Any, allow_unchanged: bool = False) -> Recipe:
         if pname not in REGISTRY:
             raise BadInput(f"recipe {name}: unknown pass {pname!r}; known: {', '.join(sorted(REGISTRY))}")
         cls = REGISTRY[pname]
-        opts = opts or {}
+        opts = {} if opts is None else opts
+        if not isinstance(opts, dict):
+            raise BadInput(f"recipe {name}: the options of {pname} must be a mapping {{option: value}}, got {opts!r}")
         known = {f.name for f in dataclasses.fields(cls)}
         bad = set(opts) - known
         if bad:
-            raise BadInput(f"recipe {name}: pass {pname} has no option(s) {', '.join(sorted(bad))}; "
+            raise BadInput(f"recipe {name}: pass {pname} has no option(s) {', '.join(sorted(map(str, bad)))}; "
                            f"it takes: {', '.join(sorted(known)) or 'none'}")
-        passes.append(cls(**opts))
+        try:  # a pass checks its options when built (Pass.validate); every field's type is checked here
+            passes.append(cls(**opts))
+            check_fields(passes[-1], pname)
+        except BadInput as e:
+            raise BadInput(f"recipe {name}: {e}") from None
     return Recipe(name, passes, allow_unchanged)
 
 

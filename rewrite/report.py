@@ -12,11 +12,11 @@ from typing import Any
 
 from spinfx.pipeline import PassResult
 
-_TERM = re.compile(r"^\s*(\d*)\s*([A-Za-z]?)\s*$")
+_TERM = re.compile(r"^\s*(\d*)\s*([A-Za-z]*)\s*$")
 
 
 def eval_count(expr: str | int, env: dict[str, int]) -> int:
-    """'2L+1' with env {'L': 30} -> 61. Sums of terms `kX` or `k`."""
+    """'2L+1' with env {'L': 30} -> 61. Sums of terms `k`, `kX` or products `kXY` ('EL': E·L)."""
     if isinstance(expr, int):
         return expr
     total = 0
@@ -27,9 +27,11 @@ def eval_count(expr: str | int, env: dict[str, int]) -> int:
         m = _TERM.match(term.strip().lstrip("-"))
         if not m:
             raise ValueError(f"bad contract term {term!r} in {expr!r}")
-        k, var = m.groups()
-        coef = int(k) if k else 1
-        total += sign * coef * (env[var] if var else 1)
+        k, names = m.groups()
+        term_value = int(k) if k else 1
+        for var in names:
+            term_value *= env[var]
+        total += sign * term_value
     return total
 
 

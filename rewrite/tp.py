@@ -14,6 +14,7 @@ A user's command (two ranks on CPU; see README "Tensor parallel"):
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -28,7 +29,7 @@ import torch
 
 from spinfx.errors import BadInput, SpinfxError
 from spinfx.graph import Program
-from spinfx.offline import read_safetensors, staged_dir, write_safetensors
+from spinfx.offline import check_writable, read_safetensors, save_tensors, staged_dir, write_safetensors
 from spinfx.patterns.common import ALL_REDUCE
 
 META = "spinfx_tp.json"
@@ -164,13 +165,11 @@ def consolidate_tensors(ranks: list[dict[str, torch.Tensor]], layouts: dict) -> 
 def save_sharded(tensors: dict[str, torch.Tensor], layouts: dict, tp: int, out: Path,
                  extra: dict | None = None) -> list[Path]:
     """Write rank files + metadata into the existing directory `out`."""
-    from safetensors.torch import save_file
-
     ranks = shard_tensors_by_layout(tensors, layouts, tp)
     files = []
     for r, ts in enumerate(ranks):
         f = out / rank_file(r, tp)
-        save_file({k: v.contiguous() for k, v in ts.items()}, str(f), metadata={"tp": str(tp), "rank": str(r)})
+        save_tensors({k: v.contiguous() for k, v in ts.items()}, f, metadata={"tp": str(tp), "rank": str(r)})
         files.append(f)
     meta = {"format": "spinfx-tp", "version": 1, "tp": tp, "files": [f.name for f in files],
             "layouts": {m: lay.to_dict() for m, lay in sorted(layouts.items())},
@@ -330,6 +329,8 @@ def cmd_rewrite_tp(args) -> int:
         raise BadInput(f"--tp must be a positive integer, got {T}")
     if out.exists() and not args.force:
         raise BadInput(f"{out} exists (use --force to replace it)")
+    check_writable(out)
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.unsharded.", dir=out.parent))
     try:
@@ -340,6 +341,9 @@ def cmd_rewrite_tp(args) -> int:
         shard_checkpoint(work / "ckpt", out, T, layouts)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        for p in made if not out.exists() else ():  # parents this call created, left empty by a failure
+            with contextlib.suppress(OSError):
+                p.rmdir()
     files = sorted(f.name for f in out.glob("*.safetensors"))
     mb = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e6
     if getattr(args, "json", False):

@@ -48,6 +48,8 @@ class Expect:
     positions: str  # "rope" or "learned"
     embed_scale: float  # Gemma multiplies the embeddings by sqrt(hidden), Granite by its embedding_multiplier
     qk_norm: bool = False  # q and k pass a per-head RMSNorm (Qwen3): two more norm modules per layer
+    experts: int = 0  # a mixture of experts per layer (0: a dense MLP); `intermediate` is then per expert
+    top_k: int = 0
 
 
 @dataclass
@@ -60,51 +62,95 @@ class ZooModel:
     expect: Expect
 
 
-def _llama(tf, layers: int, tied: bool = True, head_dim: int = HEAD_DIM, **size):
-    return tf.LlamaConfig(**_common(layers, size), head_dim=head_dim, tie_word_embeddings=tied)
+def _llama(tf, layers: int, tied: bool = True, head_dim: int = HEAD_DIM, **o):
+    return tf.LlamaConfig(**_common(layers, o), head_dim=head_dim, tie_word_embeddings=tied, **_hf(o))
 
 
-def _mistral(tf, layers: int, **size):
-    return tf.MistralConfig(**_common(layers, size), head_dim=HEAD_DIM, sliding_window=None,
+def _mistral(tf, layers: int, tied: bool = False, head_dim: int = HEAD_DIM, **o):
+    return tf.MistralConfig(**_common(layers, o), head_dim=head_dim, tie_word_embeddings=tied,
+                            **_hf(o, sliding_window=None))
+
+
+def _qwen2(tf, layers: int, tied: bool = True, **o):  # q/k/v always have biases
+    return tf.Qwen2Config(**_common(layers, o), tie_word_embeddings=tied, **_hf(o))
+
+
+def _qwen3(tf, layers: int, tied: bool = True, head_dim: int = HEAD_DIM, **o):  # per-head q/k RMSNorm before RoPE
+    return tf.Qwen3Config(**_common(layers, o), head_dim=head_dim, tie_word_embeddings=tied, **_hf(o))
+
+
+def _granite(tf, layers: int, tied: bool = True, **o):  # scalar multipliers on the embedding, every writer, the logits
+    return tf.GraniteConfig(**_common(layers, o), tie_word_embeddings=tied, **_hf(
+        o, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=4.0))
+
+
+EXPERTS, TOP_K, EXPERT_INTERMEDIATE = 4, 2, 40  # 40: not 2^k (R4 takes H_20 ⊗ H_2)
+
+
+def _mixtral(tf, layers: int, **size):  # every MLP a mixture: router + EXPERTS experts, top-TOP_K
+    return tf.MixtralConfig(**_common(layers, size | {"intermediate": EXPERT_INTERMEDIATE}), head_dim=HEAD_DIM,
+                            num_local_experts=EXPERTS, num_experts_per_tok=TOP_K, sliding_window=None,
                             tie_word_embeddings=False)
 
 
-def _qwen2(tf, layers: int, **size):
-    return tf.Qwen2Config(**_common(layers, size), tie_word_embeddings=True)
+def _qwen3_moe(tf, layers: int, **size):  # Qwen3's per-head q/k norms + a mixture in every layer
+    return tf.Qwen3MoeConfig(**_common(layers, size), head_dim=HEAD_DIM, num_experts=EXPERTS,
+                             num_experts_per_tok=TOP_K, moe_intermediate_size=EXPERT_INTERMEDIATE,
+                             norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                             tie_word_embeddings=True)
 
 
-def _qwen3(tf, layers: int, **size):  # q and k pass a per-head RMSNorm before RoPE
-    return tf.Qwen3Config(**_common(layers, size), head_dim=HEAD_DIM, tie_word_embeddings=True)
+def _gemma(tf, layers: int, tied: bool = True, head_dim: int = 24, **o):  # head_dim 24: heads·head_dim = 96 ≠ hidden 64; MQA
+    return tf.GemmaConfig(**_common(layers, {"kv_heads": 1} | o), head_dim=head_dim, tie_word_embeddings=tied,
+                          **_hf(o, hidden_activation="gelu_pytorch_tanh"))
 
 
-def _granite(tf, layers: int, **size):  # scalar multipliers on the embedding, every writer, the logits
-    return tf.GraniteConfig(**_common(layers, size), tie_word_embeddings=True, embedding_multiplier=2.0,
-                            residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=4.0)
+def _phi3(tf, layers: int, tied: bool = False, **o):  # fused q/k/v and gate/up projections
+    return tf.Phi3Config(**_common(layers, o), tie_word_embeddings=tied, **_hf(o))
 
 
-def _gemma(tf, layers: int, **size):  # head_dim 24: heads·head_dim = 96 ≠ hidden 64; MQA
-    return tf.GemmaConfig(**_common(layers, size | {"kv_heads": 1}), head_dim=24, tie_word_embeddings=True,
-                          hidden_activation="gelu_pytorch_tanh")
+def _olmo2(tf, layers: int, tied: bool = False, **o):  # post-norms on the attention/MLP outputs, q/k norms
+    return tf.Olmo2Config(**_common(layers, o), tie_word_embeddings=tied, **_hf(o))
 
 
-def _phi3(tf, layers: int, **size):
-    return tf.Phi3Config(**_common(layers, size), tie_word_embeddings=False)
+def _opt(tf, layers: int, tied: bool = True, **o):
+    s = _sizes(o)
+    return tf.OPTConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], num_attention_heads=s["heads"],
+                        ffn_dim=s["intermediate"], num_hidden_layers=layers, max_position_embeddings=64,
+                        tie_word_embeddings=tied, dropout=0.0, attention_dropout=0.0, pad_token_id=1,
+                        bos_token_id=2, eos_token_id=2, **_hf(o, word_embed_proj_dim=s["hidden"],
+                                                              do_layer_norm_before=True, enable_bias=True))
 
 
-def _opt(tf, layers: int, **size):
-    s = _sizes(size)
-    return tf.OPTConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], word_embed_proj_dim=s["hidden"],
-                        num_attention_heads=s["heads"], ffn_dim=s["intermediate"], num_hidden_layers=layers,
-                        max_position_embeddings=64, do_layer_norm_before=True, enable_bias=True,
-                        tie_word_embeddings=True, dropout=0.0, attention_dropout=0.0, pad_token_id=1,
-                        bos_token_id=2, eos_token_id=2)
-
-
-def _gpt2(tf, layers: int, **size):
-    s = _sizes(size)
+def _gpt2(tf, layers: int, tied: bool = True, **o):  # Conv1D linears (y = x W + b), fused q/k/v
+    s = _sizes(o)
     return tf.GPT2Config(vocab_size=s["vocab"], n_embd=s["hidden"], n_head=s["heads"], n_inner=s["intermediate"],
                          n_layer=layers, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
+                         tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0, **_hf(o))
+
+
+def _stablelm(tf, layers: int, tied: bool = False, **o):  # LayerNorm, partial rotary (25 %)
+    return tf.StableLmConfig(**_common(layers, o), tie_word_embeddings=tied, **_hf(o, partial_rotary_factor=0.25))
+
+
+def _phi(tf, layers: int, tied: bool = False, **o):  # parallel attention + MLP on one LayerNorm, partial rotary, biases
+    return tf.PhiConfig(**_common(layers, o), tie_word_embeddings=tied, **_hf(o, partial_rotary_factor=0.5))
+
+
+def _gpt_neox(tf, layers: int, tied: bool = False, **o):  # parallel residual, fused q/k/v interleaved per head
+    s = _sizes(o)
+    return tf.GPTNeoXConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], num_attention_heads=s["heads"],
+                            intermediate_size=s["intermediate"], num_hidden_layers=layers, max_position_embeddings=64,
+                            tie_word_embeddings=tied, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                            **_hf(o, rotary_pct=0.25, use_parallel_residual=True))
+
+
+SIZES = ("vocab", "hidden", "heads", "kv_heads", "intermediate")  # the sizes a config factory takes by these names
+
+
+def _hf(options: dict, **defaults) -> dict:
+    """The options that are not sizes: HF config keywords, passed as they are (over the factory's defaults)."""
+    return defaults | {k: v for k, v in options.items() if k not in SIZES}
 
 
 def _sizes(size: dict) -> dict:
@@ -131,12 +177,22 @@ _FAMILIES: dict[str, tuple[Callable, dict]] = {
     "qwen2": (_qwen2, _DECODER | dict(qkv_bias=True)),
     "qwen3": (_qwen3, _DECODER | dict(qk_norm=True)),
     "granite": (_granite, _DECODER),
+    # router + EXPERTS fused gate/up experts per layer: 4 + 1 + 2·EXPERTS linears
+    "mixtral": (_mixtral, _DECODER | dict(fused_gate_up=True, linears_per_layer=5 + 2 * EXPERTS,
+                                          experts=EXPERTS, top_k=TOP_K)),
+    "qwen3_moe": (_qwen3_moe, _DECODER | dict(qk_norm=True, fused_gate_up=True, linears_per_layer=5 + 2 * EXPERTS,
+                                              experts=EXPERTS, top_k=TOP_K)),
     "gemma": (_gemma, _DECODER | dict(norm="rms1p")),
     "phi3": (_phi3, _DECODER | dict(fused_qkv=True, fused_gate_up=True, linears_per_layer=4)),
     "opt": (_opt, _LAYERNORM | dict(linear="linear", fused_qkv=False, linears_per_layer=6)),
     "gpt2": (_gpt2, _LAYERNORM | dict(linear="conv1d", fused_qkv=True, linears_per_layer=4)),
 }
 _VARIANTS = {"llama_untied": ("llama", {"tied": False})}
+# Families built from configs here that are not (yet) zoo members with goldens -> _randomize's norm kind
+# (tests/test_coverage.py, tests/test_postnorm.py and spinfx.fuzz build them with `hf_config`)
+_MORE: dict[str, tuple[Callable, str]] = {"stablelm": (_stablelm, "layer"), "phi": (_phi, "layer"),
+                                          "gpt_neox": (_gpt_neox, "layer"), "olmo2": (_olmo2, "rms")}
+FAMILIES: tuple[str, ...] = (*_FAMILIES, *_MORE)  # every family `hf_config` builds
 ZOO: tuple[str, ...] = (*_FAMILIES, *_VARIANTS)
 
 
@@ -162,16 +218,38 @@ def random_llama(layers: int, hidden: int = HIDDEN, heads: int = HEADS, kv_heads
     return _make(f"llama-{layers}x{hidden}", "llama", seed, layers, dtype, options)
 
 
-def _make(name: str, family: str, seed: int, layers: int, dtype: torch.dtype, options: dict) -> ZooModel:
+def hf_config(family: str, layers: int = 2, **options):
+    """The transformers config of `family` (see `FAMILIES`) with `layers` blocks. `options`: the sizes
+    (`SIZES`: vocab, hidden, heads, kv_heads, intermediate), `tied`, `head_dim` where the family's config
+    has one, and any other keyword of the family's HF config (attention_bias=True, ...), over this
+    module's defaults."""
+    import transformers as tf
+
+    if family not in FAMILIES:
+        raise BadInput(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    make_config = _FAMILIES[family][0] if family in _FAMILIES else _MORE[family][0]
+    return make_config(tf, layers, **options)
+
+
+def from_config(config, seed: int = 0, dtype: torch.dtype = torch.float32,
+                gen: torch.Generator | None = None) -> nn.Module:
+    """The HF causal LM of `config` (SDPA attention, eval mode) with every parameter drawn as the module
+    docstring says from `gen` (default: a generator seeded with `seed`), in `dtype`."""
     import transformers as tf
 
     tf.logging.set_verbosity_error()
-    make_config, flags = _FAMILIES[family]
-    config = make_config(tf, layers, **options)
+    family = config.model_type
+    norm = _FAMILIES[family][1]["norm"] if family in _FAMILIES else _MORE.get(family, (None, "rms"))[1]
     model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    _randomize(model, gen or torch.Generator().manual_seed(seed), norm)
+    return model.to(dtype).eval()
+
+
+def _make(name: str, family: str, seed: int, layers: int, dtype: torch.dtype, options: dict) -> ZooModel:
+    flags = _FAMILIES[family][1]
+    config = hf_config(family, layers, **options)
     gen = torch.Generator().manual_seed(seed)
-    _randomize(model, gen, flags["norm"])
-    model.to(dtype).eval()
+    model = from_config(config, dtype=dtype, gen=gen)  # the input ids come next from the same generator
     vocab = config.vocab_size
     ids = torch.randint(0, vocab, (1, SEQ), generator=gen)
     heads = config.num_attention_heads
@@ -182,8 +260,8 @@ def _make(name: str, family: str, seed: int, layers: int, dtype: torch.dtype, op
         heads=heads,
         kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-        intermediate=next(getattr(config, k) for k in ("intermediate_size", "ffn_dim", "n_inner")
-                          if hasattr(config, k)),
+        intermediate=next(getattr(config, k) for k in ("moe_intermediate_size", "intermediate_size", "ffn_dim",
+                                                        "n_inner") if hasattr(config, k)),
         vocab=vocab,
         tied=model.lm_head.weight is model.get_input_embeddings().weight,
         norms=(4 if flags["qk_norm"] else 2) * layers + 1,

@@ -5,21 +5,26 @@ import pytest
 import torch
 
 import spinfx
+from spinfx import zoo
 
-SIZE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=64)
+SIZE = dict(vocab=128, hidden=64, intermediate=96, heads=4, kv_heads=2)  # 2 layers; GPT-NeoX has no KV heads
 
 
 def _config(family: str):
     import transformers as tf
 
-    if family == "stablelm":  # partial rotary: RoPE on the first quarter of each head
-        return tf.StableLmConfig(**SIZE, num_key_value_heads=2, partial_rotary_factor=0.25)
-    if family == "phi":  # parallel attention + MLP on one LayerNorm, partial rotary, biases everywhere
-        return tf.PhiConfig(**SIZE, num_key_value_heads=2, partial_rotary_factor=0.5)
-    if family == "gpt_neox":  # parallel residual, fused q/k/v interleaved per head
-        return tf.GPTNeoXConfig(**SIZE, rotary_pct=0.25, use_parallel_residual=True)
-    raise KeyError(family)
+    hf = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+              max_position_embeddings=64)
+    moe = dict(num_experts_per_tok=2, intermediate_size=40)  # 4 experts, top-2, traced densely (spinfx.moe)
+    if family == "olmoe":  # q/k RMSNorm over the whole projection (all heads at once)
+        return tf.OlmoeConfig(**hf | moe, num_experts=4)
+    if family == "granitemoe":  # Granite's multipliers + a mixture (softmax over the top-k logits)
+        return tf.GraniteMoeConfig(**hf | moe, num_local_experts=4, embedding_multiplier=2.0,
+                                   residual_multiplier=0.5, logits_scaling=4.0)
+    # stablelm: partial rotary, RoPE on the first quarter of each head; phi: parallel attention + MLP
+    # on one LayerNorm, partial rotary (half), biases everywhere; gpt_neox: parallel residual, fused
+    # q/k/v interleaved per head (spinfx.zoo.hf_config's defaults for these families)
+    return zoo.hf_config(family, layers=2, **SIZE)
 
 
 # family -> recipe -> "certified" or the refusal's reason (a regex)
@@ -28,6 +33,9 @@ OUTCOMES = {
     "phi": {"fold": "certified", "rotate": "certified", "spinquant": "certified", "w4a16": "certified"},
     "gpt_neox": {"fold": "certified", "rotate": "R2: no attention with q/k/v projections",
                  "spinquant": "R2: no attention with q/k/v projections", "w4a16": "certified"},
+    "olmoe": {"fold": "certified", "rotate": "R2: no attention with q/k/v projections",
+              "spinquant": "R2: no attention with q/k/v projections", "w4a16": "certified"},
+    "granitemoe": {"fold": "certified", "rotate": "certified", "spinquant": "certified", "w4a16": "certified"},
 }
 
 

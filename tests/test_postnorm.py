@@ -7,15 +7,13 @@ import torch
 import spinfx
 from spinfx.certify import CertificateError
 from spinfx.pipeline import Pass, PassResult
-from spinfx.zoo import _randomize
+from spinfx.zoo import _randomize, hf_config
 
 
 def olmo2(dtype=torch.float32):
     import transformers as tf
 
-    cfg = tf.Olmo2Config(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = hf_config("olmo2", layers=2, vocab=128, hidden=32, intermediate=48, heads=4, kv_heads=2)
     m = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
     _randomize(m, torch.Generator().manual_seed(0), "rms")  # norm scales ≠ 1: folding them shows
     ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(1))

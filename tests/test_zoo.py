@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from spinfx.errors import BadInput
+from spinfx.moe import dense_experts
 from spinfx.zoo import ZOO, build, random_llama
 
 
@@ -33,7 +34,8 @@ def test_export_matches_eager(name):
     assert eager.shape == (1, 8, z.expect.vocab)
     assert torch.isfinite(eager).all()
     assert eager.std() > 0.1, "logits nearly constant: the random model is too weak to detect bad rewrites"
-    exported = torch.export.export(z.model, (), z.example_inputs, strict=False)
+    with dense_experts(z.model):  # a mixture of experts traces in its dense form (spinfx.moe); others as they are
+        exported = torch.export.export(z.model, (), z.example_inputs, strict=False)
     out = exported.module()(**z.example_inputs)
     torch.testing.assert_close(out.logits, eager, rtol=1e-5, atol=1e-5)
 
@@ -59,7 +61,13 @@ def test_expect_describes_the_model(name):
     e = z.expect
     blocks = _blocks(z.model)
     assert len(blocks) == e.layers == 3
-    assert sum(_is_linear(m) for m in blocks[0].modules()) == e.linears_per_layer
+    # a mixture's router and experts are no nn.Linear: 3-D expert tensors, one linear each in the trace
+    moe = 1 + 2 * e.experts if e.experts else 0
+    assert sum(_is_linear(m) for m in blocks[0].modules()) == e.linears_per_layer - moe
+    if e.experts:
+        experts = next(m for m in blocks[0].modules() if hasattr(m, "gate_up_proj"))
+        assert experts.gate_up_proj.shape == (e.experts, 2 * e.intermediate, e.hidden)
+        assert experts.down_proj.shape == (e.experts, e.hidden, e.intermediate)
     assert (z.model.lm_head.weight.data_ptr() == z.model.get_input_embeddings().weight.data_ptr()) == e.tied
     assert any(type(m).__name__ == "Conv1D" for m in z.model.modules()) == (e.linear == "conv1d")
     assert any(isinstance(m, nn.LayerNorm) for m in z.model.modules()) == (e.norm == "layer")
@@ -73,6 +81,7 @@ def test_zoo_covers_the_structures():
     assert e["gemma"].heads * e["gemma"].head_dim != e["gemma"].hidden and e["gemma"].norm == "rms1p"
     assert e["qwen2"].qkv_bias and e["phi3"].fused_qkv and e["phi3"].fused_gate_up
     assert e["opt"].positions == "learned" and e["gpt2"].linear == "conv1d"
+    assert (e["mixtral"].experts, e["mixtral"].top_k) == (4, 2) and e["qwen3_moe"].qk_norm and e["qwen3_moe"].experts
 
 
 def test_dtype():

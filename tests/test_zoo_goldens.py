@@ -822,7 +822,183 @@ contract granite (L=2): satisfied
 """)
 
 
-GOLDEN_TESTS = ['llama', 'llama_untied', 'mistral', 'qwen2', 'qwen3', 'granite', 'gemma', 'phi3', 'opt', 'gpt2']
+def test_golden_mixtral(spinfx_golden):
+    # the attention is Mistral's (pinned above): the mixture is pinned, in the dense form spinfx traces
+    _, prog, rep = traced("mixtral")
+    spinfx_golden(graph_text(prog, module="model.layers.0.mlp"), """
+v0 = aten.reshape(ext0, [-1, 64]) : f32[8,64]
+v1 = aten.linear(v0, $model.layers.0.mlp.gate.weight) : f32[8,4]
+v2 = aten.softmax.int(v1, -1) : f32[8,4]
+v3 = aten.topk(v2, 2) : (f32[8,2], i64[8,2])
+v4 = getitem(v3, 0) : f32[8,2]
+v5 = getitem(v3, 1) : i64[8,2]
+v6 = aten.sum.dim_IntList(v4, [-1], True) : f32[8,1]
+v7 = aten.div.Tensor(v4, v6) : f32[8,2]
+v8 = aten.eq.Scalar(v5, 0) : b8[8,2]
+v9 = aten.mul.Tensor(v7, v8) : f32[8,2]
+v10 = aten.sum.dim_IntList(v9, [-1], True) : f32[8,1]
+v11 = aten.linear(v0, $model.layers.0.mlp.experts.0.gate_up_proj.weight) : f32[8,80]
+v12 = aten.split.Tensor(v11, 40, -1) : (f32[8,40], f32[8,40])
+v13 = getitem(v12, 0) : f32[8,40]
+v14 = getitem(v12, 1) : f32[8,40]
+v15 = aten.silu(v13) : f32[8,40]
+v16 = aten.mul.Tensor(v15, v14) : f32[8,40]
+v17 = aten.linear(v16, $model.layers.0.mlp.experts.0.down_proj.weight) : f32[8,64]
+v18 = aten.mul.Tensor(v17, v10) : f32[8,64]
+v19 = aten.eq.Scalar(v5, 1) : b8[8,2]
+v20 = aten.mul.Tensor(v7, v19) : f32[8,2]
+v21 = aten.sum.dim_IntList(v20, [-1], True) : f32[8,1]
+v22 = aten.linear(v0, $model.layers.0.mlp.experts.1.gate_up_proj.weight) : f32[8,80]
+v23 = aten.split.Tensor(v22, 40, -1) : (f32[8,40], f32[8,40])
+v24 = getitem(v23, 0) : f32[8,40]
+v25 = getitem(v23, 1) : f32[8,40]
+v26 = aten.silu(v24) : f32[8,40]
+v27 = aten.mul.Tensor(v26, v25) : f32[8,40]
+v28 = aten.linear(v27, $model.layers.0.mlp.experts.1.down_proj.weight) : f32[8,64]
+v29 = aten.mul.Tensor(v28, v21) : f32[8,64]
+v30 = aten.add.Tensor(v18, v29) : f32[8,64]
+v31 = aten.eq.Scalar(v5, 2) : b8[8,2]
+v32 = aten.mul.Tensor(v7, v31) : f32[8,2]
+v33 = aten.sum.dim_IntList(v32, [-1], True) : f32[8,1]
+v34 = aten.linear(v0, $model.layers.0.mlp.experts.2.gate_up_proj.weight) : f32[8,80]
+v35 = aten.split.Tensor(v34, 40, -1) : (f32[8,40], f32[8,40])
+v36 = getitem(v35, 0) : f32[8,40]
+v37 = getitem(v35, 1) : f32[8,40]
+v38 = aten.silu(v36) : f32[8,40]
+v39 = aten.mul.Tensor(v38, v37) : f32[8,40]
+v40 = aten.linear(v39, $model.layers.0.mlp.experts.2.down_proj.weight) : f32[8,64]
+v41 = aten.mul.Tensor(v40, v33) : f32[8,64]
+v42 = aten.add.Tensor(v30, v41) : f32[8,64]
+v43 = aten.eq.Scalar(v5, 3) : b8[8,2]
+v44 = aten.mul.Tensor(v7, v43) : f32[8,2]
+v45 = aten.sum.dim_IntList(v44, [-1], True) : f32[8,1]
+v46 = aten.linear(v0, $model.layers.0.mlp.experts.3.gate_up_proj.weight) : f32[8,80]
+v47 = aten.split.Tensor(v46, 40, -1) : (f32[8,40], f32[8,40])
+v48 = getitem(v47, 0) : f32[8,40]
+v49 = getitem(v47, 1) : f32[8,40]
+v50 = aten.silu(v48) : f32[8,40]
+v51 = aten.mul.Tensor(v50, v49) : f32[8,40]
+v52 = aten.linear(v51, $model.layers.0.mlp.experts.3.down_proj.weight) : f32[8,64]
+v53 = aten.mul.Tensor(v52, v45) : f32[8,64]
+v54 = aten.add.Tensor(v42, v53) : f32[8,64]
+v55 = aten.reshape(v54, [1, 8, 64]) : f32[1,8,64]
+""")
+    spinfx_golden(rep.to_text(stable=True), """
+spinfx report: mixtral
+
+[find-structure] 0 edits
+  counts: norm=5, norm-linears=5, qkv=2, gate-up=8, rope=2, attention=2, residual-writers=10, residual-readers=5, router=2, experts=8
+  residual: embedding=model.embed_tokens.weight, writers=10, reader_norms=5, writer_kinds=linear, stop=end (no add extends the stream)
+  experts: model.layers.0.mlp.gate=4 experts (top-2) read its input: model.layers.0.mlp.experts.{0..3}, model.layers.1.mlp.gate=4 experts (top-2) read its input: model.layers.1.mlp.experts.{0..3}
+  norm                   5 matches
+  norm-linears           5 matches
+  qkv                    2 matches
+  gate-up                8 matches
+  rope                   2 matches
+  attention              2 matches
+
+contract mixtral (L=2, E=4): satisfied
+  ok norm               expected    5, found    5
+  ok norm-linears       expected    5, found    5
+  ok qkv                expected    2, found    2
+  ok gate-up            expected    8, found    8
+  ok rope               expected    2, found    2
+  ok attention          expected    2, found    2
+  ok residual-writers   expected   10, found   10
+  ok router             expected    2, found    2
+  ok experts            expected    8, found    8
+""")
+
+
+def test_golden_qwen3_moe(spinfx_golden):
+    _, prog, rep = traced("qwen3_moe")
+    spinfx_golden(graph_text(prog, module="model.layers.0.mlp"), """
+v0 = aten.reshape(ext0, [-1, 64]) : f32[8,64]
+v1 = aten.linear(v0, $model.layers.0.mlp.gate.weight) : f32[8,4]
+v2 = aten.softmax.int(v1, -1, f32) : f32[8,4]
+v3 = aten.topk(v2, 2) : (f32[8,2], i64[8,2])
+v4 = getitem(v3, 0) : f32[8,2]
+v5 = getitem(v3, 1) : i64[8,2]
+v6 = aten.sum.dim_IntList(v4, [-1], True) : f32[8,1]
+v7 = aten.div.Tensor(v4, v6) : f32[8,2]
+v8 = aten.eq.Scalar(v5, 0) : b8[8,2]
+v9 = aten.mul.Tensor(v7, v8) : f32[8,2]
+v10 = aten.sum.dim_IntList(v9, [-1], True) : f32[8,1]
+v11 = aten.linear(v0, $model.layers.0.mlp.experts.0.gate_up_proj.weight) : f32[8,80]
+v12 = aten.split.Tensor(v11, 40, -1) : (f32[8,40], f32[8,40])
+v13 = getitem(v12, 0) : f32[8,40]
+v14 = getitem(v12, 1) : f32[8,40]
+v15 = aten.silu(v13) : f32[8,40]
+v16 = aten.mul.Tensor(v15, v14) : f32[8,40]
+v17 = aten.linear(v16, $model.layers.0.mlp.experts.0.down_proj.weight) : f32[8,64]
+v18 = aten.mul.Tensor(v17, v10) : f32[8,64]
+v19 = aten.eq.Scalar(v5, 1) : b8[8,2]
+v20 = aten.mul.Tensor(v7, v19) : f32[8,2]
+v21 = aten.sum.dim_IntList(v20, [-1], True) : f32[8,1]
+v22 = aten.linear(v0, $model.layers.0.mlp.experts.1.gate_up_proj.weight) : f32[8,80]
+v23 = aten.split.Tensor(v22, 40, -1) : (f32[8,40], f32[8,40])
+v24 = getitem(v23, 0) : f32[8,40]
+v25 = getitem(v23, 1) : f32[8,40]
+v26 = aten.silu(v24) : f32[8,40]
+v27 = aten.mul.Tensor(v26, v25) : f32[8,40]
+v28 = aten.linear(v27, $model.layers.0.mlp.experts.1.down_proj.weight) : f32[8,64]
+v29 = aten.mul.Tensor(v28, v21) : f32[8,64]
+v30 = aten.add.Tensor(v18, v29) : f32[8,64]
+v31 = aten.eq.Scalar(v5, 2) : b8[8,2]
+v32 = aten.mul.Tensor(v7, v31) : f32[8,2]
+v33 = aten.sum.dim_IntList(v32, [-1], True) : f32[8,1]
+v34 = aten.linear(v0, $model.layers.0.mlp.experts.2.gate_up_proj.weight) : f32[8,80]
+v35 = aten.split.Tensor(v34, 40, -1) : (f32[8,40], f32[8,40])
+v36 = getitem(v35, 0) : f32[8,40]
+v37 = getitem(v35, 1) : f32[8,40]
+v38 = aten.silu(v36) : f32[8,40]
+v39 = aten.mul.Tensor(v38, v37) : f32[8,40]
+v40 = aten.linear(v39, $model.layers.0.mlp.experts.2.down_proj.weight) : f32[8,64]
+v41 = aten.mul.Tensor(v40, v33) : f32[8,64]
+v42 = aten.add.Tensor(v30, v41) : f32[8,64]
+v43 = aten.eq.Scalar(v5, 3) : b8[8,2]
+v44 = aten.mul.Tensor(v7, v43) : f32[8,2]
+v45 = aten.sum.dim_IntList(v44, [-1], True) : f32[8,1]
+v46 = aten.linear(v0, $model.layers.0.mlp.experts.3.gate_up_proj.weight) : f32[8,80]
+v47 = aten.split.Tensor(v46, 40, -1) : (f32[8,40], f32[8,40])
+v48 = getitem(v47, 0) : f32[8,40]
+v49 = getitem(v47, 1) : f32[8,40]
+v50 = aten.silu(v48) : f32[8,40]
+v51 = aten.mul.Tensor(v50, v49) : f32[8,40]
+v52 = aten.linear(v51, $model.layers.0.mlp.experts.3.down_proj.weight) : f32[8,64]
+v53 = aten.mul.Tensor(v52, v45) : f32[8,64]
+v54 = aten.add.Tensor(v42, v53) : f32[8,64]
+v55 = aten.reshape(v54, [1, 8, 64]) : f32[1,8,64]
+""")
+    spinfx_golden(rep.to_text(stable=True), """
+spinfx report: qwen3_moe
+
+[find-structure] 0 edits
+  counts: norm=9, norm-linears=5, qkv=2, gate-up=8, rope=2, attention=2, residual-writers=10, residual-readers=5, router=2, experts=8
+  residual: embedding=model.embed_tokens.weight, writers=10, reader_norms=5, writer_kinds=linear, stop=end (no add extends the stream)
+  experts: model.layers.0.mlp.gate=4 experts (top-2) read its input: model.layers.0.mlp.experts.{0..3}, model.layers.1.mlp.gate=4 experts (top-2) read its input: model.layers.1.mlp.experts.{0..3}
+  norm                   9 matches
+  norm-linears           5 matches
+  qkv                    2 matches
+  gate-up                8 matches
+  rope                   2 matches
+  attention              2 matches
+
+contract qwen3_moe (L=2, E=4): satisfied
+  ok norm               expected    9, found    9
+  ok norm-linears       expected    5, found    5
+  ok qkv                expected    2, found    2
+  ok gate-up            expected    8, found    8
+  ok rope               expected    2, found    2
+  ok attention          expected    2, found    2
+  ok residual-writers   expected   10, found   10
+  ok router             expected    2, found    2
+  ok experts            expected    8, found    8
+""")
+
+
+GOLDEN_TESTS = ['llama', 'llama_untied', 'mistral', 'qwen2', 'qwen3', 'granite', 'gemma', 'phi3', 'opt', 'gpt2',
+                'mixtral', 'qwen3_moe']
 
 
 @functools.lru_cache(maxsize=None)
@@ -1002,4 +1178,72 @@ v51 = aten.mul.Tensor(v49, v50) : f32[1,8,88]
 v52 = spinfx.hadamard(v51, [44], 88, False) : f32[1,8,88]
 v53 = aten.linear(v52, $model.layers.0.mlp.down_proj.weight) : f32[1,8,64]
 v54 = aten.add.Tensor(v42, v53) : f32[1,8,64]
+""")
+
+
+def test_golden_mixtral_experts_after_spinquant(spinfx_golden):
+    # R4 per expert: each down_proj reads its input through an online Hadamard; the router keeps its place
+    zm = zoo.build("mixtral")
+    r = spinfx.rewrite(zm.model, "spinquant", zm.example_inputs)
+    spinfx_golden(graph_text(r.program, module="model.layers.0.mlp"), """
+v0 = aten.reshape(ext0, [-1, 64]) : f32[8,64]
+v1 = aten.linear(v0, $model.layers.0.mlp.gate.weight) : f32[8,4]
+v2 = aten.softmax.int(v1, -1) : f32[8,4]
+v3 = aten.topk(v2, 2) : (f32[8,2], i64[8,2])
+v4 = getitem(v3, 0) : f32[8,2]
+v5 = getitem(v3, 1) : i64[8,2]
+v6 = aten.sum.dim_IntList(v4, [-1], True) : f32[8,1]
+v7 = aten.div.Tensor(v4, v6) : f32[8,2]
+v8 = aten.eq.Scalar(v5, 0) : b8[8,2]
+v9 = aten.mul.Tensor(v7, v8) : f32[8,2]
+v10 = aten.sum.dim_IntList(v9, [-1], True) : f32[8,1]
+v11 = aten.linear(v0, $model.layers.0.mlp.experts.0.gate_up_proj.weight) : f32[8,80]
+v12 = aten.split.Tensor(v11, 40, -1) : (f32[8,40], f32[8,40])
+v13 = getitem(v12, 0) : f32[8,40]
+v14 = getitem(v12, 1) : f32[8,40]
+v15 = aten.silu(v13) : f32[8,40]
+v16 = aten.mul.Tensor(v15, v14) : f32[8,40]
+v17 = spinfx.hadamard(v16, [20], 40, False) : f32[8,40]
+v18 = aten.linear(v17, $model.layers.0.mlp.experts.0.down_proj.weight) : f32[8,64]
+v19 = aten.mul.Tensor(v18, v10) : f32[8,64]
+v20 = aten.eq.Scalar(v5, 1) : b8[8,2]
+v21 = aten.mul.Tensor(v7, v20) : f32[8,2]
+v22 = aten.sum.dim_IntList(v21, [-1], True) : f32[8,1]
+v23 = aten.linear(v0, $model.layers.0.mlp.experts.1.gate_up_proj.weight) : f32[8,80]
+v24 = aten.split.Tensor(v23, 40, -1) : (f32[8,40], f32[8,40])
+v25 = getitem(v24, 0) : f32[8,40]
+v26 = getitem(v24, 1) : f32[8,40]
+v27 = aten.silu(v25) : f32[8,40]
+v28 = aten.mul.Tensor(v27, v26) : f32[8,40]
+v29 = spinfx.hadamard(v28, [20], 40, False) : f32[8,40]
+v30 = aten.linear(v29, $model.layers.0.mlp.experts.1.down_proj.weight) : f32[8,64]
+v31 = aten.mul.Tensor(v30, v22) : f32[8,64]
+v32 = aten.add.Tensor(v19, v31) : f32[8,64]
+v33 = aten.eq.Scalar(v5, 2) : b8[8,2]
+v34 = aten.mul.Tensor(v7, v33) : f32[8,2]
+v35 = aten.sum.dim_IntList(v34, [-1], True) : f32[8,1]
+v36 = aten.linear(v0, $model.layers.0.mlp.experts.2.gate_up_proj.weight) : f32[8,80]
+v37 = aten.split.Tensor(v36, 40, -1) : (f32[8,40], f32[8,40])
+v38 = getitem(v37, 0) : f32[8,40]
+v39 = getitem(v37, 1) : f32[8,40]
+v40 = aten.silu(v38) : f32[8,40]
+v41 = aten.mul.Tensor(v40, v39) : f32[8,40]
+v42 = spinfx.hadamard(v41, [20], 40, False) : f32[8,40]
+v43 = aten.linear(v42, $model.layers.0.mlp.experts.2.down_proj.weight) : f32[8,64]
+v44 = aten.mul.Tensor(v43, v35) : f32[8,64]
+v45 = aten.add.Tensor(v32, v44) : f32[8,64]
+v46 = aten.eq.Scalar(v5, 3) : b8[8,2]
+v47 = aten.mul.Tensor(v7, v46) : f32[8,2]
+v48 = aten.sum.dim_IntList(v47, [-1], True) : f32[8,1]
+v49 = aten.linear(v0, $model.layers.0.mlp.experts.3.gate_up_proj.weight) : f32[8,80]
+v50 = aten.split.Tensor(v49, 40, -1) : (f32[8,40], f32[8,40])
+v51 = getitem(v50, 0) : f32[8,40]
+v52 = getitem(v50, 1) : f32[8,40]
+v53 = aten.silu(v51) : f32[8,40]
+v54 = aten.mul.Tensor(v53, v52) : f32[8,40]
+v55 = spinfx.hadamard(v54, [20], 40, False) : f32[8,40]
+v56 = aten.linear(v55, $model.layers.0.mlp.experts.3.down_proj.weight) : f32[8,64]
+v57 = aten.mul.Tensor(v56, v48) : f32[8,64]
+v58 = aten.add.Tensor(v45, v57) : f32[8,64]
+v59 = aten.reshape(v58, [1, 8, 64]) : f32[1,8,64]
 """)

@@ -1,0 +1,149 @@
+"""Every preset saves and loads: `spinfx.load` of the checkpoint computes the rewritten program's logits,
+bit for bit, on a tiny zoo llama (GQA 4/2 heads, head_dim 16: R3, R4 on 88, KV quantization per head).
+
+Bit for bit, not within a tolerance: loaded with `cpu_compute_dtype=None`, the model class runs the same
+ATen ops on the same stored tensors as the program (quantized linears in the generic `spinfx::qlinear`,
+fake quantizers from `spinfx.kernels.fake_quant`), and a 4-bit quantizer that rounds one value
+differently moves it a whole grid step, which a tolerance would have to admit. (The default load of a
+weight-only checkpoint computes its linears in bf16; `save` verifies that within 2e-2, see offline.verify.)
+
+spinquant-w4a4kv4 also writes its activation / KV fake quantization in compressed-tensors' schema, which
+compressed-tensors' own parser reads, and the loaded model applies the KV quantizer to the whole cache
+at every decode step: token-by-token decoding and `generate` match one cacheless prefill.
+"""
+import inspect
+import json
+
+import pytest
+import torch
+
+import spinfx
+from spinfx import zoo
+from spinfx.recipe import PRESETS
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """preset -> (zoo llama, Result, checkpoint dir): each preset rewritten and saved once for the module."""
+    done = {}
+
+    def get(preset):
+        if preset not in done:
+            zm = zoo.build("llama")
+            r = spinfx.rewrite(zm.model, preset, zm.example_inputs)
+            done[preset] = zm, r, r.save(tmp_path_factory.mktemp(preset) / "ckpt")
+        return done[preset]
+
+    return get
+
+
+def logits(model, ids, **kw):
+    with torch.no_grad():
+        return model(input_ids=ids, **kw).logits
+
+
+def program_logits(r, zm):
+    """The rewritten program on its traced input (the zoo's example: input_ids, use_cache=False)."""
+    with torch.no_grad():
+        return r.module(**zm.example_inputs).logits
+
+
+def parse_compressed_tensors(qc: dict):
+    ct = pytest.importorskip("compressed_tensors.quantization", reason="needs `pip install spinfx[compressed]`")
+    return ct.QuantizationConfig.model_validate(qc)
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_every_preset_round_trips_with_the_programs_logits(saved, preset):
+    zm, r, out = saved(preset)
+    assert r.report.extra["checkpoint"]["verified"]  # save loaded it back (default compute dtype) and compared
+    ids = zm.example_inputs["input_ids"]
+    ref = program_logits(r, zm)
+    assert torch.equal(logits(spinfx.load(out, cpu_compute_dtype=None), ids, use_cache=False), ref)
+    qc = json.loads((out / "config.json").read_text()).get("quantization_config")
+    if qc:
+        parse_compressed_tensors(qc)
+
+
+def test_w4a4kv4_writes_input_activations_and_kv_cache_scheme(saved):
+    zm, r, out = saved("spinquant-w4a4kv4")
+    config = json.loads((out / "config.json").read_text())
+    qc = config["quantization_config"]
+    act = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+    assert [g["input_activations"] for g in qc["config_groups"].values()] == [act] * len(qc["config_groups"])
+    assert qc["kv_cache_scheme"] == {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group",
+                                     "group_size": zm.expect.head_dim, "dynamic": True}
+    assert qc["ignore"] == ["lm_head"]  # the recipe's: in float, its input not quantized
+    parsed = parse_compressed_tensors(qc)
+    kv = parsed.kv_cache_scheme
+    assert (kv.num_bits, kv.strategy, kv.group_size, kv.dynamic, kv.symmetric) == (4, "group", 16, True, False)
+    for g in parsed.config_groups.values():
+        a = g.input_activations
+        assert (a.num_bits, a.strategy, a.dynamic, a.symmetric) == (4, "token", True, True)
+    # spinfx's rounding, not compressed-tensors': other clients must refuse it (as for online transforms)
+    assert config["model_type"] == "spinfx" and config["spinfx_model_type"] == "llama"
+    # the default load of a fake-quantized checkpoint runs its linears in the activation dtype: the program's
+    ids = zm.example_inputs["input_ids"]
+    assert torch.equal(logits(spinfx.load(out), ids, use_cache=False), program_logits(r, zm))
+
+
+def test_w4a4kv4_quantizes_the_kv_cache_when_decoding_and_generating(saved):
+    from transformers import DynamicCache, StaticCache
+
+    zm, r, out = saved("spinquant-w4a4kv4")
+    loaded = spinfx.load(out)
+    ids = zm.example_inputs["input_ids"]
+    n, start = ids.shape[1], 3
+    full = logits(loaded, ids, use_cache=False)
+    assert torch.equal(full, program_logits(r, zm))
+    key = "cache" if "cache" in inspect.signature(loaded.forward).parameters else "past_key_values"
+    for kv in (DynamicCache(config=loaded.config), StaticCache(config=loaded.config, max_cache_len=n)):
+        steps = [logits(loaded, ids[:, :start], use_cache=True, cache_position=torch.arange(start), **{key: kv})]
+        for t in range(start, n):  # each step's k/v come from the cache: quantized there too
+            steps.append(logits(loaded, ids[:, t:t + 1], use_cache=True, cache_position=torch.tensor([t]),
+                                **{key: kv}))
+        assert kv.get_seq_length() == n
+        # 1e-5: one token against eight through the same linears (float32 sums in another order), far
+        # below the one-step changes of 4-bit rounding (none happens here)
+        torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+    with torch.no_grad():
+        seq = ids
+        for _ in range(6):  # greedy without a cache: every token's k/v recomputed and quantized
+            seq = torch.cat([seq, logits(loaded, seq, use_cache=False)[:, -1:].argmax(-1)], dim=1)
+        assert torch.equal(loaded.generate(ids, max_new_tokens=6, do_sample=False), seq)
+
+    for m in loaded.modules():  # and the KV quantizer matters: without it the logits move a lot
+        del m.__dict__["_spinfx_kv"]
+    assert (logits(loaded, ids, use_cache=False) - full).abs().max() > 0.1
+
+
+def test_fake_quantization_alone_is_guarded_and_unknown_schemes_are_refused(saved, tmp_path):
+    import shutil
+
+    import transformers
+
+    from spinfx.errors import BadInput
+
+    # no rotation, no online transform: the guard comes from the activation quantizer alone
+    (tmp_path / "a8.yaml").write_text("passes:\n  - quantize: {weights: {bits: 4, group_size: 16}, "
+                                      "activations: {bits: 8}}\n")
+    zm = zoo.build("llama")
+    r = spinfx.rewrite(zm.model, str(tmp_path / "a8.yaml"), zm.example_inputs)
+    out = r.save(tmp_path / "a8")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "spinfx" and "transform_config" not in config["quantization_config"]
+    with pytest.raises(ValueError, match="spinfx"):  # transformers would round by compressed-tensors' rules
+        transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    assert torch.equal(logits(spinfx.load(out), zm.example_inputs["input_ids"], use_cache=False),
+                       program_logits(r, zm))
+
+    # a scheme spinfx does not apply (static per-tensor activations) is refused, not approximated
+    _, _, w4a4 = saved("spinquant-w4a4kv4")
+    edited = shutil.copytree(w4a4, tmp_path / "edited")
+    config = json.loads((edited / "config.json").read_text())
+    group = next(iter(config["quantization_config"]["config_groups"].values()))
+    group["input_activations"].update(strategy="tensor", dynamic=False)
+    (edited / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BadInput, match="input_activations"):
+        spinfx.load(edited)
