@@ -284,8 +284,6 @@ class Quantize(Pass):
         res = PassResult(self.name, self.options())
         stats = find(prog.gm, [LINEARS])[f"{LINEARS.where}:{LINEARS.name}"]
         head = output_linear(prog.graph) if self.lm_head is not None else None
-        if not isinstance(self.router, bool):
-            raise BadInput(f"quantize: router is true or false, not {self.router!r}")
         floats = set() if self.router else routers(prog.graph)
         layers, ignored = self._layers(prog, stats.found, res, skip=head, floats=floats)
         stats.applied, stats.declined = sum(len(l.nodes) for l in layers), len(ignored) + len(floats)
@@ -433,7 +431,6 @@ class Quantize(Pass):
         return bits
 
     def _calibration(self, prog: Program, ctx: Context) -> list[list]:
-        from spinfx.graph import token_batches
 
         if not isinstance(ctx.calib, torch.Tensor) or ctx.calib.is_floating_point():
             raise BadInput("quantize: method gptq needs calibration text: pass calib=<1-D tensor of token ids> "
@@ -809,3 +806,13 @@ def _check_native(before: Program, after: Program, tol: float, what: str) -> dic
     if not cert["rel"] <= tol:
         raise CertificateError(f"{what} changed the outputs by {cert['rel']:.3e} relative > tolerance {tol:.0e}")
     return cert
+
+
+def token_batches(prog: Program, tokens: torch.Tensor, limit: int | None = None) -> list[list]:
+    """Cut a 1-D token stream into graph inputs shaped like the program's token input (calibration)."""
+    ex = list(prog.examples)
+    pos = next(i for i, e in enumerate(ex) if isinstance(e, torch.Tensor) and not e.is_floating_point())
+    t, n = ex[pos], tokens.numel() // ex[pos].numel()
+    n = n if limit is None else min(limit, n)
+    return [ex[:pos] + [tokens[i * t.numel():(i + 1) * t.numel()].reshape(t.shape).to(t.dtype)] + ex[pos + 1:]
+            for i in range(n)]

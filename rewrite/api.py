@@ -196,7 +196,7 @@ def calibration_windows(recipe) -> int:
 
 def token_window(example_inputs) -> int:
     """Tokens per calibration window when tracing for `example_inputs`: its token tensor's size (the first
-    integer tensor, as `graph.token_batches` cuts calibration text)."""
+    integer tensor, as `passes.quantize.token_batches` cuts calibration text)."""
     args, kwargs = _as_inputs(example_inputs)
     ids = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor) and not x.is_floating_point()]
     if not ids:
@@ -209,7 +209,7 @@ def apply_recipe(prog: Program, recipe, calib=None, certify: bool = True, site_b
     (certified), weights back to their dtypes. Shared by `rewrite` and the torch.compile backend."""
     from spinfx.certify import finalize, to_master
     from spinfx.recipe import load_recipe
-    from spinfx.graph import token_batches
+    from spinfx.passes.quantize import token_batches
     from spinfx.stats import compare_stats, linear_input_stats
 
     rec = load_recipe(recipe)

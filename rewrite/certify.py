@@ -92,8 +92,7 @@ def random_inputs(examples: list, seed: int) -> list:
 
 
 def outputs(prog: Program, seeds=(0, 1)) -> list[list[torch.Tensor]]:
-    """The program's float64 outputs on the certificate's seeded inputs, one list per seed: taken before a
-    pass runs, they let the pass free the weights it replaces (no copy of the program is kept)."""
+    """Float64 outputs on the seeded inputs, per seed (kept instead of a copy of the program)."""
     p = as_fp64(prog)
     with torch.no_grad():
         return [[t for t in pytree.tree_leaves(p.gm(*random_inputs(prog.examples, s))) if isinstance(t, torch.Tensor)]
@@ -101,8 +100,7 @@ def outputs(prog: Program, seeds=(0, 1)) -> list[list[torch.Tensor]]:
 
 
 def compare(before: Program | list, after: Program, seeds=(0, 1)) -> dict:
-    """max |Δ| and relative max |Δ| / max |ref| over all outputs and seeds, in float64. `before`: a
-    program, or its `outputs` taken earlier."""
+    """max |Δ| and relative max |Δ| / max |ref| over all outputs and seeds, in float64 (`before`: or its outputs)."""
     refs = before if isinstance(before, list) else outputs(before, seeds)
     got = outputs(after, seeds)
     max_abs = ref_max = 0.0

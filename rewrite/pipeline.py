@@ -68,11 +68,8 @@ class Pass:
         return 0
 
     def streams(self) -> bool:
-        """May the pass run on windows of a model (spinfx.stream: a few decoder layers and some rows of the
-        vocabulary at a time) with the windows' results concatenated? True when every edit of a tensor reads
-        only that tensor, constants of its own window (a norm's scale) and values fixed by the model's
-        shapes and the options (a seeded rotation) — never a statistic over other layers or other rows,
-        never calibration data."""
+        """True when each edit of a tensor reads only it, its window's constants and shape-fixed values (no
+        statistic over other layers or rows, no calibration): windows of a model may be rewritten apart."""
         return False
 
     def options(self) -> dict:
@@ -91,10 +88,7 @@ class Context:
     analyses: dict[str, Any] = field(default_factory=dict)
     calib: Any = None
     progress: Any = None  # callable(str) for long work
-    # The index, in the whole model, of the program's first repeated block: a streamed window of layers
-    # [i, i+k) has site_base i, so that passes numbering per-layer sites (R2's seeds) number them as in
-    # the whole model.
-    site_base: int = 0
+    site_base: int = 0  # the whole model's index of the program's first block (a window of layers i..: i)
 
 
 def verify(gm: fx.GraphModule, after: str) -> None:

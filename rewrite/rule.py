@@ -55,10 +55,8 @@ class RuleStats:
 
 
 def trace_level() -> int:
-    try:
-        return int(os.environ.get("SPINFX_TRACE", "0"))
-    except ValueError:
-        return 0
+    level = os.environ.get("SPINFX_TRACE", "0").strip()
+    return int(level) if level.isdigit() else 0
 
 
 def apply_rules(gm: fx.GraphModule, rules: list[Rule], ctx: Any = None, max_sweeps: int = 8) -> dict[str, RuleStats]:

@@ -141,6 +141,18 @@ def test_smollm2_rewrite_then_eval_reproduces_the_in_memory_perplexity(tmp_path)
     fp32 = evaluate(model, "hamlet", 512, 2, tokenizer=tok).ppl
     assert from_disk == pytest.approx(in_memory, rel=5e-3), (from_disk, in_memory)
     assert abs(from_disk - in_memory) < 0.1 * abs(in_memory - fp32), (from_disk, in_memory, fp32)
+    # streamed in 3 windows of 10 layers (and a third of the vocabulary each): the very same checkpoint
+    from spinfx import stream
+    from spinfx.hf import smollm2_dir
+    from spinfx.offline import read_safetensors
+    from spinfx.recipe import load_recipe
+
+    rec = load_recipe("spinquant-w4a16")
+    stream.rewrite(stream.plan(smollm2_dir(), rec, layers_per_window=10), rec, tmp_path / "streamed",
+                   log=lambda m: None)
+    a, b = read_safetensors(out), read_safetensors(tmp_path / "streamed")
+    assert set(a) == set(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((out / "config.json").read_text()) == json.loads((tmp_path / "streamed" / "config.json").read_text())
 
 
 def test_decode_step_uses_the_current_cache_keyword():

@@ -106,7 +106,7 @@ def test_quantize_keeps_routers_in_float_unless_asked():
     assert sorted(floats) == ["lm_head", "model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
     r = spinfx.rewrite(zm.model, Recipe("q", [Quantize(weights=W4, router=True)]), zm.example_inputs)
     assert "model.layers.1.mlp.gate" in quantized_layers(r.program)
-    with pytest.raises(spinfx.SpinfxError, match="router is true or false"):
+    with pytest.raises(spinfx.SpinfxError, match="router must be true or false"):
         spinfx.rewrite(zm.model, Recipe("q", [Quantize(weights=W4, router="yes")]), zm.example_inputs)
 
 
