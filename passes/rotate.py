@@ -305,7 +305,8 @@ def mlp_down_projections(prog: Program) -> list[fx.Node]:
     attn_roots = {m.root for m in find_all(ATTENTION, prog.graph)[0]}
     downs = [w.node for w in stream.writers if w.node.target in LINEARS and not _reads_attention(w.node, attn_roots)]
     if not downs:
-        raise Unsupported("R4: no MLP down projection writes into the residual stream")
+        why = "" if stream.end is not None else f" (the stream could not be followed: {stream.stop_reason})"
+        raise Unsupported(f"R4: no MLP down projection writes into the residual stream{why}")
     return downs
 
 

@@ -14,4 +14,9 @@ CONTRACTS: dict[str, dict[str, str]] = {
     "llama": _GATED, "mistral": _GATED, "qwen2": _GATED, "gemma": _GATED, "phi3": _GATED,
     "qwen3": _GATED | {"norm": "4L+1"}, "granite": _GATED,  # + q_norm and k_norm per layer (they feed no linear)
     "opt": _CLASSIC, "gpt2": _CLASSIC,
+    # post-norm blocks write the stream through a norm: the walk stops at the first block (0 writers,
+    # hence R1 refused). OLMo-2: post_attention / post_feedforward norms and q/k norms over the whole
+    # projection, only the final norm feeds a linear; Gemma-2: pre- and post-norms around both blocks
+    "olmo2": _GATED | {"norm": "4L+1", "norm-linears": "1", "residual-writers": "0"},
+    "gemma2": _GATED | {"norm": "4L+1", "residual-writers": "0"},
 }

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from spinfx.errors import BadInput
+from spinfx.hf import attention_impl
 
 VOCAB, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE, SEQ = 256, 64, 4, 2, 16, 88, 8
 WEIGHT_STD, NORM_STD, BIAS_STD = 0.1, 0.1, 0.02
@@ -47,7 +48,11 @@ class Expect:
     mlp_bias: bool
     positions: str  # "rope" or "learned"
     embed_scale: float  # Gemma multiplies the embeddings by sqrt(hidden), Granite by its embedding_multiplier
-    qk_norm: bool = False  # q and k pass a per-head RMSNorm (Qwen3): two more norm modules per layer
+    qk_norm: bool = False  # q and k pass an RMSNorm (Qwen3: per head; OLMo-2: over the projection): two more norm modules per layer
+    # where a block's norms sit: "pre" (x + f(norm(x))), "post" (x + norm(f(x)): OLMo-2),
+    # "sandwich" (x + norm(f(norm(x))): Gemma-2, two more norm modules per layer). A post-norm writes
+    # the residual stream through a nonlinearity: R1 is refused there, fold and quantize are not
+    norm_place: str = "pre"
 
 
 @dataclass
@@ -87,6 +92,18 @@ def _gemma(tf, layers: int, **size):  # head_dim 24: heads·head_dim = 96 ≠ hi
                           hidden_activation="gelu_pytorch_tanh")
 
 
+def _olmo2(tf, layers: int, **size):  # post-norms on both blocks, q/k RMSNorm over the whole projection
+    return tf.Olmo2Config(**_common(layers, size), tie_word_embeddings=False)
+
+
+def _gemma2(tf, layers: int, **size):
+    # sandwich norms; soft-capped attention scores and logits (caps small enough that tanh bends: a rewrite
+    # that dropped a cap shows); sliding-window attention on even layers (window 4 < SEQ 8); scale 1/√32
+    return tf.Gemma2Config(**_common(layers, size), head_dim=HEAD_DIM, tie_word_embeddings=True,
+                           hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=32, sliding_window=4,
+                           attn_logit_softcapping=2.0, final_logit_softcapping=3.0)
+
+
 def _phi3(tf, layers: int, **size):
     return tf.Phi3Config(**_common(layers, size), tie_word_embeddings=False)
 
@@ -121,8 +138,8 @@ def _common(layers: int, size: dict) -> dict:
 
 
 _DECODER = dict(norm="rms", linear="linear", fused_qkv=False, fused_gate_up=False, gated_mlp=True, qk_norm=False,
-                linears_per_layer=7, qkv_bias=False, o_bias=False, mlp_bias=False, positions="rope")
-_LAYERNORM = dict(norm="layer", qk_norm=False, fused_gate_up=False, gated_mlp=False, qkv_bias=True, o_bias=True, mlp_bias=True,
+                linears_per_layer=7, qkv_bias=False, o_bias=False, mlp_bias=False, positions="rope", norm_place="pre")
+_LAYERNORM = dict(norm="layer", qk_norm=False, norm_place="pre", fused_gate_up=False, gated_mlp=False, qkv_bias=True, o_bias=True, mlp_bias=True,
                   positions="learned")
 # name -> (config factory, structure flags beyond the config's sizes)
 _FAMILIES: dict[str, tuple[Callable, dict]] = {
@@ -133,6 +150,8 @@ _FAMILIES: dict[str, tuple[Callable, dict]] = {
     "granite": (_granite, _DECODER),
     "gemma": (_gemma, _DECODER | dict(norm="rms1p")),
     "phi3": (_phi3, _DECODER | dict(fused_qkv=True, fused_gate_up=True, linears_per_layer=4)),
+    "olmo2": (_olmo2, _DECODER | dict(qk_norm=True, norm_place="post")),
+    "gemma2": (_gemma2, _DECODER | dict(norm="rms1p", norm_place="sandwich")),
     "opt": (_opt, _LAYERNORM | dict(linear="linear", fused_qkv=False, linears_per_layer=6)),
     "gpt2": (_gpt2, _LAYERNORM | dict(linear="conv1d", fused_qkv=True, linears_per_layer=4)),
 }
@@ -168,7 +187,7 @@ def _make(name: str, family: str, seed: int, layers: int, dtype: torch.dtype, op
     tf.logging.set_verbosity_error()
     make_config, flags = _FAMILIES[family]
     config = make_config(tf, layers, **options)
-    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation=attention_impl(config), dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
     _randomize(model, gen, flags["norm"])
     model.to(dtype).eval()
@@ -186,8 +205,8 @@ def _make(name: str, family: str, seed: int, layers: int, dtype: torch.dtype, op
                           if hasattr(config, k)),
         vocab=vocab,
         tied=model.lm_head.weight is model.get_input_embeddings().weight,
-        norms=(4 if flags["qk_norm"] else 2) * layers + 1,
-        embed_scale=getattr(config, "embedding_multiplier", None) or (config.hidden_size ** 0.5 if family == "gemma" else 1.0),
+        norms=(2 + 2 * flags["qk_norm"] + 2 * (flags["norm_place"] == "sandwich")) * layers + 1,
+        embed_scale=getattr(config, "embedding_multiplier", None) or (config.hidden_size ** 0.5 if family.startswith("gemma") else 1.0),
         **flags,
     )
     return ZooModel(name=name, family=family, model=model, config=config,
