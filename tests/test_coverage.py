@@ -1,10 +1,53 @@
-"""Architectures outside the zoo's goldens, by structure: tiny random configs of HF classes, each recipe
-either certified (float64, ≤1e-10) or refused with `spinfx.Unsupported` naming why — never another
-exception, never a silently different model. README's coverage table is this table."""
+"""Coverage by structure: every zoo model and a few more HF classes (tiny random configs) under each
+preset, certified (float64, ≤1e-10) or refused with `spinfx.Unsupported` naming why — never another
+exception, never a silently different model. OUTCOMES is the one table; README's "Coverage by
+structure" table is rendered from it (test_readme_table_is_this_table; regenerate it with
+SPINFX_ACCEPT=1 and read the diff)."""
+import functools
+import os
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
 import spinfx
+from spinfx import zoo
+from spinfx.api import apply_recipe, load
+
+RECIPES = ("fold", "rotate", "spinquant", "w4a16")
+OK = "certified"
+POST_NORM = "R1: the residual stream could not be followed: … a post-norm writes the stream"
+NEOX_QKV = "R2: no attention with q/k/v projections"
+
+# model -> (what is special about it, {recipe: OK or the refusal}); a refusal is the message's text,
+# " … " standing for anything. Zoo models (spinfx.zoo, with goldens in test_zoo_goldens.py) first.
+OUTCOMES = {
+    "llama": ("Llama (tied embedding, GQA)", {}),
+    "llama_untied": ("Llama, untied lm_head", {}),
+    "mistral": ("Mistral", {}),
+    "qwen2": ("Qwen2 (q/k/v biases)", {}),
+    "qwen3": ("Qwen3 (per-head q/k RMSNorm before RoPE; fold keeps their γ)", {}),
+    "granite": ("Granite (embedding / residual / attention / logits multipliers)", {}),
+    "gemma": ("Gemma (x·(1+w) norms, √d embedding scale, MQA, heads·head_dim ≠ hidden)", {}),
+    "phi3": ("Phi-3 (fused q/k/v and gate/up)", {}),
+    "opt": ("OPT (LayerNorm, learned positions, biases)", {}),
+    "gpt2": ("GPT-2 (LayerNorm, Conv1D, fused q/k/v)", {}),
+    "olmo2": ("OLMo-2 (post-norms, q/k RMSNorm over the whole projection; fold keeps their γ)",
+              {"rotate": POST_NORM, "spinquant": POST_NORM}),
+    "gemma2": ("Gemma-2 (norms before and after each block, soft-capped attention and logits, sliding "
+               "window, eager attention)", {"rotate": POST_NORM, "spinquant": POST_NORM}),
+    # HF classes outside the zoo, by structure
+    "stablelm": ("StableLM (partial rotary 25 %)", {}),
+    "phi": ("Phi (parallel attention + MLP, partial rotary, biases)", {}),
+    "gpt_neox": ("GPT-NeoX (parallel residual, q/k/v interleaved per head)",
+                 {"rotate": NEOX_QKV, "spinquant": NEOX_QKV}),
+}
+
+
+def outcome(model: str, recipe: str) -> str:
+    return OUTCOMES[model][1].get(recipe, OK)
+
 
 SIZE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=64)
@@ -22,36 +65,75 @@ def _config(family: str):
     raise KeyError(family)
 
 
-# family -> recipe -> "certified" or the refusal's reason (a regex)
-OUTCOMES = {
-    "stablelm": {"fold": "certified", "rotate": "certified", "spinquant": "certified", "w4a16": "certified"},
-    "phi": {"fold": "certified", "rotate": "certified", "spinquant": "certified", "w4a16": "certified"},
-    "gpt_neox": {"fold": "certified", "rotate": "R2: no attention with q/k/v projections",
-                 "spinquant": "R2: no attention with q/k/v projections", "w4a16": "certified"},
-}
+@functools.lru_cache(maxsize=None)
+def _traced(name: str):
+    """(model, example inputs, its traced program): traced once for the four presets (tracing is most
+    of a rewrite's time here); each cell runs its recipe on a clone, which is what spinfx.rewrite does
+    after tracing."""
+    model, inputs = _model(name)
+    return model, inputs, load(model, inputs)[0]
 
 
-@pytest.mark.parametrize("family, recipe", [(f, r) for f, rs in OUTCOMES.items() for r in rs])
-def test_certified_or_refused_with_a_reason(family, recipe):
+def _model(name: str):
+    """(model, example inputs): the zoo model, or a tiny random one of the HF class."""
+    if name in zoo.ZOO:
+        zm = zoo.build(name)
+        return zm.model, zm.example_inputs
     import transformers as tf
 
     tf.logging.set_verbosity_error()
     torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(_config(family), attn_implementation="sdpa").eval()
+    model = tf.AutoModelForCausalLM.from_config(_config(name), attn_implementation="sdpa").eval()
     with torch.no_grad():  # spread the weights: HF's init (std 0.02) would hide a wrong rewrite
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    inputs = {"input_ids": torch.randint(0, 128, (1, 8)), "use_cache": False}
-    want = OUTCOMES[family][recipe]
-    if want != "certified":
-        with pytest.raises(spinfx.Unsupported, match=want):
-            spinfx.rewrite(model, recipe, inputs)
+    return model, {"input_ids": torch.randint(0, 128, (1, 8)), "use_cache": False}
+
+
+def test_every_zoo_model_is_in_the_table():
+    assert set(zoo.ZOO) <= set(OUTCOMES)
+    assert all(set(cells) <= set(RECIPES) for _, cells in OUTCOMES.values())
+
+
+@pytest.mark.parametrize("name, recipe", [(m, r) for m in OUTCOMES for r in RECIPES])
+def test_certified_or_refused_with_a_reason(name, recipe):
+    model, inputs, traced = _traced(name)
+    prog, want = traced.clone(), outcome(name, recipe)
+    if want != OK:
+        with pytest.raises(spinfx.Unsupported, match=".*".join(map(re.escape, want.split(" … ")))):
+            apply_recipe(prog, recipe)
         return
-    r = spinfx.rewrite(model, recipe, inputs)
-    certs = [p.certificate for p in r.report.passes if p.certificate]
+    report = apply_recipe(prog, recipe)
+    certs = [p.certificate for p in report.passes if p.certificate]
     assert certs and all(c["rel"] <= c["tolerance"] for c in certs)
-    assert r.report.extra["linears"]["changed"] > 0
-    ref = model(**inputs).logits
-    got = r.module(**inputs).logits
+    assert report.extra["linears"]["changed"] > 0
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        got = prog(**inputs).logits
     tol = 1e-4 if recipe != "w4a16" else 0.5  # w4a16 is certified against its dequantized weights
     assert ((got - ref).abs().max() / ref.abs().max()).item() <= tol
+
+
+# ---- README's table -------------------------------------------------------------------------------
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+BEGIN, END = "<!-- coverage table: rendered from tests/test_coverage.py OUTCOMES -->", "<!-- end of coverage table -->"
+
+
+def render() -> str:
+    rows = ["| model | what is special | " + " | ".join(RECIPES) + " |", "|---|---|" + "---|" * len(RECIPES)]
+    for name, (what, _) in OUTCOMES.items():
+        cells = ["✓" if outcome(name, r) == OK else f"refused: {outcome(name, r)}" for r in RECIPES]
+        where = "zoo" if name in zoo.ZOO else "HF class"
+        rows.append(f"| `{name}` ({where}) | {what} | " + " | ".join(cells) + " |")
+    return "\n".join([BEGIN, *rows, END])
+
+
+def test_readme_table_is_this_table():
+    text = README.read_text()
+    assert text.count(BEGIN) == 1 and text.count(END) == 1, "README lost its coverage table markers"
+    start, stop = text.index(BEGIN), text.index(END) + len(END)
+    if os.environ.get("SPINFX_ACCEPT"):
+        README.write_text(text[:start] + render() + text[stop:])
+        return
+    assert text[start:stop] == render(), "README's coverage table is stale: SPINFX_ACCEPT=1 regenerates it"

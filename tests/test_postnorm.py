@@ -51,12 +51,17 @@ def test_r1_is_refused_naming_the_post_norm():
         spinfx.rewrite(m, "rotate", example_inputs=(ids,))
 
 
-def test_r4_refusal_says_where_the_stream_stopped():
-    # spinquant looks for R4's down projections first: "no MLP down projection writes into the residual
-    # stream" alone hid the reason (the stream stops at the first post-norm)
+def test_spinquant_is_refused_for_r1_and_r4_alone_says_where_the_stream_stopped():
+    # spinquant looked for R4's down projections before R1 and refused with "no MLP down projection
+    # writes into the residual stream", which hid the reason (the stream stops at the first post-norm)
+    from spinfx.passes import Rotate
+
     m, ids = olmo2()
-    with pytest.raises(spinfx.Unsupported, match=r"R4: .*post_attention_layernorm.*a post-norm writes the stream"):
+    with pytest.raises(spinfx.Unsupported, match=r"^R1: .*post_attention_layernorm.*a post-norm writes the stream"):
         spinfx.rewrite(m, "spinquant", example_inputs=(ids,))
+    r4 = spinfx.recipe.Recipe("r4", [Rotate(r1="none", r2="none", r4=True)])
+    with pytest.raises(spinfx.Unsupported, match=r"^R4: .*post_attention_layernorm.*a post-norm writes the stream"):
+        spinfx.rewrite(m, r4, example_inputs=(ids,))
 
 
 @pytest.mark.parametrize("name", ["olmo2", "gemma2"])
