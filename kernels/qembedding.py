@@ -66,13 +66,16 @@ def embedding_args(qw: QuantWeight) -> dict:
 
 
 class QEmbedding(nn.Module):
-    """nn.Embedding replacement over a quantized table; the packed tensors are buffers (state_dict, .to)."""
+    """nn.Embedding replacement over a quantized table; the packed tensors are buffers (state_dict, .to).
+    `scale`: a number the lookup is multiplied by, for an embedding module that scales what it looks up
+    (Gemma's √d)."""
 
-    def __init__(self, qw: QuantWeight) -> None:
+    def __init__(self, qw: QuantWeight, scale: float = 1.0) -> None:
         super().__init__()
         args = embedding_args(qw)
         self.num_embeddings, self.embedding_dim = qw.weight_shape
         self.bits, self.group_size = args["bits"], args["group_size"]
+        self.scale = float(scale)
         self.register_buffer("weight_packed", args["weight_packed"])
         self.register_buffer("weight_scale", args["weight_scale"])
         self.register_buffer("weight_zero_point", args["weight_zero_point"])
@@ -85,8 +88,10 @@ class QEmbedding(nn.Module):
                            group_size=gs, weight_shape=(self.num_embeddings, self.embedding_dim))
 
     def forward(self, indices: Tensor) -> Tensor:
-        return torch.ops.spinfx.qembedding(indices, self.weight_packed, self.weight_scale, self.weight_zero_point,
+        rows = torch.ops.spinfx.qembedding(indices, self.weight_packed, self.weight_scale, self.weight_zero_point,
                                            self.bits, self.group_size)
+        return rows if self.scale == 1.0 else rows * self.scale
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group_size={self.group_size}"
+        scale = "" if self.scale == 1.0 else f", scale={self.scale:g}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group_size={self.group_size}{scale}"

@@ -2,10 +2,13 @@
 preset, certified (float64, ≤1e-10) or refused with `spinfx.Unsupported` naming why — never another
 exception, never a silently different model. OUTCOMES is the one table; README's "Coverage by
 structure" table is rendered from it (test_readme_table_is_this_table; regenerate it with
-SPINFX_ACCEPT=1 and read the diff)."""
+SPINFX_ACCEPT=1 and read the diff). And every model of the table goes through the CLI as a user's
+directory would: inspect, rewrite (refused where the table says), eval, spinfx.load."""
 import functools
+import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -49,7 +52,7 @@ def outcome(model: str, recipe: str) -> str:
     return OUTCOMES[model][1].get(recipe, OK)
 
 
-SIZE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+SIZE = dict(vocab_size=zoo.VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=64)
 
 
@@ -87,7 +90,7 @@ def _model(name: str):
     with torch.no_grad():  # spread the weights: HF's init (std 0.02) would hide a wrong rewrite
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    return model, {"input_ids": torch.randint(0, 128, (1, 8)), "use_cache": False}
+    return model, {"input_ids": torch.randint(0, zoo.VOCAB, (1, 8)), "use_cache": False}
 
 
 def test_every_zoo_model_is_in_the_table():
@@ -137,3 +140,80 @@ def test_readme_table_is_this_table():
         README.write_text(text[:start] + render() + text[stop:])
         return
     assert text[start:stop] == render(), "README's coverage table is stale: SPINFX_ACCEPT=1 regenerates it"
+
+
+# ---- the CLI on every model of the table ----------------------------------------------------------
+
+TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings "
+        "and arrows of outrageous fortune, or to take arms against a sea of troubles, and by opposing end them.")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    """A byte-level tokenizer of exactly 256 tokens (every byte, no merges), built offline."""
+    import transformers as tf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    assert len(alphabet) == zoo.VOCAB
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    path = tmp_path_factory.mktemp("tokenizer")
+    tf.PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(path)
+    (path / "text.txt").write_text(TEXT)
+    return path
+
+
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    from spinfx.cli import main
+
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("name", list(OUTCOMES))
+def test_cli_inspect_rewrite_eval_load(name, tmp_path, tokenizer_dir, capsys):
+    # in-process through the CLI's main() (tests/test_cli.py runs it as a subprocess): every model of
+    # the table saved as a user's HF directory with a tokenizer, then inspect → rewrite (w4a16: certified
+    # for every model; the first refused preset, if any, exits 3 with one line) → eval → spinfx.load
+    model, _ = _model(name)
+    src, out = tmp_path / "src", tmp_path / "out"
+    model.save_pretrained(src)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / f, src / f)
+
+    code, stdout, err = _cli(capsys, "inspect", src, "--json")
+    assert code == 0, err[-2000:]
+    contract = json.loads(stdout).get("contract")
+    assert name not in zoo.ZOO or contract["satisfied"], contract
+
+    refused = [r for r in RECIPES if outcome(name, r) != OK]
+    if refused:
+        code, stdout, err = _cli(capsys, "rewrite", src, "--recipe", refused[0], "--out", tmp_path / "no")
+        lines = [line for line in err.splitlines() if line.startswith("spinfx:")]
+        assert code == 3 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+        assert re.search(".*".join(map(re.escape, outcome(name, refused[0]).split(" … "))), lines[0])
+        assert not (tmp_path / "no").exists()
+
+    code, stdout, err = _cli(capsys, "rewrite", src, "--recipe", "w4a16", "--out", out, "--json")
+    assert code == 0, err[-2000:]
+    report = json.loads(stdout)["report"]
+    assert report["checkpoint"]["verified"] and report["linears"]["changed"] == report["linears"]["total"]
+    assert (out / "tokenizer.json").is_file()
+
+    code, stdout, err = _cli(capsys, "eval", out, "--text", tokenizer_dir / "text.txt", "--ctx", 16,
+                             "--windows", 2, "--json")
+    assert code == 0, err[-2000:]
+    ppl = json.loads(stdout)
+    assert ppl["windows"] == 2 and 1 < ppl["ppl"] < 10 * zoo.VOCAB  # finite, and not a broken model's
+
+    # the checkpoint back as the model class: the logits of the rewritten program (the Python API's
+    # rewrite of the same directory, traced on the CLI's default inputs), up to QLinear's bf16 activations
+    r = spinfx.rewrite(str(src), "w4a16")
+    ids = next(e for e in r.program.examples if isinstance(e, torch.Tensor) and not e.is_floating_point())
+    with torch.no_grad():
+        want = r.module(input_ids=ids, use_cache=False).logits
+        got = spinfx.load(out)(input_ids=ids, use_cache=False).logits
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 2e-2
