@@ -67,15 +67,15 @@ def embedding_args(qw: QuantWeight) -> dict:
 
 class QEmbedding(nn.Module):
     """nn.Embedding replacement over a quantized table; the packed tensors are buffers (state_dict, .to).
-    `scale`: a number the looked-up rows are multiplied by (an embedding class that scales its output,
-    e.g. transformers' ScaledWordEmbedding with `embed_scale` = √hidden)."""
+    `scale`: a number the lookup is multiplied by, for an embedding module that scales what it looks up
+    (Gemma's √d)."""
 
-    def __init__(self, qw: QuantWeight, scale: float | None = None) -> None:
+    def __init__(self, qw: QuantWeight, scale: float = 1.0) -> None:
         super().__init__()
-        self.scale = scale
         args = embedding_args(qw)
         self.num_embeddings, self.embedding_dim = qw.weight_shape
         self.bits, self.group_size = args["bits"], args["group_size"]
+        self.scale = float(scale)
         self.register_buffer("weight_packed", args["weight_packed"])
         self.register_buffer("weight_scale", args["weight_scale"])
         self.register_buffer("weight_zero_point", args["weight_zero_point"])
@@ -90,8 +90,8 @@ class QEmbedding(nn.Module):
     def forward(self, indices: Tensor) -> Tensor:
         rows = torch.ops.spinfx.qembedding(indices, self.weight_packed, self.weight_scale, self.weight_zero_point,
                                            self.bits, self.group_size)
-        return rows if self.scale is None else rows * torch.tensor(self.scale, dtype=rows.dtype)
+        return rows if self.scale == 1.0 else rows * self.scale
 
     def extra_repr(self) -> str:
-        return (f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group_size={self.group_size}"
-                + ("" if self.scale is None else f", scale={self.scale:g}"))
+        scale = "" if self.scale == 1.0 else f", scale={self.scale:g}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group_size={self.group_size}{scale}"

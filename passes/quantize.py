@@ -372,7 +372,7 @@ class Quantize(Pass):
                               "constant table indexed by an input)")
         if self.lm_head is not None and head is None:
             raise Unsupported("quantize: lm_head: no single linear of a constant weight produces a graph output "
-                              "(the logits) through views, casts and scalings by a number only")
+                              "(the logits) through views, casts, scalings by a number and soft-capping only")
         h_t = head is not None and head.target is torch.ops.aten.addmm.default
         h_w = _linear_weight(head) if head is not None else None
         tied = emb is not None and h_w is emb.args[0]

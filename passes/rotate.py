@@ -251,11 +251,11 @@ class Rotate(Pass):
 
     def run(self, prog: Program, ctx: Context) -> PassResult:
         res = PassResult(self.name, self.options())
+        stream = residual_stream(prog.graph) if self.r1 != "none" else None
+        if stream is not None and stream.end is None:  # R1's refusal first: it names what stops the stream
+            raise Unsupported(f"R1: the residual stream could not be followed: {stream.stop_reason}")
         downs = mlp_down_projections(prog) if self.r4 else []  # found before R1 edits the stream
-        if self.r1 != "none":
-            stream = residual_stream(prog.graph)
-            if stream.embedding is None:
-                raise Unsupported(f"R1: the residual stream could not be followed: {stream.stop_reason}")
+        if stream is not None:
             hidden = stream.embedding.meta["val"].shape[-1]
             apply_r1(prog, make_rotation(self.r1, hidden, self.seed), res)
         if self.r2 != "none":
@@ -324,7 +324,8 @@ def mlp_down_projections(prog: Program) -> list[fx.Node]:
     attn_roots = {m.root for m in find_all(ATTENTION, prog.graph)[0]}
     downs = [w.node for w in stream.writers if w.node.target in LINEARS and not _reads_attention(w.node, attn_roots)]
     if not downs:
-        raise Unsupported("R4: no MLP down projection writes into the residual stream")
+        why = "" if stream.end is not None else f" (the stream could not be followed: {stream.stop_reason})"
+        raise Unsupported(f"R4: no MLP down projection writes into the residual stream{why}")
     return downs
 
 

@@ -2,13 +2,14 @@
 
 ROPE(t)     t·cos + rotate_half(t)·sin, rotate_half(t) = cat(-t[..., h/2:], t[..., :h/2]); also the
             partial form cat(rope(t), t[..., r:]) (Phi-3). Captures `cos`, `sin`; the output is named.
-ATTENTION   every attention site, `attn`: scaled_dot_product_attention, or the eager matmul/softmax form.
+ATTENTION   every attention site, `attn`: scaled_dot_product_attention, or the eager matmul/softmax form
+            (scores optionally soft-capped, c·tanh(s/c): Gemma-2).
 ROPE_SITE   an attention whose q and k both come through RoPE: captures `rope_q`, `rope_k` (the
             nodes after which R3 goes), `cos`, `sin`.
 QKV         an attention whose q, k, v are projections of one input `x` — three linears (`q`, `k`,
             `v` with `w_q`…/`b_q`…) or slices of one fused linear (`qkv`, Phi-3 / GPT-2) —
-            optionally through RoPE and GQA's repeat_kv, q and k optionally through a per-head RMSNorm
-            (`head_norm`, Qwen3). The v path is captured as `v_heads`.
+            optionally through RoPE and GQA's repeat_kv, q and k optionally through an RMSNorm
+            (`head_norm`: per head, Qwen3; over the whole projection, OLMo-2). The v path is captured as `v_heads`.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch.fx as fx
 from spinfx.match import describe
 from spinfx.pattern import ANY, Chain, Op, Opt, Var, is_const, is_number
 
-from spinfx.patterns.common import CASTS, HEAD_LAYOUT, VIEWS, linear_of
+from spinfx.patterns.common import CASTS, HEAD_LAYOUT, VIEWS, linear_of, soft_cap
 
 aten = torch.ops.aten
 SDPA = (aten.scaled_dot_product_attention.default,)
@@ -53,10 +54,11 @@ def _repeat_kv(p):
 
 def attention(q, k, v, name: str = "attn"):
     """softmax(q·kᵀ·scale + mask)·v: one `aten.scaled_dot_product_attention`, or HF's eager spelling
-    matmul(softmax(matmul(q, kᵀ)·scale + mask), v) (casts around the softmax optional)."""
+    matmul(softmax(matmul(q, kᵀ)·scale + mask), v) (casts around the softmax optional), the scaled scores
+    optionally soft-capped (Gemma-2: c·tanh(s/c) before the mask)."""
     scores = Op(aten.matmul.default, q, Op(aten.transpose.int, k, ANY, ANY))
     scaled = Opt(aten.mul.Tensor, scores, Var(None, where=is_number))
-    masked = Opt(aten.add.Tensor, scaled, ANY)
+    masked = Opt(aten.add.Tensor, soft_cap(scaled) | scaled, ANY)
     probs = Opt(CASTS, Op(aten.softmax.int, masked, -1))
     return Op(SDPA, q, k, v, name=name) | Op(aten.matmul.default, probs, v, name=name)
 
@@ -73,10 +75,13 @@ def _fused_part(role: str):
                  name=f"{role}_part"))
 
 
-def head_norm(inp, name: str):
-    """RMSNorm over head_dim of each head (Qwen3's q/k norm): γ · t/√(mean(t²)+ε), where t is `inp`
-    split into heads (captured as `<name>_in`); γ is captured as `<name>_gamma`, the norm as `name`."""
-    t, first = Opt(CASTS, Var(f"{name}_in")), Opt(CASTS, Op(HEAD_LAYOUT, inp, name=f"{name}_in"))
+def head_norm(inp, name: str, per_head: bool = True):
+    """RMSNorm of a q or k projection: γ · t/√(mean(t²)+ε) where t is `inp` split into heads (Qwen3:
+    over head_dim of each head), or `inp` itself with `per_head=False` (OLMo-2: over the whole
+    projection, before the split: both reads of t match `inp`, whose captures then name one node). A
+    per-head t is captured as `<name>_in`, γ as `<name>_gamma`, the norm as `name`."""
+    t = Opt(CASTS, Var(f"{name}_in") if per_head else inp)
+    first = Opt(CASTS, Op(HEAD_LAYOUT, inp, name=f"{name}_in") if per_head else inp)
     var = Op(aten.add.Tensor, Op(aten.mean.dim, Op(aten.pow.Tensor_Scalar, t, 2), [-1], True),
              Var(None, where=is_number))
     core = Op(aten.mul.Tensor, first, Op(aten.rsqrt.default, var))
@@ -86,9 +91,13 @@ def head_norm(inp, name: str):
 def _heads(role: str):
     proj = linear_of(Var("x"), w=f"w_{role}", b=f"b_{role}", name=role) | _fused_part(role)
     scaled = Op(aten.mul.Tensor, proj, Var(f"scale_{role}", where=is_number)) | proj  # OPT scales q
-    # q and k may pass a per-head RMSNorm on their way to attention (Qwen3); v never does here
-    normed = head_norm(scaled, f"{role}_norm") if role in ("q", "k") else None
-    inner = Chain(HEAD_LAYOUT, scaled, 2) if normed is None else (normed | Chain(HEAD_LAYOUT, scaled, 2))
+    # q and k may pass an RMSNorm on their way to attention, per head (Qwen3) or over the whole
+    # projection before the split (OLMo-2); v never does here
+    if role in ("q", "k"):
+        whole = Chain(HEAD_LAYOUT, head_norm(scaled, f"{role}_norm", per_head=False), 2)
+        inner = head_norm(scaled, f"{role}_norm") | whole | Chain(HEAD_LAYOUT, scaled, 2)
+    else:
+        inner = Chain(HEAD_LAYOUT, scaled, 2)
     return Op(HEAD_LAYOUT, inner, name=f"{role}_heads")
 
 

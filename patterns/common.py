@@ -5,7 +5,7 @@ import operator
 
 import torch
 
-from spinfx.pattern import Chain, Op, Opt, Var, is_const
+from spinfx.pattern import Chain, Op, Opt, Var, is_const, is_number
 
 aten = torch.ops.aten
 
@@ -62,6 +62,13 @@ def linear_of(inp, w: str = "w", b: str = "b", name: str = "linear"):
                  name=name + "_t"))
 
 
+def soft_cap(inp):
+    """c·tanh(inp/c): Gemma-2's soft-capping of attention scores and of the logits — elementwise, so
+    whatever commutes with the value before it (a rotation of q and k, of v and o_proj) commutes with it."""
+    return Op(aten.mul.Tensor, Op(aten.tanh.default, Op(aten.div.Tensor, inp, Var(None, where=is_number))),
+              Var(None, where=is_number))
+
+
 def linear_node(m, name: str = "linear"):
     """(node, transposed) of a linear captured by `linear_of`."""
     if name in m.captures:
@@ -70,4 +77,4 @@ def linear_node(m, name: str = "linear"):
 
 
 __all__ = ["CASTS", "VIEWS", "HEAD_LAYOUT", "SPLITS", "LINEAR_OPS", "is_linear", "linear_input_arg", "linear_weight",
-           "reads_graph_input", "ALL_REDUCE", "WAIT_TENSOR", "linear_of", "linear_node", "Opt", "Chain"]
+           "reads_graph_input", "ALL_REDUCE", "WAIT_TENSOR", "linear_of", "linear_node", "soft_cap", "Opt", "Chain"]

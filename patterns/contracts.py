@@ -19,4 +19,9 @@ CONTRACTS: dict[str, dict[str, str]] = {
     "qwen3": _GATED | {"norm": "4L+1"}, "granite": _GATED,  # + q_norm and k_norm per layer (they feed no linear)
     "opt": _CLASSIC, "gpt2": _CLASSIC,
     "mixtral": _MOE, "qwen3_moe": _MOE | {"norm": "4L+1"},
+    # post-norm blocks write the stream through a norm: the walk stops at the first block (0 writers,
+    # hence R1 refused). OLMo-2: post_attention / post_feedforward norms and q/k norms over the whole
+    # projection, only the final norm feeds a linear; Gemma-2: pre- and post-norms around both blocks
+    "olmo2": _GATED | {"norm": "4L+1", "norm-linears": "1", "residual-writers": "0"},
+    "gemma2": _GATED | {"norm": "4L+1", "residual-writers": "0"},
 }

@@ -126,14 +126,22 @@ def _unscaled(v: fx.Node) -> fx.Node:
             return v
 
 
+def _uncapped(v: fx.Node) -> fx.Node:
+    """`v` through views, casts, scalings by a number and soft-capping c·tanh(x/c) (Gemma-2's logits)."""
+    v = _unscaled(v)
+    while v.op == "call_function" and v.target is aten.tanh.default:
+        v = _unscaled(v.args[0])
+    return v
+
+
 def output_linear(graph: fx.Graph) -> fx.Node | None:
     """The lm_head: the one linear (constant weight) whose result is a graph output, through
-    views, casts and scalings by a number only (the logits). None when no output is such a linear, or
-    more than one is."""
+    views, casts, scalings by a number and soft-capping only (the logits). None when no output is such
+    a linear, or more than one is."""
     out = next((n for n in graph.nodes if n.op == "output"), None)
     found = []
     for a in out.all_input_nodes if out is not None else ():
-        w = _writer(_unscaled(a))
+        w = _writer(_uncapped(a))
         if w is not None and w.kind in ("linear", "linear_t") and w.node not in found:
             found.append(w.node)
     return found[0] if len(found) == 1 else None

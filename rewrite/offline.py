@@ -617,14 +617,28 @@ def _swap_quantized(model: torch.nn.Module, group: dict, tensors: dict,
         qw = QuantWeight.from_compressed_tensors(mine, bits=w["num_bits"], group_size=gs)
         parent, leaf = name.rsplit(".", 1) if "." in name else ("", name)
         old = model.get_submodule(name)
-        if isinstance(old, torch.nn.Embedding):
-            # an embedding class that scales its rows (transformers' *ScaledWordEmbedding) keeps its scale
-            scale = getattr(old, "embed_scale", None)
-            new = QEmbedding(qw, None if scale is None else float(scale))
-        else:
-            new = QLinear(qw, cpu_compute_dtype=cpu_compute_dtype)
-        setattr(model.get_submodule(parent), leaf, new)
+        table = isinstance(old, torch.nn.Embedding)
+        setattr(model.get_submodule(parent), leaf, QEmbedding(qw, _lookup_scale(name, old)) if table
+                else QLinear(qw, cpu_compute_dtype=cpu_compute_dtype))
     return set(group["targets"])
+
+
+@torch.no_grad()
+def _lookup_scale(name: str, emb: torch.nn.Embedding) -> float:
+    """The number an embedding module multiplies its lookup by: 1 for nn.Embedding itself; a subclass
+    that overrides forward (Gemma's scaled embedding: rows · √d) is asked, on a few rows of its own
+    table, what it returns beyond the lookup. Anything but one constant factor is refused: swapping in
+    a QEmbedding would drop it."""
+    if type(emb).forward is torch.nn.Embedding.forward:
+        return 1.0
+    ids = torch.arange(min(16, emb.num_embeddings), device=emb.weight.device)
+    plain, out = torch.nn.functional.embedding(ids, emb.weight).double(), emb(ids).double()
+    s = ((out * plain).sum() / (plain * plain).sum().clamp_min(1e-300)).item()
+    s = torch.tensor(s, dtype=emb.weight.dtype).item()  # the factor as the module's dtype holds it
+    if out.shape != plain.shape or not torch.allclose(out, plain * s, rtol=4 * torch.finfo(emb.weight.dtype).eps, atol=0):
+        raise Unsupported(f"{name}: {type(emb).__name__} computes more than its table lookup times a number; "
+                          f"its quantized table cannot be loaded in its place")
+    return s
 
 
 def attach_transforms(model: torch.nn.Module, groups: dict[str, dict], matrices: dict[str, torch.Tensor]) -> None:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from spinfx.errors import BadInput
+from spinfx.hf import attention_impl
 
 VOCAB, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE, SEQ = 256, 64, 4, 2, 16, 88, 8
 WEIGHT_STD, NORM_STD, BIAS_STD = 0.1, 0.1, 0.02
@@ -47,7 +48,11 @@ class Expect:
     mlp_bias: bool
     positions: str  # "rope" or "learned"
     embed_scale: float  # Gemma multiplies the embeddings by sqrt(hidden), Granite by its embedding_multiplier
-    qk_norm: bool = False  # q and k pass a per-head RMSNorm (Qwen3): two more norm modules per layer
+    qk_norm: bool = False  # q and k pass an RMSNorm (Qwen3: per head; OLMo-2: over the projection): two more norm modules per layer
+    # where a block's norms sit: "pre" (x + f(norm(x))), "post" (x + norm(f(x)): OLMo-2),
+    # "sandwich" (x + norm(f(norm(x))): Gemma-2, two more norm modules per layer). A post-norm writes
+    # the residual stream through a nonlinearity: R1 is refused there, fold and quantize are not
+    norm_place: str = "pre"
     experts: int = 0  # a mixture of experts per layer (0: a dense MLP); `intermediate` is then per expert
     top_k: int = 0
 
@@ -113,6 +118,14 @@ def _olmo2(tf, layers: int, tied: bool = False, **o):  # post-norms on the atten
     return tf.Olmo2Config(**_common(layers, o), tie_word_embeddings=tied, **_hf(o))
 
 
+def _gemma2(tf, layers: int, tied: bool = True, head_dim: int = HEAD_DIM, **o):
+    # sandwich norms; soft-capped attention scores and logits (caps small enough that tanh bends: a rewrite
+    # that dropped a cap shows); sliding-window attention on even layers (window 4 < SEQ 8); scale 1/√32
+    return tf.Gemma2Config(**_common(layers, o), head_dim=head_dim, tie_word_embeddings=tied, **_hf(
+        o, hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=32, sliding_window=4,
+        attn_logit_softcapping=2.0, final_logit_softcapping=3.0))
+
+
 def _opt(tf, layers: int, tied: bool = True, **o):
     s = _sizes(o)
     return tf.OPTConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], num_attention_heads=s["heads"],
@@ -167,8 +180,8 @@ def _common(layers: int, size: dict) -> dict:
 
 
 _DECODER = dict(norm="rms", linear="linear", fused_qkv=False, fused_gate_up=False, gated_mlp=True, qk_norm=False,
-                linears_per_layer=7, qkv_bias=False, o_bias=False, mlp_bias=False, positions="rope")
-_LAYERNORM = dict(norm="layer", qk_norm=False, fused_gate_up=False, gated_mlp=False, qkv_bias=True, o_bias=True, mlp_bias=True,
+                linears_per_layer=7, qkv_bias=False, o_bias=False, mlp_bias=False, positions="rope", norm_place="pre")
+_LAYERNORM = dict(norm="layer", qk_norm=False, norm_place="pre", fused_gate_up=False, gated_mlp=False, qkv_bias=True, o_bias=True, mlp_bias=True,
                   positions="learned")
 # name -> (config factory, structure flags beyond the config's sizes)
 _FAMILIES: dict[str, tuple[Callable, dict]] = {
@@ -184,6 +197,8 @@ _FAMILIES: dict[str, tuple[Callable, dict]] = {
                                               experts=EXPERTS, top_k=TOP_K)),
     "gemma": (_gemma, _DECODER | dict(norm="rms1p")),
     "phi3": (_phi3, _DECODER | dict(fused_qkv=True, fused_gate_up=True, linears_per_layer=4)),
+    "olmo2": (_olmo2, _DECODER | dict(qk_norm=True, norm_place="post")),
+    "gemma2": (_gemma2, _DECODER | dict(norm="rms1p", norm_place="sandwich")),
     "opt": (_opt, _LAYERNORM | dict(linear="linear", fused_qkv=False, linears_per_layer=6)),
     "gpt2": (_gpt2, _LAYERNORM | dict(linear="conv1d", fused_qkv=True, linears_per_layer=4)),
 }
@@ -191,7 +206,7 @@ _VARIANTS = {"llama_untied": ("llama", {"tied": False})}
 # Families built from configs here that are not (yet) zoo members with goldens -> _randomize's norm kind
 # (tests/test_coverage.py, tests/test_postnorm.py and spinfx.fuzz build them with `hf_config`)
 _MORE: dict[str, tuple[Callable, str]] = {"stablelm": (_stablelm, "layer"), "phi": (_phi, "layer"),
-                                          "gpt_neox": (_gpt_neox, "layer"), "olmo2": (_olmo2, "rms")}
+                                          "gpt_neox": (_gpt_neox, "layer")}
 FAMILIES: tuple[str, ...] = (*_FAMILIES, *_MORE)  # every family `hf_config` builds
 ZOO: tuple[str, ...] = (*_FAMILIES, *_VARIANTS)
 
@@ -240,7 +255,7 @@ def from_config(config, seed: int = 0, dtype: torch.dtype = torch.float32,
     tf.logging.set_verbosity_error()
     family = config.model_type
     norm = _FAMILIES[family][1]["norm"] if family in _FAMILIES else _MORE.get(family, (None, "rms"))[1]
-    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation=attention_impl(config), dtype=torch.float32)
     _randomize(model, gen or torch.Generator().manual_seed(seed), norm)
     return model.to(dtype).eval()
 
@@ -264,8 +279,8 @@ def _make(name: str, family: str, seed: int, layers: int, dtype: torch.dtype, op
                                                         "n_inner") if hasattr(config, k)),
         vocab=vocab,
         tied=model.lm_head.weight is model.get_input_embeddings().weight,
-        norms=(4 if flags["qk_norm"] else 2) * layers + 1,
-        embed_scale=getattr(config, "embedding_multiplier", None) or (config.hidden_size ** 0.5 if family == "gemma" else 1.0),
+        norms=(2 + 2 * flags["qk_norm"] + 2 * (flags["norm_place"] == "sandwich")) * layers + 1,
+        embed_scale=getattr(config, "embedding_multiplier", None) or (config.hidden_size ** 0.5 if family.startswith("gemma") else 1.0),
         **flags,
     )
     return ZooModel(name=name, family=family, model=model, config=config,

@@ -30,10 +30,12 @@ def test_fold_is_exact(name, tie):
     assert p.certificate["rel"] <= 1e-10 and p.certificate["dtype"] == "float64"
     ref = zm.model(**zm.example_inputs).logits
     assert _rel(r.module(**zm.example_inputs).logits, ref) <= 1e-4
-    # every norm lost its scale, except one that shares a tied weight under tie=keep, and per-head q/k
-    # norms (Qwen3): no linear reads them, and RoPE between them and q·kᵀ keeps γ from moving on
+    # every norm lost its scale, except one that shares a tied weight under tie=keep, q/k norms (Qwen3,
+    # OLMo-2): no linear reads them, and RoPE between them and q·kᵀ keeps γ from moving on, and post-norms
+    # (OLMo-2, Gemma-2): they write the residual stream, no linear reads them
     kinds = [norm_kind(m) for m in find_all(NORM, r.program.graph)[0]]
-    leftover = len(kinds) - (2 * zm.expect.layers if zm.expect.qk_norm else 0)
+    kept = (2 if zm.expect.qk_norm else 0) + (2 if zm.expect.norm_place != "pre" else 0)
+    leftover = len(kinds) - kept * zm.expect.layers
     # auto keeps a tie like keep, except where keep must refuse (centering a LayerNorm model): untie there
     if zm.expect.tied and (tie == "keep" or (tie == "auto" and zm.expect.norm != "layer")):
         assert leftover == 1 and len(p.refusals) == 1 and f"tie: {tie}" in p.refusals[0]

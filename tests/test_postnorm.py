@@ -49,6 +49,38 @@ def test_r1_is_refused_naming_the_post_norm():
         spinfx.rewrite(m, "rotate", example_inputs=(ids,))
 
 
+def test_spinquant_is_refused_for_r1_and_r4_alone_says_where_the_stream_stopped():
+    # spinquant looked for R4's down projections before R1 and refused with "no MLP down projection
+    # writes into the residual stream", which hid the reason (the stream stops at the first post-norm)
+    from spinfx.passes import Rotate
+
+    m, ids = olmo2()
+    with pytest.raises(spinfx.Unsupported, match=r"^R1: .*post_attention_layernorm.*a post-norm writes the stream"):
+        spinfx.rewrite(m, "spinquant", example_inputs=(ids,))
+    r4 = spinfx.recipe.Recipe("r4", [Rotate(r1="none", r2="none", r4=True)])
+    with pytest.raises(spinfx.Unsupported, match=r"^R4: .*post_attention_layernorm.*a post-norm writes the stream"):
+        spinfx.rewrite(m, r4, example_inputs=(ids,))
+
+
+@pytest.mark.parametrize("name", ["olmo2", "gemma2"])
+def test_r2_and_r3_alone_are_certified_on_post_norm_models(name):
+    # R2 (v/o per head) and R3 (q, k after RoPE) never touch the stream: with r1: none they apply
+    # through OLMo-2's q/k norms over the whole projection and Gemma-2's soft-capped eager attention
+    from spinfx import zoo
+    from spinfx.passes import FoldNorms, Rotate
+
+    zm = zoo.build(name, dtype=torch.float64)
+    recipe = spinfx.recipe.Recipe("r2r3", [FoldNorms(), Rotate(r1="none", r2="hadamard", r3=True)])
+    r = spinfx.rewrite(zm.model, recipe, zm.example_inputs)
+    rot = r.report.pass_result("rotate")
+    assert rot.certificate["rel"] <= 1e-10
+    assert rot.findings["r2"]["sites"] == rot.findings["r3"]["sites"] == zm.expect.layers
+    # HF norms compute in float32 even in a float64 model: compare in float64 semantics, on fresh inputs
+    from spinfx.certify import compare
+
+    assert compare(spinfx.trace(zm.model, zm.example_inputs), r.program, seeds=(7,))["max_abs"] <= 1e-9
+
+
 class _Promote(torch.nn.Module):
     """y = W·(g · x.float()) with g = 1 in float64: the mul is what makes the linear's input float64."""
 

@@ -284,3 +284,32 @@ def test_lower_qlinear_keeps_the_tied_table_read_by_qembedding():
                        quantized_layers(generic.program)["model.embed_tokens"].weight.weight_packed)
     got, ref = _logits(lowered.module, zm), _logits(generic.module, zm)
     assert (got - ref).abs().max() < 3e-2 * ref.abs().max()
+
+
+@pytest.mark.parametrize("name", ["gemma", "gemma2"])
+def test_a_scaled_embedding_keeps_its_scale_when_loaded(tmp_path, name):
+    # Gemma's embedding module multiplies its lookup by √d in its forward: loading the quantized table
+    # as a bare QEmbedding dropped it, and the checkpoint failed its verification (relative 0.84)
+    zm = zoo.build(name)
+    r = spinfx.rewrite(zm.model, "w4a16", zm.example_inputs)
+    out = r.save(tmp_path / "q")  # verified: the loaded model computes the program
+    emb = spinfx.load(out).get_input_embeddings()
+    assert isinstance(emb, QEmbedding) and emb.scale == zm.expect.embed_scale != 1.0
+    assert r.report.extra["checkpoint"]["rel"] <= 2e-2
+
+
+def test_an_embedding_that_does_more_than_scale_is_refused_at_load():
+    from spinfx.offline import _lookup_scale
+
+    class Shifted(torch.nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) + 1.0
+
+    class Scaled(torch.nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) * 3.0
+
+    assert _lookup_scale("e", torch.nn.Embedding(8, 4)) == 1.0
+    assert _lookup_scale("e", Scaled(8, 4)) == 3.0
+    with pytest.raises(spinfx.Unsupported, match="e: Shifted computes more than its table lookup"):
+        _lookup_scale("e", Shifted(8, 4))

@@ -36,6 +36,10 @@ def _rewrite(zm, passes, calib=None):
 @pytest.mark.parametrize("name", zoo.ZOO)
 def test_every_family_quantizes(name, recipe):
     zm = zoo.build(name)
+    if recipe.startswith("spinquant") and zm.expect.norm_place != "pre":  # R1/R4 refused at the post-norm
+        with pytest.raises(spinfx.Unsupported, match="a post-norm writes the stream"):
+            spinfx.rewrite(zm.model, recipe, zm.example_inputs)
+        return
     r = spinfx.rewrite(zm.model, recipe, zm.example_inputs)
     q = r.report.pass_result("quantize")
     assert q.certificate["rel"] <= 1e-10 and q.certificate["tolerance"] == 1e-10

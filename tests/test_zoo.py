@@ -82,6 +82,26 @@ def test_zoo_covers_the_structures():
     assert e["qwen2"].qkv_bias and e["phi3"].fused_qkv and e["phi3"].fused_gate_up
     assert e["opt"].positions == "learned" and e["gpt2"].linear == "conv1d"
     assert (e["mixtral"].experts, e["mixtral"].top_k) == (4, 2) and e["qwen3_moe"].qk_norm and e["qwen3_moe"].experts
+    assert e["olmo2"].norm_place == "post" and e["olmo2"].qk_norm and not e["olmo2"].tied
+    assert e["gemma2"].norm_place == "sandwich" and e["gemma2"].norm == "rms1p"
+    assert {e[n].norm_place for n in ZOO} - {"post", "sandwich"} == {"pre"}
+
+
+def test_gemma2_caps_and_windows_bend_the_output():
+    # the soft-caps and the sliding window are small enough to change the logits: a rewrite that
+    # dropped one would show (and Gemma-2 loads with the eager attention transformers requires)
+    import transformers as tf
+
+    z = build("gemma2")
+    assert z.model.config._attn_implementation == "eager"
+    with torch.no_grad():
+        ref = z.model(**z.example_inputs).logits
+        for change in ({"attn_logit_softcapping": None}, {"final_logit_softcapping": None}, {"sliding_window": 64}):
+            config = type(z.config)(**(z.config.to_dict() | change))
+            other = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+            other.load_state_dict(z.model.state_dict())
+            out = other(**z.example_inputs).logits
+            assert ((out - ref).abs().max() / ref.abs().max()) > 1e-2, change
 
 
 def test_dtype():
