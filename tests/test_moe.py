@@ -1,6 +1,7 @@
 """Mixture of experts: traced in a dense form (spinfx.moe), router + experts as sibling groups of one input,
 fold / R1 / R4 / quantize / tensor parallel acting on every expert — certified, or refused with a reason."""
 import functools
+import json
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch
 import spinfx
 from spinfx import zoo
 from spinfx.moe import dense_experts
+from spinfx.offline import read_safetensors
 from spinfx.passes import FoldNorms, Rotate
 from spinfx.passes.quantize import Quantize, quantized_layers
 from spinfx.passes.shard import Shard
@@ -83,7 +85,7 @@ def test_fold_puts_gamma_into_router_and_every_expert():
                               layer.mlp.experts.gate_up_proj[e].detach() * gamma)
 
 
-def test_spinquant_rotates_router_and_experts_and_r4_each_down_proj():
+def test_spinquant_rotates_router_and_experts_and_r4_each_down_proj(tmp_path):
     zm = _zoo("mixtral")
     r = spinfx.rewrite(zm.model, "spinquant", zm.example_inputs)
     assert all(p.certificate["rel"] <= 1e-10 for p in r.report.passes if p.certificate)
@@ -93,9 +95,11 @@ def test_spinquant_rotates_router_and_experts_and_r4_each_down_proj():
     c = r.program.consts()
     assert r.report.extra["linears"]["changed"] == r.report.extra["linears"]["total"]  # routers included
     assert not torch.allclose(c["model.layers.1.mlp.gate.weight"], zm.model.model.layers[1].mlp.gate.weight)
+    got, ref = _saved(r, tmp_path / "out")  # float experts, stacked, with R4 at their down_proj's input
+    assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
 
 
-def test_quantize_keeps_routers_in_float_unless_asked():
+def test_quantize_keeps_routers_in_float_unless_asked(tmp_path):
     zm = _zoo("mixtral")
     r = spinfx.rewrite(zm.model, Recipe("q", [Quantize(weights=W4)]), zm.example_inputs)
     q = r.report.pass_result("quantize")
@@ -106,6 +110,9 @@ def test_quantize_keeps_routers_in_float_unless_asked():
     assert sorted(floats) == ["lm_head", "model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
     r = spinfx.rewrite(zm.model, Recipe("q", [Quantize(weights=W4, router=True)]), zm.example_inputs)
     assert "model.layers.1.mlp.gate" in quantized_layers(r.program)
+    with pytest.raises(spinfx.Unsupported, match="router model.layers.0.mlp.gate is quantized.*router: false"):
+        r.save(tmp_path / "out")  # the model class routes with a float weight
+    assert not (tmp_path / "out").exists()
     with pytest.raises(spinfx.SpinfxError, match="router is true or false"):
         spinfx.rewrite(zm.model, Recipe("q", [Quantize(weights=W4, router="yes")]), zm.example_inputs)
 
@@ -129,9 +136,71 @@ def test_experts_layout_without_a_dense_form_is_refused():
         spinfx.rewrite(zm.model, "fold", zm.example_inputs)
 
 
-def test_saving_per_expert_weights_is_refused(tmp_path):
-    # the model class stores experts stacked [E, …]; the rewritten program holds one matrix per expert
+def _saved(r, path):
+    """save → spinfx.load; the loaded model class's logits on the example input (and the program's)."""
+    r.save(path)
+    ids = r.program.examples[0]
+    with torch.no_grad():
+        return spinfx.load(path)(input_ids=ids, use_cache=False).logits, r.module(input_ids=ids, use_cache=False).logits
+
+
+def test_fold_saves_a_plain_checkpoint_of_the_model_class(tmp_path):
+    # the program's per-expert matrices are stacked again into the class's [E, 2I, H] / [E, H, I] parameters
     zm = _zoo("mixtral")
     r = spinfx.rewrite(zm.model, "fold", zm.example_inputs)
-    with pytest.raises(spinfx.Unsupported, match="experts.0.*has no parameter"):
-        r.save(tmp_path / "out")
+    got, ref = _saved(r, tmp_path / "out")
+    assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["model_type"] == "mixtral" and "quantization_config" not in cfg  # any transformers client loads it
+    tensors = read_safetensors(tmp_path / "out")
+    assert tensors.keys() == zm.model.state_dict().keys()
+    c = r.program.consts()
+    assert torch.equal(tensors["model.layers.1.mlp.experts.gate_up_proj"],
+                       torch.stack([c[f"model.layers.1.mlp.experts.{e}.gate_up_proj.weight"] for e in range(4)]))
+    assert torch.equal(tensors["model.layers.0.post_attention_layernorm.weight"], torch.ones(64))  # folded
+
+
+def test_cli_rewrites_a_mixture_directory(tmp_path):
+    from spinfx.cli import main
+
+    zoo.build("qwen3_moe").model.save_pretrained(tmp_path / "src")
+    assert main(["rewrite", str(tmp_path / "src"), "--recipe", "fold", "--out", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "spinfx_report.json").read_text())["checkpoint"]["verified"]
+
+
+def test_quantized_experts_save_stacked_and_load_as_qlinears(tmp_path):
+    from spinfx.kernels.qlinear import QLinear
+
+    zm = _zoo("mixtral")
+    r = spinfx.rewrite(zm.model, "w4a16", zm.example_inputs)
+    got, ref = _saved(r, tmp_path / "out")
+    assert (got - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()  # QLinear's CPU path: bf16 activations
+    tensors = read_safetensors(tmp_path / "out")
+    packed = tensors["model.layers.0.mlp.experts.gate_up_proj.weight_packed"]  # [E, 2I, H/8] int32
+    assert packed.shape == (4, 80, 8) and "model.layers.0.mlp.experts.0.gate_up_proj.weight_packed" not in tensors
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["model_type"] == "spinfx"  # a layout other compressed-tensors clients do not know: guarded
+    targets = {t for g in cfg["quantization_config"]["config_groups"].values() for t in g["targets"]}
+    assert {"model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"} <= targets
+    m = spinfx.load(tmp_path / "out")
+    experts = _experts(m, 1)
+    assert all(isinstance(p, QLinear) for p in experts.down_proj) and len(experts.down_proj) == 4
+    ids = zm.example_inputs["input_ids"]
+    out = m.generate(ids, max_new_tokens=3, do_sample=False)  # the KV cache: one routed token at a time
+    assert out.shape == (1, ids.shape[1] + 3)
+
+
+def test_spinquant_w4a4kv4_saves_r4_once_for_all_experts(tmp_path):
+    # R4 before every expert's down_proj is one Hadamard, recorded at the stacked projection
+    # <experts>.down_proj and applied at load inside the experts' forward, before the activations'
+    # fake quantizer of each expert's QLinear (as in the program)
+    zm = _zoo("qwen3_moe")
+    r = spinfx.rewrite(zm.model, "spinquant-w4a4kv4", zm.example_inputs)
+    got, ref = _saved(r, tmp_path / "out")
+    assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()  # activation dtype: as the program
+    qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    r4 = qc["transform_config"]["config_groups"]["hadamard-input-40"]["apply"]
+    assert r4 == [{"targets": ["model.layers.0.mlp.experts.down_proj", "model.layers.1.mlp.experts.down_proj"],
+                   "location": "input", "inverse": False, "ignore": []}]
+    assert any("model.layers.0.mlp.experts.down_proj" in g["targets"] and g["input_activations"]
+               for g in qc["config_groups"].values())
