@@ -202,3 +202,22 @@ def test_r4_with_quantized_experts_is_saved_once_for_all_experts(tmp_path):
                    "location": "input", "inverse": False, "ignore": []}]
     assert any("model.layers.0.mlp.experts.down_proj" in g["targets"] and g["input_activations"]
                for g in qc["config_groups"].values())
+
+
+def test_stacked_weights_no_linear_reads_are_named_in_the_report():
+    # what the torch.compile backend gets from a mixture: transformers' experts code (grouped_mm over the
+    # stacked [E, N, K] tensors), no linears — certified, left as they are, and the report says which
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(16, 16, bias=False)
+            self.stacked = torch.nn.Parameter(torch.randn(4, 16, 16))
+
+        def forward(self, x):
+            return torch.bmm(self.proj(x).expand(4, -1, -1), self.stacked).sum(0)
+
+    r = spinfx.rewrite(Block(), Recipe("q", [Quantize(weights=W4)]), (torch.randn(8, 16),))
+    lin = r.report.extra["linears"]
+    assert lin["changed"] == lin["total"] == 1
+    assert lin["untouched"] == "1 weight(s) of 3+ dimensions read by no linear, left as they are: stacked"
+    assert "note: 1 weight(s) of 3+ dimensions" in r.report.to_text()
