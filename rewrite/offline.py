@@ -384,6 +384,9 @@ def _record_transform(n: fx.Node, parts: Parts) -> None:
     size = n.args[0].meta["val"].shape[-1]
     expert = parts.experts.get(module)
     if expert is not None:  # one expert's projection: the site is the stacked projection <experts>.<w>
+        if location != "input":
+            raise Unsupported(f"save: an online op at the {location} of expert projection {module}; the experts "
+                              f"module of the model class can take a transform at its projections' input only")
         module = f"{expert[0]}.{expert[1]}"
     if _matrix_names(n):
         key, kind = _matrix_names(n)[0], MATRIX
