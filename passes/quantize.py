@@ -157,6 +157,7 @@ class QuantLayer:
     rtn_output_error: float | None = None  # the same for the RTN weight (what GPTQ improved on)
     embedding: bool = False        # the token embedding table (read by spinfx.qembedding)
     tied: tuple[str, ...] = ()     # modules of the linears reading this same matrix (a tied lm_head)
+    router: bool = False           # a mixture of experts' router (`patterns.moe`; quantized with router: true)
 
     def to_dict(self) -> dict:
         qw = self.weight
@@ -167,6 +168,8 @@ class QuantLayer:
             d["embedding"] = True
         if self.tied:
             d["tied"] = list(self.tied)
+        if self.router:
+            d["router"] = True
         if self.input_bits is not None:
             d["input_bits"] = self.input_bits
         if self.output_error is not None:
@@ -284,7 +287,8 @@ class Quantize(Pass):
         res = PassResult(self.name, self.options())
         stats = find(prog.gm, [LINEARS])[f"{LINEARS.where}:{LINEARS.name}"]
         head = output_linear(prog.graph) if self.lm_head is not None else None
-        floats = set() if self.router else routers(prog.graph)
+        moe_routers = routers(prog.graph)
+        floats = set() if self.router else moe_routers
         layers, ignored = self._layers(prog, stats.found, res, skip=head, floats=floats)
         stats.applied, stats.declined = sum(len(l.nodes) for l in layers), len(ignored) + len(floats)
         res.rules = [stats]
@@ -310,7 +314,8 @@ class Quantize(Pass):
             seconds += time.perf_counter() - t0
             _dequantized_into(reference, l, w_hat)
             _to_quantized(prog, l, layer.weight)
-            out[l.module] = dataclasses.replace(layer, input_bits=None if l in ends else input_bits)
+            out[l.module] = dataclasses.replace(layer, input_bits=None if l in ends else input_bits,
+                                                router=any(n in moe_routers for n in l.nodes))
             if l.table is not None:
                 out[l.module] = dataclasses.replace(out[l.module], embedding=True, tied=tuple(
                     n.meta.get("module", "") for n in l.nodes))

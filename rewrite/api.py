@@ -224,6 +224,7 @@ def apply_recipe(prog: Program, recipe, calib=None, certify: bool = True, site_b
     rep = Report(model=str(prog.meta.get("model_type") or prog.meta.get("class", "")), recipe=rec.name,
                  passes=results)
     check_changed(prog, rec, linears, rep)
+    note_untouched(prog, rec, rep)
     finalize(prog)
     if not any(isinstance(x, torch._subclasses.FakeTensor) for x in prog.examples):  # Dynamo's: nothing to run
         check_dtypes(prog)  # certificates run in float64: a changed dtype is invisible to them
@@ -306,6 +307,28 @@ def check_changed(prog: Program, rec, before: dict[str, tuple[str, weakref.ref]]
     raise Unsupported(f"recipe {rec.name!r} changed none of the {len(before)} linears of "
                       f"{prog.meta.get('class') or 'the model'}" + (f" — {'; '.join(why[:3])}" if why else "")
                       + "; a recipe that may leave a model unchanged says so (allow_unchanged: true)")
+
+
+def note_untouched(prog: Program, rec, rep: Report) -> None:
+    """Weights of 3+ dimensions that no linear reads (a mixture's stacked experts as transformers runs them,
+    grouped_mm / bmm over [E, N, K]: what Dynamo hands the torch.compile backend) are outside every
+    rule's reach: the report names them (`linears.untouched`) so that "certified" is not read as "every
+    weight rewritten". `spinfx.rewrite` traces such experts as per-expert linears (spinfx.moe) instead."""
+    from spinfx.patterns.common import is_linear
+
+    if not rec.changes_weights:
+        return
+    names = []
+    for n in prog.graph.nodes:
+        if n.op != "get_attr" or any(is_linear(u) for u in n.users):
+            continue
+        t = prog.const(n.target)
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 3:
+            names.append(n.target)
+    if names:
+        lin = rep.extra.setdefault("linears", {"total": 0, "changed": 0})
+        lin["untouched"] = (f"{len(names)} weight(s) of 3+ dimensions read by no linear, left as they are: "
+                            f"{', '.join(sorted(names)[:4])}{', …' if len(names) > 4 else ''}")
 
 
 def first_block(prog: Program) -> str | None:

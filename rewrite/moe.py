@@ -20,6 +20,13 @@ gate and up fused here) — so every pass sees an expert as the fused gate/up ML
 router and every expert's gate_up are sibling linears of the post-attention norm, and quantized
 experts get tensors of their own (`…experts.<e>.down_proj.weight_packed`). The module's own
 parameters are put back after the trace; the source model is never modified.
+
+Checkpoints (`spinfx.offline`) stack the per-expert matrices again (`expert_linears`). Where the model class
+cannot run them with its own forward — quantized experts (one QLinear per expert) or an online transform
+at every expert's down_proj input (R4) — `spinfx.load` gives the experts module `_sparse_forward`:
+transformers' eager loop (each chosen expert on its tokens) over per-expert projections, with the
+transform inside it. Not a hook on transformers' `_apply_gate` (what its grouped_mm / batched_mm forwards
+call before down_proj): the eager forward computes the gate inline and would silently skip it.
 """
 from __future__ import annotations
 
@@ -120,3 +127,94 @@ def dense_experts(model: torch.nn.Module) -> Iterator[int]:
                 del m.__dict__["forward"]
             else:
                 m.forward = fwd
+
+
+# ---- checkpoints: the per-expert linears of the program as the model class's stacked tensors -----------
+
+
+def expert_linears(model: torch.nn.Module) -> dict[str, tuple[str, str, int]]:
+    """{`<experts>.<e>.<w>`: (`<experts>`, w, e)} — the per-expert linears `dense_experts` gives every
+    stacked-experts module of `model` (w: `gate_up_proj` or `down_proj`). A checkpoint stores them
+    stacked again under `<experts>.<w>` (float: the class's own parameter [E, N, K]; quantized: its
+    compressed-tensors tensors with a leading E dimension, `<experts>.<w>.weight_packed` …)."""
+    out = {}
+    for name, m in model.named_modules():
+        if is_stacked_experts(m):
+            for w in _WEIGHTS:
+                for e in range(getattr(m, w).shape[0]):
+                    out[f"{name}.{e}.{w}"] = (name, w, e)
+    return out
+
+
+def stacked_projection(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str] | None:
+    """(experts module, w) if `name` is `<experts>.<w>`, a stacked projection of an experts module
+    (a checkpoint's quantization / transform target); None otherwise."""
+    parent, _, w = name.rpartition(".")
+    if w not in _WEIGHTS:
+        return None
+    try:
+        m = model.get_submodule(parent)
+    except AttributeError:
+        return None
+    return (m, w) if getattr(m, "_spinfx_experts", False) or is_stacked_experts(m) else None
+
+
+def _project(self, w: str, e: int, x: torch.Tensor) -> torch.Tensor:
+    p = getattr(self, w)
+    return p[e](x) if isinstance(p, torch.nn.ModuleList) else F.linear(x, p[e])
+
+
+def _sparse_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor) -> torch.Tensor:
+    """transformers' eager experts loop — each chosen expert on its tokens — over per-expert projections
+    (slices of the stacked tensors, or one module each, e.g. QLinear) with the online transforms of a
+    projection's input (`_spinfx_inputs`: R4 before every expert's down_proj, one Hadamard for all)."""
+    inputs = self.__dict__.get("_spinfx_inputs", {})
+    out = torch.zeros_like(hidden_states)
+    with torch.no_grad():
+        mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)  # [E, K, T]
+        hit = (mask.sum(dim=(-1, -2)) > 0).nonzero().flatten().tolist()
+    for e in hit:
+        pos, tok = torch.where(mask[e])
+        x = hidden_states[tok]
+        if "gate_up_proj" in inputs:
+            x = inputs["gate_up_proj"](x)
+        gate, up = _project(self, "gate_up_proj", e, x).chunk(2, dim=-1)
+        h = self.act_fn(gate) * up
+        if "down_proj" in inputs:
+            h = inputs["down_proj"](h)
+        y = _project(self, "down_proj", e, h) * top_k_weights[tok, pos, None]
+        out.index_add_(0, tok, y.to(out.dtype))
+    return out
+
+
+def _own_forward(m: torch.nn.Module) -> None:
+    """`m` runs `_sparse_forward` from now on (whatever `config._experts_implementation` says: grouped_mm
+    and the others read the stacked parameters directly and know no per-expert modules or transforms)."""
+    if not m.__dict__.get("_spinfx_experts"):
+        _check_layout(type(m).__name__, m)
+        m._spinfx_experts = True
+        m.forward = types.MethodType(_sparse_forward, m)
+
+
+def set_projections(m: torch.nn.Module, w: str, modules: list[torch.nn.Module]) -> None:
+    """Replace the stacked parameter `w` of experts module `m` by one module per expert (QLinear)."""
+    _own_forward(m)
+    if len(modules) != m.num_experts:
+        raise Unsupported(f"{type(m).__name__}.{w}: {len(modules)} expert projections for {m.num_experts} experts")
+    del m._parameters[w]
+    setattr(m, w, torch.nn.ModuleList(modules))
+
+
+def set_input_transform(m: torch.nn.Module, w: str, fn) -> None:
+    """Every expert's projection `w` of `m` reads fn(its input) (an online Hadamard: the same for all)."""
+    _own_forward(m)
+    m.__dict__.setdefault("_spinfx_inputs", {})[w] = fn
+
+
+def projection_modules(m: torch.nn.Module, w: str) -> list[torch.nn.Module]:
+    """The per-expert modules of projection `w` (after `set_projections`), e.g. to hook their inputs."""
+    p = getattr(m, w)
+    if not isinstance(p, torch.nn.ModuleList):
+        raise Unsupported(f"{type(m).__name__}.{w} is a stacked float tensor, not one module per expert")
+    return list(p)

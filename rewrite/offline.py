@@ -25,6 +25,17 @@ A checkpoint is the source model's Hugging Face directory with the rewritten wei
   `kv_cache_scheme` (int, `group` with group_size = head_dim, dynamic: per head and token). Their
   rounding convention is spinfx's, not compressed-tensors' (`_act_args`), so the config is guarded
   (GUARD_TYPE) as for online transforms.
+* a mixture of experts (`spinfx.moe`): the program holds one matrix per expert (`<experts>.<e>.gate_up_proj`,
+  `.down_proj`), the model class one stacked parameter per projection (`<experts>.gate_up_proj` [E, 2I, H],
+  `<experts>.down_proj` [E, H, I]). Float experts are stacked again into the class's parameters (fold,
+  rotate: a plain model-class checkpoint). Quantized experts keep their compressed-tensors tensors with a
+  leading E dimension under the stacked projection's name (`<experts>.down_proj.weight_packed` [E, N, K/8],
+  `…weight_scale` [E, N, G], `…weight_shape` [E, 2]) and the config group targets `<experts>.down_proj`:
+  spinfx's layout (no compressed-tensors client has per-expert modules to put them in), guarded
+  (GUARD_TYPE). An online transform at every expert's projection input (R4 before down_proj, one
+  Hadamard for all) is recorded once at `<experts>.down_proj`, location `input`. Every expert must be
+  treated alike (all quantized with one scheme, or all float; the transform at all of them), a quantized
+  router (`quantize: {router: true}`) is refused: the class routes with a float weight.
 * tokenizer files copied from the source directory, `spinfx_report.json`, `report.html`.
 
 Everything is written to a temporary sibling directory, then *verified* — loaded back with `load` and
@@ -39,7 +50,10 @@ same codes and scales), and re-attaches each online transform at its recorded si
 inputs / outputs, and an attention function (`spinfx_sdpa`) rotating q and k inside attention, *after*
 the KV cache, so the cache holds keys as the model class computes them. Fake quantizers follow the
 transforms of their site, as in the program: a forward pre-hook on each linear with `input_activations`
-(after an input Hadamard), and k and v in `spinfx_sdpa` (after R3, over the whole cache). It is the model class
+(after an input Hadamard), and k and v in `spinfx_sdpa` (after R3, over the whole cache). An experts module
+with quantized projections or an input transform runs `spinfx.moe`'s sparse forward (transformers' eager
+loop over the chosen experts; per-expert QLinears; the transform applied inside it to each expert's input,
+so the loaded model keeps it whatever `experts_implementation` is set). It is the model class
 itself: `generate` and every KV cache work (the rewritten `Result.module` is traced for one input
 signature and does not).
 """
@@ -87,6 +101,9 @@ class Parts:
     transforms: dict[str, dict] = field(default_factory=dict)    # transform_config config_groups
     kv_cache: dict | None = None                                 # kv_cache_scheme (QuantizationArgs)
     notes: list[str] = field(default_factory=list)
+    experts: dict[str, tuple[str, str, int]] = field(default_factory=dict)  # spinfx.moe.expert_linears
+    expert_sites: dict[tuple, set[int]] = field(default_factory=dict)  # (transform, <experts>.<w>, location) -> e
+    stacked_quantized: bool = False                              # quantized experts, stacked (spinfx's layout)
 
     @property
     def fake_quantized(self) -> bool:
@@ -99,7 +116,9 @@ def checkpoint_parts(result) -> Parts:
     prog, source = result.program, result.source
     if source is None or getattr(source, "config", None) is None:
         raise BadInput("saving needs the source to be a Hugging Face model (it has no config)")
-    parts = Parts()
+    from spinfx.moe import expert_linears
+
+    parts = Parts(experts=expert_linears(source))
     live = {n.target for n in prog.graph.nodes if n.op == "get_attr"}
     quantized = _quantized(prog, parts)
     parts.kv_cache = _kv_cache_scheme(prog)
@@ -107,10 +126,17 @@ def checkpoint_parts(result) -> Parts:
         if _is_online(n):
             _record_transform(n, parts)
     state = source.state_dict()
+    _check_expert_sites(parts, state)
     buffers = dict(source.named_buffers())
+    slices: dict[str, dict[int, torch.Tensor]] = {}  # <experts>.<w> -> {e: expert e's float matrix}
     for name in sorted(live):
         if _belongs_to(name, quantized) and name not in state:
             continue  # the quantized layer's runtime tensors: its compressed-tensors form is written instead
+        module, _, leaf = name.rpartition(".")
+        if module in parts.experts and leaf == "weight":  # one expert's matrix: stacked again below
+            experts, w, e = parts.experts[module]
+            slices.setdefault(f"{experts}.{w}", {})[e] = prog.const(name)
+            continue
         if name in state or name.startswith("spinfx."):  # spinfx.*: online matrices
             parts.tensors[name] = prog.const(name)
         elif name in buffers and _same(buffers[name], prog.const(name)):
@@ -118,6 +144,8 @@ def checkpoint_parts(result) -> Parts:
         else:
             raise Unsupported(f"save: the rewritten program reads {name}, which {type(source).__name__} has no "
                               f"parameter for; the model class cannot express this rewrite")
+    for key, per in slices.items():
+        parts.tensors[key] = _stack(key, per, state[key].shape[0])
     neutral = _neutral_values(result.report)
     # tensors the source shares (a tied lm_head): kept tied if the program still reads one of them
     shared: dict[tuple, list[str]] = {}
@@ -125,7 +153,7 @@ def checkpoint_parts(result) -> Parts:
         shared.setdefault((v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)), []).append(key)
     tied_to = {k: ks for ks in shared.values() if len(ks) > 1 for k in ks}
     for key, value in state.items():
-        if key in parts.tensors or _belongs_to(key, quantized):
+        if key in parts.tensors or key in quantized or _belongs_to(key, quantized):
             continue
         if any(k in live for k in tied_to.get(key, ())):
             continue  # the model class ties it on load
@@ -143,6 +171,32 @@ def checkpoint_parts(result) -> Parts:
         parts.config["tie_word_embeddings"] = False
         parts.notes.append("the lm_head was untied from the embedding: tie_word_embeddings = false")
     return parts
+
+
+def _stack(key: str, per: dict[int, Any], n: int) -> Any:
+    """[per[0], …, per[n-1]] — every expert of the stacked projection `key` (else Unsupported); tensors are
+    stacked, other values (schemes) must all be equal and are returned once."""
+    if sorted(per) != list(range(n)):
+        missing = sorted(set(range(n)) - set(per))
+        raise Unsupported(f"save: {key} stores {n} experts stacked, but the rewritten program treats experts "
+                          f"{sorted(per)} alike and not {missing}; the model class cannot express this rewrite")
+    values = [per[e] for e in range(n)]
+    if isinstance(values[0], torch.Tensor):
+        if any(v.shape != values[0].shape or v.dtype != values[0].dtype for v in values):
+            raise Unsupported(f"save: the experts of {key} have different shapes/dtypes "
+                              f"{sorted({(tuple(v.shape), str(v.dtype)) for v in values})}; they cannot be stacked")
+        return torch.stack(values)
+    if any(v != values[0] for v in values):
+        raise Unsupported(f"save: the experts of {key} are quantized differently ({sorted(set(map(str, values)))}); "
+                          f"a stacked projection has one scheme")
+    return values[0]
+
+
+def _check_expert_sites(parts: Parts, state: dict) -> None:
+    """An online transform at an expert's projection is recorded once for the stacked projection: it must
+    act on every expert alike (R4: the same Hadamard before every expert's down_proj)."""
+    for (key, target, location), es in parts.expert_sites.items():
+        _stack(f"{target} ({key} at its {location})", dict.fromkeys(es, True), state[target].shape[0])
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -174,16 +228,44 @@ def _quantized(prog, parts: Parts) -> set[str]:
     compressed-tensors form, with the fake quantization of its input if it has one; returns their
     module names."""
     layers = prog.meta.get("quant", {})
+    stacked: dict[str, dict[int, Any]] = {}  # <experts>.<w> -> {e: expert e's QuantLayer}
     for module, layer in layers.items():
+        if layer.router:
+            raise Unsupported(f"save: the MoE router {module} is quantized (quantize: router: true); the model "
+                              f"class computes its routing from a float weight, so a checkpoint cannot hold it "
+                              f"quantized — keep routers in float (router: false, the default)")
+        if module in parts.experts:  # one expert's projection: stacked with the others below
+            experts, w, e = parts.experts[module]
+            stacked.setdefault(f"{experts}.{w}", {})[e] = layer
+            continue
         qw = layer.weight
         for name, t in qw.to_compressed_tensors().items():
             parts.tensors[f"{module}.{name}"] = t
-        scheme = (qw.bits, qw.group_size, qw.symmetric, qw.weight_g_idx is not None, layer.input_bits)
-        parts.quant_groups.setdefault(scheme, []).append(module)
+        parts.quant_groups.setdefault(_scheme(layer), []).append(module)
         for reader in layer.tied:
             parts.tied[reader] = module
             parts.notes.append(f"{reader} reads the quantized table of {module} (tied): stored once")
-    return set(layers) | set(parts.tied)
+    n_experts = {}
+    for experts, w, e in parts.experts.values():
+        n_experts[f"{experts}.{w}"] = max(n_experts.get(f"{experts}.{w}", 0), e + 1)
+    for target, per in sorted(stacked.items()):
+        # the projection of every expert in one set of tensors with a leading E dimension: <experts>.<w>.weight_packed
+        # [E, N, K/8] …, one config group target <experts>.<w> (spinfx's layout: `load` runs it, see GUARD_TYPE)
+        n = n_experts[target]
+        tensors = {e: l.weight.to_compressed_tensors() for e, l in per.items()}
+        scheme = _stack(target, {e: _scheme(l) for e, l in per.items()}, n)
+        names = _stack(target, {e: tuple(sorted(t)) for e, t in tensors.items()}, n)
+        for name in names:
+            parts.tensors[f"{target}.{name}"] = _stack(f"{target}.{name}", {e: t[name] for e, t in tensors.items()}, n)
+        parts.quant_groups.setdefault(scheme, []).append(target)
+        parts.stacked_quantized = True
+    return set(layers) | set(parts.tied) | set(stacked)
+
+
+def _scheme(layer) -> tuple:
+    """A config group's key: (bits, group_size, symmetric, act_order, input_bits)."""
+    qw = layer.weight
+    return (qw.bits, qw.group_size, qw.symmetric, qw.weight_g_idx is not None, layer.input_bits)
 
 
 def _kv_cache_scheme(prog) -> dict | None:
@@ -302,6 +384,12 @@ def _record_transform(n: fx.Node, parts: Parts) -> None:
 
     module, location = _site(n)
     size = n.args[0].meta["val"].shape[-1]
+    expert = parts.experts.get(module)
+    if expert is not None:  # one expert's projection: the site is the stacked projection <experts>.<w>
+        if location != "input":
+            raise Unsupported(f"save: an online op at the {location} of expert projection {module}; the experts "
+                              f"module of the model class can take a transform at its projections' input only")
+        module = f"{expert[0]}.{expert[1]}"
     if _matrix_names(n):
         key, kind = _matrix_names(n)[0], MATRIX
     else:
@@ -311,6 +399,8 @@ def _record_transform(n: fx.Node, parts: Parts) -> None:
             raise Unsupported(f"save: a Hadamard of size {size} with factors {ks}/{block} is not the standard "
                               f"plan {list(p.ks)}/{p.block}; it cannot be recorded by size")
         key, kind = f"hadamard-{location}-{size}", HADAMARD
+    if expert is not None:
+        parts.expert_sites.setdefault((key, module, location), set()).add(expert[2])
     group = parts.transforms.setdefault(key, {"type": kind, "apply": [], "randomize": False,
                                               "requires_grad": False, "head_dim": size, "precision": "float32"})
     for a in group["apply"]:
@@ -420,7 +510,7 @@ def write_config(source_config, parts: Parts, linears: list[str], tmp: Path) -> 
     if qc is not None:
         config.quantization_config = qc
     config.save_pretrained(tmp)
-    if parts.transforms or parts.fake_quantized:  # see GUARD_TYPE and _act_args
+    if parts.transforms or parts.fake_quantized or parts.stacked_quantized:  # see GUARD_TYPE and _act_args
         data = json.loads((tmp / "config.json").read_text())
         data[BASE_TYPE_KEY], data["model_type"] = data["model_type"], GUARD_TYPE
         (tmp / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -532,6 +622,7 @@ def load(path: str | os.PathLike, cpu_compute_dtype: torch.dtype | None | str = 
         if group.get("input_activations"):
             fn = _fake_quantizer(group["input_activations"], "input_activations", path)
             act_quant.update(dict.fromkeys(group["targets"], fn))
+    from spinfx.moe import projection_modules, stacked_projection
     transforms = (qc.get("transform_config") or {}).get("config_groups", {})
     matrices = {k: tensors.pop(k) for k in transforms if k in tensors}
     want = model.state_dict()
@@ -551,7 +642,9 @@ def load(path: str | os.PathLike, cpu_compute_dtype: torch.dtype | None | str = 
         _tie(model, cpu_compute_dtype)
     attach_transforms(model, transforms, matrices)
     for name, fn in act_quant.items():  # after the transforms: an input Hadamard (R4) runs first, as in the program
-        model.get_submodule(name).register_forward_pre_hook(lambda m, args, fn=fn: (fn(args[0]), *args[1:]))
+        experts = stacked_projection(model, name)  # every expert's projection (after the experts' input transform)
+        for mod in projection_modules(*experts) if experts else [model.get_submodule(name)]:
+            mod.register_forward_pre_hook(lambda m, args, fn=fn: (fn(args[0]), *args[1:]))
     if qc.get("kv_cache_scheme"):
         attach_kv_quantizer(model, _fake_quantizer(qc["kv_cache_scheme"], "kv_cache_scheme", path))
     check_finite(model, str(path))
@@ -609,18 +702,28 @@ def _swap_quantized(model: torch.nn.Module, group: dict, tensors: dict,
     from spinfx.kernels.qembedding import QEmbedding
     from spinfx.kernels.qlinear import QLinear
     from spinfx.kernels.quant_weight import QuantWeight
+    from spinfx.moe import set_projections, stacked_projection
 
     w = group["weights"]
     gs = None if w.get("strategy") == "channel" else w.get("group_size")
+    swapped = set(group["targets"])
     for name in group["targets"]:
         mine = {k.removeprefix(f"{name}."): tensors.pop(k) for k in list(tensors) if k.rsplit(".", 1)[0] == name}
+        experts = stacked_projection(model, name)
+        if experts is not None:  # <experts>.<w>: every expert's tensors stacked [E, …] -> one QLinear per expert
+            n = int(mine["weight_shape"].shape[0])
+            qws = [QuantWeight.from_compressed_tensors({k: v[e] for k, v in mine.items()}, bits=w["num_bits"],
+                                                       group_size=gs) for e in range(n)]
+            set_projections(*experts, [QLinear(qw, cpu_compute_dtype=cpu_compute_dtype) for qw in qws])
+            swapped |= {f"{name}.{e}" for e in range(n)}
+            continue
         qw = QuantWeight.from_compressed_tensors(mine, bits=w["num_bits"], group_size=gs)
         parent, leaf = name.rsplit(".", 1) if "." in name else ("", name)
         old = model.get_submodule(name)
         table = isinstance(old, torch.nn.Embedding)
         setattr(model.get_submodule(parent), leaf, QEmbedding(qw, _lookup_scale(name, old)) if table
                 else QLinear(qw, cpu_compute_dtype=cpu_compute_dtype))
-    return set(group["targets"])
+    return swapped
 
 
 @torch.no_grad()
@@ -645,6 +748,7 @@ def attach_transforms(model: torch.nn.Module, groups: dict[str, dict], matrices:
     """Re-attach online transforms at their recorded sites (see the module docstring)."""
     import spinfx.kernels.hadamard  # noqa: F401  (registers torch.ops.spinfx.hadamard)
     from spinfx.kernels.hadamard_matrices import plan
+    from spinfx.moe import set_input_transform, stacked_projection
 
     attention = False
     for key, g in groups.items():
@@ -657,8 +761,15 @@ def attach_transforms(model: torch.nn.Module, groups: dict[str, dict], matrices:
             raise BadInput(f"transform {key}: unknown type {g['type']!r}")
         for a in g["apply"]:
             for name in a["targets"]:
-                mod = model.get_submodule(name)
                 loc = a["location"]
+                experts = stacked_projection(model, name)
+                if experts is not None:  # <experts>.<w>: the input of every expert's projection w
+                    if loc != "input":
+                        raise BadInput(f"transform {key}: {name} is a stacked experts projection; only its "
+                                       f"input can be transformed, not {loc!r}")
+                    set_input_transform(*experts, fn)
+                    continue
+                mod = model.get_submodule(name)
                 if loc == "input":
                     mod.register_forward_pre_hook(lambda m, args, fn=fn: (fn(args[0]), *args[1:]))
                 elif loc == "output":

@@ -108,6 +108,8 @@ class Report:
                 lines.append(f"  certified: max |Δ| {c['max_abs']:.2e} (relative {c['rel']:.2e} ≤ {c['tolerance']:.0e}), {c['dtype']}")
         if lin := self.extra.get("linears"):
             lines.append(f"\nlinears changed: {lin['changed']} of {lin['total']}" + (f" ({lin['note']})" if "note" in lin else ""))
+            if "untouched" in lin:
+                lines.append(f"  note: {lin['untouched']}")
         acts = self.extra.get("activations")
         if acts:
             med = acts["median"]

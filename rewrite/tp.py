@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import torch
 
-from spinfx.errors import BadInput, SpinfxError
+from spinfx.errors import BadInput, SpinfxError, Unsupported
 from spinfx.graph import Program
 from spinfx.offline import check_writable, read_safetensors, save_tensors, staged_dir, write_safetensors
 from spinfx.patterns.common import ALL_REDUCE
@@ -322,6 +322,7 @@ def cmd_rewrite_tp(args) -> int:
     pass reads off the rewritten graph: one safetensors file per rank + spinfx_tp.json."""
     from spinfx.api import progress
     from spinfx.cli import rewrite_to_dir
+    from spinfx.moe import expert_linears
     from spinfx.passes.shard import plan_shard
 
     out, T = Path(args.out), int(args.tp)
@@ -336,6 +337,11 @@ def cmd_rewrite_tp(args) -> int:
     try:
         result = rewrite_to_dir(args.src, args.recipe, work / "ckpt", True, getattr(args, "calib", None))
         layouts = plan_shard(result.program, T, getattr(args, "tp_attention", "shard")).by_module()
+        stacked = sorted({m for m in layouts if m in expert_linears(result.source)})
+        if stacked:  # the checkpoint holds them stacked [E, …] under <experts>.<w> (spinfx.offline)
+            raise Unsupported(f"--tp: the rank files would split each expert's projection ({stacked[0]}, …), but "
+                              f"the checkpoint stores the experts stacked; sharding stacked experts is not "
+                              f"implemented (spinfx.rewrite with the shard pass does split them in the program)")
         progress(f"sharding the checkpoint for T = {T}: {sum(l.kind == 'column' for l in layouts.values())} "
                  f"column-parallel, {sum(l.kind == 'row' for l in layouts.values())} row-parallel linears")
         shard_checkpoint(work / "ckpt", out, T, layouts)

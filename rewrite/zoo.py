@@ -209,6 +209,7 @@ _MORE: dict[str, tuple[Callable, str]] = {"stablelm": (_stablelm, "layer"), "phi
                                           "gpt_neox": (_gpt_neox, "layer")}
 FAMILIES: tuple[str, ...] = (*_FAMILIES, *_MORE)  # every family `hf_config` builds
 ZOO: tuple[str, ...] = (*_FAMILIES, *_VARIANTS)
+MIXTURES: tuple[str, ...] = tuple(n for n, (_, flags) in _FAMILIES.items() if flags.get("experts"))  # MoE zoo models
 
 
 def build(name: str, seed: int = 0, layers: int = 2, dtype: torch.dtype = torch.float32) -> ZooModel:
