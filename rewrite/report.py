@@ -107,9 +107,8 @@ class Report:
                 c = p.certificate
                 lines.append(f"  certified: max |Δ| {c['max_abs']:.2e} (relative {c['rel']:.2e} ≤ {c['tolerance']:.0e}), {c['dtype']}")
         if lin := self.extra.get("linears"):
-            lines.append(f"\nlinears changed: {lin['changed']} of {lin['total']}" + (f" ({lin['note']})" if "note" in lin else ""))
-            if "untouched" in lin:
-                lines.append(f"  note: {lin['untouched']}")
+            lines.append(f"\nlinears changed: {lin['changed']} of {lin['total']}" + (f" ({lin['note']})" if "note" in lin else "")
+                         + (f"\n  note: {lin['untouched']}" if "untouched" in lin else ""))
         acts = self.extra.get("activations")
         if acts:
             med = acts["median"]
