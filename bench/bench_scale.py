@@ -177,8 +177,10 @@ def run(name: str) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{name}: spinfx rewrite exited {proc.returncode}: {lines[-1][1] if lines else ''}")
     layers = MODELS[name]["num_hidden_layers"]
-    stamps = [t for t, line in lines if re.search(r"\] layer \d+/\d+ ·", line)]
-    per_layer = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else wall / layers
+    # seconds per layer between the first and the last progress line (the first window's start-up excluded)
+    stamps = [(t, int(m.group(1))) for t, line in lines if (m := re.search(r"\] layer (\d+)/\d+ ·", line))]
+    per_layer = ((stamps[-1][0] - stamps[0][0]) / (stamps[-1][1] - stamps[0][1]) if len(stamps) > 1
+                 else wall / layers)
     size = sum(f.stat().st_size for f in out.iterdir()) / 1e9
     report = json.loads(stdout)["report"]
     return {"model": name, "layers": layers, "layer_params": layer_params(MODELS[name]), "wall_s": round(wall, 1),

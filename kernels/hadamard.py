@@ -149,7 +149,9 @@ class _TransposedRotation:
     def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
         if self.r.signs is not None:
             x = x * self.r.signs.to(x.dtype)[:, None]
-        return hadamard_by_gemm(x.transpose(-1, -2), list(self.r.plan.ks), self.r.plan.block).transpose(-1, -2)
+        # contiguous both ways: a transposed view would reach the GEMMs with stride n (≈ 50× slower)
+        xt = x.transpose(-1, -2).contiguous()
+        return hadamard_by_gemm(xt, list(self.r.plan.ks), self.r.plan.block).transpose(-1, -2).contiguous()
 
 
 def hadamard_dense_reference(x: torch.Tensor, plan: HadamardPlan, transpose: bool = False) -> torch.Tensor:

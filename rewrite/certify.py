@@ -6,12 +6,12 @@ shaped like the examples they were traced with and compares every output. Exact 
 tolerance 1e-10 relative to the largest output magnitude; failing raises `CertificateError` naming
 the pass and the numbers: never a silently different model.
 
-Weights live in float64 while passes run (`to_master`), so rewritten weights are exact until
-`finalize` casts each back to its original dtype once.
+Weights live in float64 while passes run (`to_master`) until `finalize` casts each back once.
 """
 from __future__ import annotations
 
 import copy
+import gc
 
 import torch
 from torch.utils import _pytree as pytree
@@ -27,9 +27,7 @@ class CertificateError(SpinfxError):
 
 
 def _promote(a):
-    if isinstance(a, torch.dtype) and a in _LOW:
-        return torch.float64
-    return a
+    return torch.float64 if isinstance(a, torch.dtype) and a in _LOW else a
 
 
 def as_fp64(prog: Program) -> Program:
@@ -95,14 +93,17 @@ def outputs(prog: Program, seeds=(0, 1)) -> list[list[torch.Tensor]]:
     """Float64 outputs on the seeded inputs, per seed (kept instead of a copy of the program)."""
     p = as_fp64(prog)
     with torch.no_grad():
-        return [[t for t in pytree.tree_leaves(p.gm(*random_inputs(prog.examples, s))) if isinstance(t, torch.Tensor)]
-                for s in seeds]
+        out = [[t for t in pytree.tree_leaves(p.gm(*random_inputs(prog.examples, s))) if isinstance(t, torch.Tensor)]
+               for s in seeds]
+    if sum(b.numel() * b.element_size() for b in p.gm.buffers()) > 1 << 28:
+        del p  # the copy's graph is cyclic garbage holding these weights: free them now, not at the next GC
+        gc.collect()
+    return out
 
 
 def compare(before: Program | list, after: Program, seeds=(0, 1)) -> dict:
     """max |Δ| and relative max |Δ| / max |ref| over all outputs and seeds, in float64 (`before`: or its outputs)."""
-    refs = before if isinstance(before, list) else outputs(before, seeds)
-    got = outputs(after, seeds)
+    refs, got = before if isinstance(before, list) else outputs(before, seeds), outputs(after, seeds)
     max_abs = ref_max = 0.0
     with torch.no_grad():
         for ob, oa in zip(refs, got):

@@ -68,8 +68,7 @@ class Pass:
         return 0
 
     def streams(self) -> bool:
-        """True when each edit of a tensor reads only it, its window's constants and shape-fixed values (no
-        statistic over other layers or rows, no calibration): windows of a model may be rewritten apart."""
+        """Each edit reads only its tensor, its window's constants, shape-fixed values: windows rewrite apart."""
         return False
 
     def options(self) -> dict:

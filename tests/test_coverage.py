@@ -47,9 +47,10 @@ OUTCOMES = {
     "phi": ("Phi (parallel attention + MLP, partial rotary, biases)", {}),
     "gpt_neox": ("GPT-NeoX (parallel residual, q/k/v interleaved per head)",
                  {"rotate": NEOX_QKV, "spinquant": NEOX_QKV}),
-    "olmoe": ("OLMoE (mixture of experts; q/k RMSNorm over the whole projection)",
-              {"rotate": NEOX_QKV, "spinquant": NEOX_QKV}),
-    "granitemoe": ("Granite-MoE (Granite's multipliers + a mixture, softmax over the top-k logits)", {}),
+    "olmoe": ("OLMoE (mixture of experts; q/k RMSNorm over the whole projection)", {}),
+    "granitemoe": ("Granite-MoE (Granite's multipliers + a mixture, softmax over the top-k logits; its quantized "
+                   "experts do not load back yet: the rewrite is certified, the checkpoint refused)",
+                   {"w4a16": "save: the model class loaded from the checkpoint does not compute the rewritten program"}),
 }
 
 
@@ -115,9 +116,8 @@ CLI_RECIPE = "w4a16"
 
 
 # A mixture's cells that others imply are not run again (its trace is the slowest): spinquant runs fold
-# and R1-R2 certified (granitemoe: fold, rotate ⊂ spinquant), spinquant is refused where rotate is, at R2
-# (olmoe).
-IMPLIED = {("granitemoe", "fold"), ("granitemoe", "rotate"), ("olmoe", "spinquant")}
+# and R1-R2 certified (fold, rotate ⊂ spinquant).
+IMPLIED = {("granitemoe", "fold"), ("granitemoe", "rotate"), ("olmoe", "fold"), ("olmoe", "rotate")}
 
 
 @pytest.mark.parametrize("name, recipe", [(m, r) for m in OUTCOMES for r in RECIPES
@@ -236,7 +236,8 @@ def test_cli_inspect_rewrite_eval_load(name, tmp_path, tokenizer_dir, capsys, mo
     report = json.loads(stdout)["report"]
     certs = [p["certificate"] for p in report["passes"] if p.get("certificate")]
     assert certs and all(c["rel"] <= c["tolerance"] for c in certs)
-    assert report["linears"]["changed"] == report["linears"]["total"]
+    routers = 2 if name in (*zoo.MIXTURES, "olmoe", "granitemoe") else 0  # one per layer, kept in float
+    assert report["linears"]["changed"] == report["linears"]["total"] - routers
     assert report["checkpoint"]["verified"] and (out / "tokenizer.json").is_file()
 
     code, stdout, err = _cli(capsys, "eval", out, "--text", tokenizer_dir / "text.txt", "--ctx", 16,
