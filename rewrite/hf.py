@@ -208,7 +208,9 @@ def tensor_headers(path: Path) -> dict[str, tuple[str, str]]:
         try:
             state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
         except Exception as e:  # a truncated zip, a pickle that is not plain tensors, …
-            raise BadInput(f"{file}: not a readable PyTorch checkpoint ({_one_line(e)})") from None
+            why = _one_line(e).split(". ")[0]  # torch goes on to explain how to load it unsafely: not here
+            raise BadInput(f"{file}: not a readable PyTorch checkpoint ({why}; spinfx reads tensors only, "
+                           f"never pickled code)") from None
         for key, t in state.items() if isinstance(state, dict) else ():
             if isinstance(t, torch.Tensor):
                 name = str(t.dtype).removeprefix("torch.")  # float32 -> "F32", int64 -> "I64", bool -> "BOOL"
