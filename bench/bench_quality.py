@@ -33,13 +33,14 @@ from spinfx.recipe import Recipe, load_recipe
 CTX = 512
 
 
-def _w(bits: int, method: str = "rtn") -> dict:
-    return {"bits": bits, "group_size": 64, "symmetric": True, "method": method}
+def _w(bits: int, method: str = "rtn", clip: str = "minmax") -> dict:
+    return {"bits": bits, "group_size": 64, "symmetric": True, "method": method, "clip": clip}
 
 
-def _passes(rotation: str | None, bits: int, method: str = "rtn", acts: int | None = None, kv: int | None = None):
+def _passes(rotation: str | None, bits: int, method: str = "rtn", acts: int | None = None, kv: int | None = None,
+            clip: str = "minmax"):
     pre = load_recipe(rotation).passes if rotation else []
-    q = Quantize(weights=_w(bits, method), activations={"bits": acts} if acts else None,
+    q = Quantize(weights=_w(bits, method, clip), activations={"bits": acts} if acts else None,
                  kv_cache={"bits": kv} if kv else None)
     return pre + [q]
 
@@ -63,6 +64,13 @@ CONFIGS = {
     "w4a8-spin-gptq": ("W4A8 spinquant + GPTQ", _passes("spinquant", 4, "gptq", acts=8)),
     "w4a4kv4-spin-rtn": ("W4A4KV4 spinquant + RTN", _passes("spinquant", 4, acts=4, kv=4)),
     "w4a4kv4-spin-gptq": ("W4A4KV4 spinquant + GPTQ", _passes("spinquant", 4, "gptq", acts=4, kv=4)),
+    # clip: mse — each group's range shrunk to its least squared error (kernels/quant_rtn.py)
+    "w4-rtn-mse": ("W4A16 RTN, MSE clip", _passes(None, 4, clip="mse")),
+    "w4-spin-rtn-mse": ("W4A16 spinquant + RTN, MSE clip", _passes("spinquant", 4, clip="mse")),
+    "w3-rtn-mse": ("W3A16 RTN, MSE clip", _passes(None, 3, clip="mse")),
+    "w3-spin-rtn-mse": ("W3A16 spinquant + RTN, MSE clip", _passes("spinquant", 3, clip="mse")),
+    "w4-spin-gptq-mse": ("W4A16 spinquant + GPTQ, MSE clip", _passes("spinquant", 4, "gptq", clip="mse")),
+    "w4a4kv4-spin-rtn-mse": ("W4A4KV4 spinquant + RTN, MSE clip", _passes("spinquant", 4, acts=4, kv=4, clip="mse")),
 }
 
 

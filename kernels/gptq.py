@@ -25,7 +25,7 @@ import contextlib
 import torch
 from torch import Tensor
 
-from spinfx.kernels.quant_rtn import build, quantize_values, scale_zero
+from spinfx.kernels.quant_rtn import build, group_scale_zero, quantize_values
 from spinfx.kernels.quant_weight import QuantWeight
 
 
@@ -79,7 +79,8 @@ def _inverse_hessian_factor(h: Tensor, damp: float) -> Tensor:
 
 def gptq_quantize(w: Tensor, H: Tensor, bits: int, group_size: int | None, symmetric: bool = True,
                   act_order: bool = False, damp: float = 0.01, block_size: int = 128,
-                  bias: Tensor | None = None, scale_dtype: torch.dtype | None = None) -> QuantWeight:
+                  bias: Tensor | None = None, scale_dtype: torch.dtype | None = None,
+                  clip: str = "minmax") -> QuantWeight:
     """GPTQ-quantize W [N, K] given H [K, K] (e.g. `HessianAccumulator.hessian()`).
 
     group_size None = per-channel. Scales are stored in `scale_dtype` (default: w's dtype) and, as in
@@ -106,7 +107,7 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int, group_size: int | None, symme
     S = WT.new_empty(groups, n)
     Z = None if symmetric else WT.new_empty(groups, n)
     if group_size is None:
-        S[0], z = scale_zero(WT.amin(0), WT.amax(0), bits, symmetric, dtype)
+        S[0], z = group_scale_zero(WT.T, bits, symmetric, dtype, clip)
         if Z is not None:
             Z[0] = z
     bs = block_size if group_size is None else max(1, block_size // gs) * gs
@@ -121,7 +122,7 @@ def gptq_quantize(w: Tensor, H: Tensor, bits: int, group_size: int | None, symme
                 col = b0 + i
                 g = col // gs
                 if group_size is not None and col % gs == 0:
-                    S[g], z = scale_zero(W1[i:i + gs].amin(0), W1[i:i + gs].amax(0), bits, symmetric, dtype)
+                    S[g], z = group_scale_zero(W1[i:i + gs].T, bits, symmetric, dtype, clip)
                     if Z is not None:
                         Z[g] = z
                 s, z = S[g], None if Z is None else Z[g]

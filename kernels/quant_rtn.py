@@ -9,6 +9,11 @@ signed range is used (4 bits: max|w| maps to +-7.5, so -8 is reachable and +7.5 
 exactly s/2) — compressed-tensors' current symmetric rule.
 Asymmetric: the range [min(w, 0), max(w, 0)] maps onto [qmin, qmax]; zero z = qmin - round(lo / s) is
 an integer in the signed range, q = clamp(round(w / s) + z, qmin, qmax), w ~ (q - z) * s.
+
+Clipping (`clip="mse"`): the range above shrunk by the factor p ∈ CLIP_GRID that minimizes the group's
+squared rounding error Σ(w − ŵ)² (GPTQ's reference code and llm-compressor's MSE observer search the same
+way): a few outliers clamp to the edge of the grid and every other weight gets a finer step. The bound
+|w − ŵ| ≤ s/2 then holds for the weights inside the clipped range only.
 """
 from __future__ import annotations
 
@@ -49,6 +54,33 @@ def scale_zero(wmin: Tensor, wmax: Tensor, bits: int, symmetric: bool,
     return s, (qmin - torch.round(lo / s)).clamp(qmin, qmax)
 
 
+CLIPS = ("minmax", "mse")
+CLIP_GRID = tuple(1 - i / 40 for i in range(21))  # 1.0, 0.975, …, 0.5
+
+
+def group_scale_zero(wg: Tensor, bits: int, symmetric: bool, dtype: torch.dtype,
+                     clip: str = "minmax") -> tuple[Tensor, Tensor | None]:
+    """Scale and zero of each group of `wg` [..., members] (the last dimension is one group's weights),
+    shaped [...]: from its min/max, or (`clip="mse"`) from the shrunk range with the least squared error."""
+    wmin, wmax = wg.amin(-1), wg.amax(-1)
+    if clip == "minmax":
+        return scale_zero(wmin, wmax, bits, symmetric, dtype)
+    if clip != "mse":
+        raise ValueError(f"clip must be one of {CLIPS}, got {clip!r}")
+    best = best_err = None
+    for p in CLIP_GRID:
+        s, z = scale_zero(wmin * p, wmax * p, bits, symmetric, dtype)
+        q = quantize_values(wg, s[..., None], None if z is None else z[..., None], bits)
+        err = ((q if z is None else q - z[..., None]) * s[..., None] - wg).square().sum(-1)
+        if best is None:
+            best, best_err = (s, z), err
+            continue
+        better = err < best_err
+        best = (torch.where(better, s, best[0]), None if z is None else torch.where(better, z, best[1]))
+        best_err = torch.where(better, err, best_err)
+    return best
+
+
 def quantize_values(w: Tensor, s: Tensor, z: Tensor | None, bits: int) -> Tensor:
     """Signed integer codes (float64) of w given broadcastable scale/zero."""
     qmin, qmax = qrange(bits)
@@ -68,10 +100,11 @@ def build(q: Tensor, s: Tensor, z: Tensor | None, *, bits: int, group_size: int 
 
 def quantize_rtn(w: Tensor, bits: int, group_size: int | None, symmetric: bool = True,
                  g_idx: Tensor | None = None, bias: Tensor | None = None,
-                 scale_dtype: torch.dtype | None = None) -> QuantWeight:
+                 scale_dtype: torch.dtype | None = None, clip: str = "minmax") -> QuantWeight:
     """RTN-quantize W [N, K]. group_size None = per-channel. `g_idx` [K] (optional) assigns columns to
     groups explicitly (act-order layouts); scales then cover the columns of each group wherever they
-    are. Scales are stored in `scale_dtype` (default: w's dtype)."""
+    are. Scales are stored in `scale_dtype` (default: w's dtype). `clip`: see the module docstring
+    (contiguous groups only)."""
     n, k = w.shape
     dtype = scale_dtype or w.dtype
     w64 = w.detach().double()
@@ -80,11 +113,13 @@ def quantize_rtn(w: Tensor, bits: int, group_size: int | None, symmetric: bool =
         if group_size is not None and k % group_size:
             raise ValueError(f"K={k} is not a multiple of group_size={group_size}")
         wg = w64.view(n, groups, k // groups)
-        s, z = scale_zero(wg.amin(-1), wg.amax(-1), bits, symmetric, dtype)
+        s, z = group_scale_zero(wg, bits, symmetric, dtype, clip)
         q = quantize_values(wg, s[..., None], None if z is None else z[..., None], bits).view(n, k)
     else:
         if group_size is None:
             raise ValueError("g_idx needs a group_size")
+        if clip != "minmax":
+            raise ValueError("clip='mse' needs contiguous groups (no g_idx)")
         gi = g_idx.long().expand(n, k)
         groups = int(g_idx.max()) + 1
         empty = w64.new_zeros(n, groups)

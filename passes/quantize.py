@@ -10,7 +10,8 @@ compressed-tensors `pack-quantized` module's tensors and checkpoints mirror the 
 this generic, device-independent op; `lower-qlinear` turns it into the CPU fast paths for execution.
 
 Options (the recipe's words):
-  weights      {bits: 4, group_size: 128, symmetric: true, method: rtn|gptq, act_order: false, damp: 0.01}
+  weights      {bits: 4, group_size: 128, symmetric: true, method: rtn|gptq, act_order: false, damp: 0.01,
+               clip: minmax|mse}
                group_size null = per channel. A layer whose K is not a multiple of the group takes the
                largest smaller one of 128, 64, 32 that divides K (SmolLM2's 576: 128 → 64), else per
                channel; the report says so.
@@ -62,7 +63,7 @@ from spinfx.kernels.hadamard import hadamard_by_gemm
 import spinfx.kernels.qembedding  # noqa: F401  (registers spinfx::qembedding)
 from spinfx.kernels.qlinear import generic_attrs, generic_tensors, plan_qlinear  # registers spinfx::qlinear*
 from spinfx.kernels.quant_pack import SUPPORTED_BITS
-from spinfx.kernels.quant_rtn import quantize_rtn
+from spinfx.kernels.quant_rtn import CLIPS, quantize_rtn
 from spinfx.kernels.quant_weight import QuantWeight, dequantize
 from spinfx.match import describe
 from spinfx.passes.actquant import check_bits, quantize_inputs, quantize_kv
@@ -92,6 +93,7 @@ class Scheme:
     method: str = "rtn"           # "rtn" | "gptq"
     act_order: bool = False       # GPTQ: process columns by decreasing Hessian diagonal (g_idx layout)
     damp: float = 0.01            # GPTQ: H += damp · mean(diag H) · I
+    clip: str = "minmax"          # "minmax" | "mse": each group's range shrunk to its least squared error
 
     def updated(self, opts: dict, where: str) -> Scheme:
         known = {f.name for f in dataclasses.fields(self)}
@@ -105,6 +107,8 @@ class Scheme:
             raise BadInput(f"quantize: {where}: bits must be one of {SUPPORTED_BITS}, got {s.bits!r}")
         if s.method not in ("rtn", "gptq"):
             raise BadInput(f"quantize: {where}: method must be 'rtn' or 'gptq', got {s.method!r}")
+        if s.clip not in CLIPS:
+            raise BadInput(f"quantize: {where}: clip must be one of {', '.join(CLIPS)}, got {s.clip!r}")
         if s.group_size is not None and (not isinstance(s.group_size, int) or s.group_size < 1):
             raise BadInput(f"quantize: {where}: group_size must be a positive integer or null, got {s.group_size!r}")
         return s
@@ -158,6 +162,7 @@ class QuantLayer:
     embedding: bool = False        # the token embedding table (read by spinfx.qembedding)
     tied: tuple[str, ...] = ()     # modules of the linears reading this same matrix (a tied lm_head)
     router: bool = False           # a mixture of experts' router (`patterns.moe`; quantized with router: true)
+    clip: str = "minmax"           # how each group's range was chosen (`Scheme.clip`)
 
     def to_dict(self) -> dict:
         qw = self.weight
@@ -170,6 +175,8 @@ class QuantLayer:
             d["tied"] = list(self.tied)
         if self.router:
             d["router"] = True
+        if self.clip != "minmax":
+            d["clip"] = self.clip
         if self.input_bits is not None:
             d["input_bits"] = self.input_bits
         if self.output_error is not None:
@@ -523,9 +530,9 @@ def _rtn(prog: Program, l: _Layer) -> tuple[QuantLayer, torch.Tensor]:
     """(the layer, Ŵ [out, in] in float64)."""
     w = l.master(prog).double()
     s = l.scheme
-    qw = quantize_rtn(w, s.bits, l.group_size, s.symmetric, scale_dtype=l.storage_dtype(prog))
+    qw = quantize_rtn(w, s.bits, l.group_size, s.symmetric, scale_dtype=l.storage_dtype(prog), clip=s.clip)
     w_hat = dequantize(qw, torch.float64)
-    return QuantLayer(qw, l.weight, "rtn", _rel(w - w_hat, w)), w_hat
+    return QuantLayer(qw, l.weight, "rtn", _rel(w - w_hat, w), clip=s.clip), w_hat
 
 
 def _to_quantized(prog: Program, l: _Layer, qw: QuantWeight) -> None:
@@ -712,13 +719,15 @@ def _gptq_one(prog: Program, run: Program, l: _Layer, h: torch.Tensor) -> tuple[
     s = l.scheme
     dtype = l.storage_dtype(prog)
     qw = gptq_quantize(w, h, s.bits, l.group_size, s.symmetric, act_order=s.act_order, damp=s.damp,
-                       scale_dtype=dtype)
+                       scale_dtype=dtype, clip=s.clip)
     w_hat = dequantize(qw, torch.float64)
-    rtn = dequantize(quantize_rtn(w, s.bits, l.group_size, s.symmetric, scale_dtype=dtype), torch.float64)
+    rtn = dequantize(quantize_rtn(w, s.bits, l.group_size, s.symmetric, scale_dtype=dtype, clip=s.clip),
+                     torch.float64)
     stored = w_hat.T if l.transposed else w_hat
     run.set_const(l.weight, stored.to(run.const(l.weight).dtype).contiguous())  # later layers see Ŵ
     err, rtn_err = _output_errors(w, h, w_hat, rtn)
-    layer = QuantLayer(qw, l.weight, "gptq", _rel(w - w_hat, w), output_error=err, rtn_output_error=rtn_err)
+    layer = QuantLayer(qw, l.weight, "gptq", _rel(w - w_hat, w), output_error=err, rtn_output_error=rtn_err,
+                       clip=s.clip)
     return layer, w_hat
 
 

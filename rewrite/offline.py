@@ -263,9 +263,9 @@ def _quantized(prog, parts: Parts) -> set[str]:
 
 
 def _scheme(layer) -> tuple:
-    """A config group's key: (bits, group_size, symmetric, act_order, input_bits)."""
+    """A config group's key: (bits, group_size, symmetric, act_order, clip, input_bits)."""
     qw = layer.weight
-    return (qw.bits, qw.group_size, qw.symmetric, qw.weight_g_idx is not None, layer.input_bits)
+    return (qw.bits, qw.group_size, qw.symmetric, qw.weight_g_idx is not None, layer.clip, layer.input_bits)
 
 
 def _kv_cache_scheme(prog) -> dict | None:
@@ -297,12 +297,12 @@ def quantization_config(parts: Parts, linears: list[str]) -> dict | None:
     if not parts.quant_groups and not parts.transforms and parts.kv_cache is None:
         return None
     groups = {}
-    for i, ((bits, gs, sym, act, ib), modules) in enumerate(sorted(parts.quant_groups.items(), key=str)):
+    for i, ((bits, gs, sym, act, clip, ib), modules) in enumerate(sorted(parts.quant_groups.items(), key=str)):
         groups[f"group_{i}"] = {
             "targets": sorted(modules),
             "weights": {"num_bits": bits, "type": "int", "symmetric": sym, "strategy": "channel" if gs is None
                         else "group", "group_size": gs, "dynamic": False, "actorder": "group" if act else None,
-                        "observer": "minmax"},
+                        "observer": clip},
             "input_activations": _act_args(ib, True) if ib else None, "output_activations": None,
             "format": "pack-quantized"}
     quantized = {m for ms in parts.quant_groups.values() for m in ms} | set(parts.tied)

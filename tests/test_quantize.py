@@ -1,6 +1,8 @@
 """The quantize pass: every zoo family under w4a16 and spinquant-w4a16 (certified exact against the
 dequantized weights, logits near float), ignore/overrides by original module name, the group-size
 fallback, GPTQ beating RTN on model output, activation and KV fake quantization, CPU lowering."""
+import json
+
 import pytest
 import torch
 
@@ -104,6 +106,7 @@ def test_ignore_and_overrides_by_module_name():
     ({"overrides": [{"bits": 8}]}, "pattern"),
     ({"activations": {"bits": 1}}, "2..8"),
     ({"weights": {"method": "gptq"}}, "calibration"),
+    ({"weights": {"clip": "max"}}, "clip must be one of minmax, mse"),
 ])
 def test_bad_options_are_refused(opts, match):
     zm = zoo.build("llama")
@@ -115,15 +118,17 @@ def test_yaml_recipe_words(tmp_path):
     zm = zoo.build("qwen2")
     path = tmp_path / "q.yaml"
     path.write_text("passes:\n  - fold-norms: {}\n"
-                    "  - quantize: {weights: {bits: 4, group_size: 32, symmetric: false, method: rtn}, "
+                    "  - quantize: {weights: {bits: 4, group_size: 32, symmetric: false, method: rtn, clip: mse}, "
                     "ignore: [lm_head], overrides: [{pattern: 're:.*o_proj', bits: 8}]}\n")
     r = spinfx.rewrite(zm.model, str(path), zm.example_inputs)
     layers = quantized_layers(r.program)
     assert {l.weight.bits for m, l in layers.items() if m.endswith("o_proj")} == {8}
-    assert all(not l.weight.symmetric for l in layers.values())
+    assert all(not l.weight.symmetric and l.clip == "mse" for l in layers.values())
     # K = 88 (down_proj) has no group of 32: per channel
     assert {l.weight.group_size for m, l in layers.items()} == {32, None}
     assert all(l.weight.group_size is None for m, l in layers.items() if m.endswith("down_proj"))
+    groups = json.loads((r.save(tmp_path / "out") / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert {g["weights"]["observer"] for g in groups.values()} == {"mse"}  # compressed-tensors' word for it
 
 
 def test_group_fallback_576_to_64_is_reported():
