@@ -20,12 +20,13 @@ def rewrite(model, recipe=recipe.DEFAULT_RECIPE, example_inputs=None, calib=None
     return _rewrite(model, recipe, example_inputs, calib)
 
 
-def load(path):
+def load(path, fuse=True):
     """A checkpoint directory written by `Result.save` / `spinfx rewrite` (or any HF model directory)
-    as a runnable model: the model class, online rotations re-attached; `generate` works."""
+    as a runnable model: the model class, online rotations re-attached; `generate` works. `fuse`: sibling
+    quantized linears (q/k/v, gate/up) run as one packed linear each, bit-identical to separate ones."""
     from spinfx.offline import load as _load
 
-    return _load(path)
+    return _load(path, fuse=fuse)
 
 
 def trace(model, example_inputs=None):

@@ -29,9 +29,11 @@ beyond its scale) is refused with `Unsupported`, never written.
 `load(dir)` builds the model class from `config.json` with transformers (plain checkpoints load
 exactly as transformers loads them), swaps quantized linears for `spinfx.kernels.qlinear.QLinear` and a
 quantized embedding for `spinfx.kernels.qembedding.QEmbedding` (a tied lm_head: a `QLinear` over the
-same codes and scales), and re-attaches each online transform at its recorded site: forward pre-hooks / hooks for module
-inputs / outputs, and an attention function (`spinfx_sdpa`) rotating q and k inside attention, *after*
-the KV cache, so the cache holds keys as the model class computes them. It is the model class
+same codes and scales), fuses sibling quantized linears (q/k/v, gate/up: one packed `FusedQLinear`
+each, bit-identical; `load(dir, fuse=False)` keeps them separate), and re-attaches each online transform
+at its recorded site: forward pre-hooks / hooks for module inputs / outputs, and for R3 an attention
+function (`spinfx_sdpa`) rotating q, with the keys rotated once as they enter the KV cache (so a cache
+filled by such a model holds rotated keys; `_KeysRotatedOnWrite`). It is the model class
 itself: `generate` and every KV cache work (the rewritten `Result.module` is traced for one input
 signature and does not).
 """
@@ -390,8 +392,9 @@ def verify(result, path: Path, quantized: bool = False) -> dict:
 # ---- reading --------------------------------------------------------------------------------------
 
 
-def load(path: str | os.PathLike) -> torch.nn.Module:
-    """A checkpoint directory (any HF model dir, or one written by `save`) as a runnable model."""
+def load(path: str | os.PathLike, fuse: bool = True) -> torch.nn.Module:
+    """A checkpoint directory (any HF model dir, or one written by `save`) as a runnable model; `fuse`:
+    sibling quantized linears (q/k/v, gate/up) run as one packed linear each (`fuse_siblings`)."""
     from spinfx.hf import _transformers, attention_impl, load_model, resolve_source
 
     path = resolve_source(path)
@@ -409,9 +412,10 @@ def load(path: str | os.PathLike) -> torch.nn.Module:
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation=attention_impl(cfg), dtype=dtype)
     tensors = read_safetensors(path)
-    swapped = set()
+    weights: dict[str, Any] = {}  # quantized module -> its QuantWeight, for fuse_siblings
     for group in qc.get("config_groups", {}).values():
-        swapped |= _swap_quantized(model, group, tensors)
+        weights |= _swap_quantized(model, group, tensors)
+    swapped = set(weights)
     transforms = (qc.get("transform_config") or {}).get("config_groups", {})
     matrices = {k: tensors.pop(k) for k in transforms if k in tensors}
     missing, unexpected = model.load_state_dict(tensors, strict=False)
@@ -422,8 +426,12 @@ def load(path: str | os.PathLike) -> torch.nn.Module:
                        f"unexpected {unexpected[:3]}")
     if cfg.tie_word_embeddings:
         _tie(model)
+    model.eval()
+    if fuse:  # before the transforms: their hooks then sit on the slices, at the siblings' names
+        inputs = {t for g in transforms.values() for a in g["apply"] if a["location"] == "input" for t in a["targets"]}
+        fuse_siblings(model, {k: w for k, w in weights.items() if k not in inputs})
     attach_transforms(model, transforms, matrices)
-    return model.eval()
+    return model
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -450,15 +458,16 @@ def _tie(model: torch.nn.Module) -> None:
     model.set_output_embeddings(QLinear(emb.quant_weight()))
 
 
-def _swap_quantized(model: torch.nn.Module, group: dict, tensors: dict) -> set[str]:
+def _swap_quantized(model: torch.nn.Module, group: dict, tensors: dict) -> dict[str, Any]:
     """Replace the group's targets by QLinear modules (QEmbedding for an nn.Embedding) built from their
-    tensors (popped)."""
+    tensors (popped); returns target -> its QuantWeight."""
     from spinfx.kernels.qembedding import QEmbedding
     from spinfx.kernels.qlinear import QLinear
     from spinfx.kernels.quant_weight import QuantWeight
 
     w = group["weights"]
     gs = None if w.get("strategy") == "channel" else w.get("group_size")
+    out = {}
     for name in group["targets"]:
         mine = {k.removeprefix(f"{name}."): tensors.pop(k) for k in list(tensors) if k.rsplit(".", 1)[0] == name}
         qw = QuantWeight.from_compressed_tensors(mine, bits=w["num_bits"], group_size=gs)
@@ -471,7 +480,60 @@ def _swap_quantized(model: torch.nn.Module, group: dict, tensors: dict) -> set[s
         else:
             new = QLinear(qw)
         setattr(model.get_submodule(parent), leaf, new)
-    return set(group["targets"])
+        out[name] = qw
+    return out
+
+
+def fuse_siblings(model: torch.nn.Module, weights: dict[str, Any]) -> list[list[str]]:
+    """Sibling quantized linears become one `FusedQLinear` each (q/k/v: one packed linear split by the
+    GQA sizes; gate/up likewise), each sibling a `QLinearSlice` at its own name: its hooks, state-dict
+    place and the model class's calls (self.q_proj(x), …) stay as they were. Returns the fused groups.
+
+    Siblings are found by structure, not names: QLinears (those in `weights`, name -> QuantWeight) that
+    receive the very same input tensor in one forward on a 2-token input, their pre-hooks recording it.
+    The recorded inputs are kept alive during that forward, so no tensor's identity is reused. (The
+    module tree alone cannot tell: o_proj is the attention module's child too, often with the same
+    in_features, but reads attention's output.) A module with a forward pre-hook of its own (an input
+    transform: the caller leaves those out of `weights`) is never fused, and a group whose fused
+    runtime tensors would not be exactly the siblings' concatenated (schemes differ, or the kernel
+    choice depends on N) stays separate (`FusedQLinear.build` returns None). The checkpoint is not
+    touched: it keeps separate q/k/v tensors."""
+    from spinfx.kernels.qlinear import FusedQLinear, QLinear, QLinearSlice
+
+    candidates = {name: m for name, m in model.named_modules()
+                  if name in weights and isinstance(m, QLinear) and not m._forward_pre_hooks}
+    inputs: dict[str, torch.Tensor] = {}
+
+    def record(name: str):
+        def hook(module, args) -> None:
+            inputs.setdefault(name, args[0])
+        return hook
+
+    handles = [m.register_forward_pre_hook(record(name)) for name, m in candidates.items()]
+    try:
+        device = next(iter([*model.parameters(), *model.buffers()])).device
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: dict[int, list[str]] = {}
+    for name, x in inputs.items():  # call order
+        groups.setdefault(id(x), []).append(name)
+    del inputs
+    fused_groups = []
+    for names in groups.values():
+        fused = FusedQLinear.build([candidates[n] for n in names], [weights[n] for n in names]) if len(names) > 1 else None
+        if fused is None:
+            continue
+        prefix = os.path.commonprefix([n.split(".") for n in names])
+        parent = model.get_submodule(".".join(prefix))
+        parent.add_module(f"spinfx_fused_{len([c for c in parent._modules if c.startswith('spinfx_fused_')])}", fused)
+        for i, name in enumerate(names):
+            owner, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+            setattr(model.get_submodule(owner), leaf, QLinearSlice(fused, i))
+        fused_groups.append(names)
+    return fused_groups
 
 
 def attach_transforms(model: torch.nn.Module, groups: dict[str, dict], matrices: dict[str, torch.Tensor]) -> None:
@@ -496,8 +558,13 @@ def attach_transforms(model: torch.nn.Module, groups: dict[str, dict], matrices:
                     mod.register_forward_pre_hook(lambda m, args, fn=fn: (fn(args[0]), *args[1:]))
                 elif loc == "output":
                     mod.register_forward_hook(lambda m, args, out, fn=fn: fn(out))
-                elif loc in ("q_attn", "k_cache"):
+                elif loc == "q_attn":
                     mod.__dict__.setdefault("_spinfx_qk", {})[loc] = fn
+                    attention = True
+                elif loc == "k_cache":  # rotated as they enter the cache (see _KeysRotatedOnWrite)
+                    keys = _KeysRotatedOnWrite(fn)
+                    mod.__dict__.setdefault("_spinfx_qk", {})[loc] = keys
+                    mod.register_forward_pre_hook(keys.hook, with_kwargs=True)
                     attention = True
                 else:
                     raise BadInput(f"transform {key}: unknown location {loc!r}")
@@ -514,10 +581,53 @@ def _matrix_fn(m: torch.Tensor):
     return lambda x: torch.matmul(x, m.to(x.dtype))
 
 
+class _KeysRotatedOnWrite:
+    """R3 on the keys, applied where it costs least: once per key, as it enters the KV cache.
+
+    Scores need only q·H·(k·H)ᵀ = q·kᵀ, so the cache may hold H-rotated keys. The attention module's
+    forward (every transformers model class) computes k, applies RoPE and calls
+    `cache.update(k, v, layer_idx, …)`, which returns every cached key. A forward pre-hook (with kwargs)
+    on the attention module hands it, in place of the `Cache` it was given (found by type, under whatever
+    keyword), a `_RotatingCache` whose `update` rotates the new keys first: each step rotates the step's
+    keys only, and the cost of R3 no longer grows with the cache length. `in_cache` tells `spinfx_sdpa`
+    that the keys it receives came out of such an update (already rotated); without a cache (use_cache
+    False) it rotates them itself, as before.
+
+    Consequence: a cache filled by a model loaded with R3 holds rotated keys; it must not be reused with
+    a model without this rotation (nor the reverse).
+    """
+
+    def __init__(self, fn) -> None:
+        self.fn, self.in_cache = fn, False
+
+    def hook(self, module, args, kwargs):
+        from transformers import Cache
+
+        self.in_cache = False
+        args = tuple(_RotatingCache(a, self) if isinstance(a, Cache) else a for a in args)
+        kwargs = {k: _RotatingCache(v, self) if isinstance(v, Cache) else v for k, v in kwargs.items()}
+        return args, kwargs
+
+
+class _RotatingCache:
+    """A transformers Cache whose `update` stores the keys rotated (`_KeysRotatedOnWrite`); everything
+    else is the wrapped cache's."""
+
+    def __init__(self, cache, keys: _KeysRotatedOnWrite) -> None:
+        self._cache, self._keys = cache, keys
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self._keys.in_cache = True
+        return self._cache.update(self._keys.fn(key_states), value_states, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._cache, name)
+
+
 def _register_attention() -> None:
-    """`spinfx_sdpa`: SDPA with q and k rotated first (the module's `_spinfx_qk` transforms). The key
-    here is the whole cached key, so the KV cache holds keys as the model class computes them; the
-    scores q·H·(k·H)ᵀ = q·kᵀ are unchanged."""
+    """`spinfx_sdpa`: SDPA with q rotated first (the module's `_spinfx_qk` transforms), and k where the
+    KV cache did not already store it rotated (`_KeysRotatedOnWrite`); the scores q·H·(k·H)ᵀ = q·kᵀ
+    are unchanged."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -525,8 +635,8 @@ def _register_attention() -> None:
         qk = module.__dict__.get("_spinfx_qk", {})
         if "q_attn" in qk:
             query = qk["q_attn"](query)
-        if "k_cache" in qk:
-            key = qk["k_cache"](key)
+        if "k_cache" in qk and not qk["k_cache"].in_cache:
+            key = qk["k_cache"].fn(key)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register(ATTENTION_IMPL, spinfx_sdpa)
