@@ -502,6 +502,8 @@ def fuse_siblings(model: torch.nn.Module, weights: dict[str, Any]) -> list[list[
 
     candidates = {name: m for name, m in model.named_modules()
                   if name in weights and isinstance(m, QLinear) and not m._forward_pre_hooks}
+    if len(candidates) < 2:
+        return []
     inputs: dict[str, torch.Tensor] = {}
 
     def record(name: str):
@@ -620,7 +622,9 @@ class _RotatingCache:
         self._keys.in_cache = True
         return self._cache.update(self._keys.fn(key_states), value_states, *args, **kwargs)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name):  # only for names not set in __init__ (copy/pickle probe before it ran)
+        if name in ("_cache", "_keys") or name.startswith("__"):
+            raise AttributeError(name)
         return getattr(self._cache, name)
 
 
@@ -635,8 +639,11 @@ def _register_attention() -> None:
         qk = module.__dict__.get("_spinfx_qk", {})
         if "q_attn" in qk:
             query = qk["q_attn"](query)
-        if "k_cache" in qk and not qk["k_cache"].in_cache:
-            key = qk["k_cache"].fn(key)
+        if "k_cache" in qk:
+            keys = qk["k_cache"]
+            if not keys.in_cache:
+                key = keys.fn(key)
+            keys.in_cache = False  # consumed: this call's keys only
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register(ATTENTION_IMPL, spinfx_sdpa)
