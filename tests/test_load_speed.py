@@ -57,6 +57,30 @@ def _kinds(model):
     return Counter(type(m).__name__ for m in model.modules() if isinstance(m, (QLinear, FusedQLinear, QLinearSlice)))
 
 
+def test_fused_memo_never_returns_a_stale_slice():
+    """take(x, i) answers fused(x)[slice i] whatever the call pattern: a new tensor, or x changed in
+    place between two sibling calls, recomputes; the memo is dropped once every sibling has taken."""
+    from spinfx.kernels.quant_rtn import quantize_rtn
+
+    gen = torch.Generator().manual_seed(0)
+    qws = [quantize_rtn(torch.randn(n, 64, generator=gen), 4, 32, True) for n in (64, 32, 32)]
+    parts = [QLinear(q) for q in qws]
+    fused = FusedQLinear.build(parts, qws)
+    x = torch.randn(3, 64, generator=gen)
+    assert torch.equal(fused.take(x, 0), parts[0](x)) and fused._memo.x is x
+    x.mul_(2)  # in place: same object, new version
+    assert torch.equal(fused.take(x, 1), parts[1](x))
+    y = torch.randn(3, 64, generator=gen)
+    assert torch.equal(fused.take(y, 2), parts[2](y))
+    assert torch.equal(fused.take(y, 0), parts[0](y)) and torch.equal(fused.take(y, 1), parts[1](y))
+    assert fused._memo.x is None and fused._memo.ys is None  # all three taken: nothing held
+    # refused: another bit width, a bias on one sibling only
+    q8 = quantize_rtn(torch.randn(32, 64, generator=gen), 8, None, True)
+    assert FusedQLinear.build([parts[0], QLinear(q8)], [qws[0], q8]) is None
+    qb = quantize_rtn(torch.randn(32, 64, generator=gen), 4, 32, True, bias=torch.randn(32, generator=gen))
+    assert FusedQLinear.build([parts[0], QLinear(qb)], [qws[0], qb]) is None
+
+
 def test_qkv_and_gate_up_fuse_bit_identically(sq4):
     zm, r, ckpt = sq4
     fused, separate = spinfx.load(ckpt), spinfx.load(ckpt, fuse=False)
