@@ -52,7 +52,8 @@ at its recorded site: forward pre-hooks / hooks for module inputs / outputs, and
 function (`spinfx_sdpa`) rotating q, with the keys rotated once as they enter the KV cache (so a cache
 filled by such a model holds rotated keys; `_KeysRotatedOnWrite`). Fake quantizers follow the
 transforms of their site, as in the program: a forward pre-hook on each linear with `input_activations`
-(after an input Hadamard), and k and v in `spinfx_sdpa` (after R3, over the whole cache). An experts module
+(after an input Hadamard; siblings fused only where they share one quantizer, which then runs once on
+their packed linear's input), and k and v in `spinfx_sdpa` (after R3, over the whole cache). An experts module
 with quantized projections or an input transform runs `spinfx.moe`'s sparse forward (transformers' eager
 loop over the chosen experts; per-expert QLinears, never fused: each expert reads its own tokens' rows; the
 transform applied inside it to each expert's input,
@@ -631,6 +632,7 @@ def load(path: str | os.PathLike, cpu_compute_dtype: torch.dtype | None | str = 
             fn = _fake_quantizer(group["input_activations"], "input_activations", path)
             act_quant.update(dict.fromkeys(group["targets"], fn))
     swapped = set(weights)
+    from spinfx.kernels.qlinear import QLinearSlice
     from spinfx.moe import projection_modules, stacked_projection
     transforms = (qc.get("transform_config") or {}).get("config_groups", {})
     matrices = {k: tensors.pop(k) for k in transforms if k in tensors}
@@ -652,12 +654,17 @@ def load(path: str | os.PathLike, cpu_compute_dtype: torch.dtype | None | str = 
     model.eval()
     if fuse:  # before the transforms: their hooks then sit on the slices, at the siblings' names
         inputs = {t for g in transforms.values() for a in g["apply"] if a["location"] == "input" for t in a["targets"]}
-        fuse_siblings(model, {k: w for k, w in weights.items() if w is not None and k not in inputs})
+        fuse_siblings(model, {k: w for k, w in weights.items() if w is not None and k not in inputs}, act_quant)
     attach_transforms(model, transforms, matrices)
+    hooked = set()
     for name, fn in act_quant.items():  # after the transforms: an input Hadamard (R4) runs first, as in the program
         experts = stacked_projection(model, name)  # every expert's projection (after the experts' input transform)
         for mod in projection_modules(*experts) if experts else [model.get_submodule(name)]:
-            mod.register_forward_pre_hook(lambda m, args, fn=fn: (fn(args[0]), *args[1:]))
+            # fused siblings share one quantizer (fuse_siblings): it runs once, on the packed linear's input
+            mod = mod.fused.linear if isinstance(mod, QLinearSlice) else mod
+            if id(mod) not in hooked:
+                hooked.add(id(mod))
+                mod.register_forward_pre_hook(lambda m, args, fn=fn: (fn(args[0]), *args[1:]))
     if qc.get("kv_cache_scheme"):
         attach_kv_quantizer(model, _fake_quantizer(qc["kv_cache_scheme"], "kv_cache_scheme", path))
     check_finite(model, str(path))
@@ -760,7 +767,8 @@ def _lookup_scale(name: str, emb: torch.nn.Embedding) -> float:
     return s
 
 
-def fuse_siblings(model: torch.nn.Module, weights: dict[str, Any]) -> list[list[str]]:
+def fuse_siblings(model: torch.nn.Module, weights: dict[str, Any],
+                  act_quant: dict[str, Any] | None = None) -> list[list[str]]:
     """Sibling quantized linears become one `FusedQLinear` each (q/k/v: one packed linear split by the
     GQA sizes; gate/up likewise), each sibling a `QLinearSlice` at its own name: its hooks, state-dict
     place and the model class's calls (self.q_proj(x), …) stay as they were. Returns the fused groups.
@@ -772,8 +780,10 @@ def fuse_siblings(model: torch.nn.Module, weights: dict[str, Any]) -> list[list[
     in_features, but reads attention's output.) A module with a forward pre-hook of its own (an input
     transform: the caller leaves those out of `weights`) is never fused, and a group whose fused
     runtime tensors would not be exactly the siblings' concatenated (schemes differ, or the kernel
-    choice depends on N) stays separate (`FusedQLinear.build` returns None). The checkpoint is not
-    touched: it keeps separate q/k/v tensors."""
+    choice depends on N) stays separate (`FusedQLinear.build` returns None). Siblings whose inputs are
+    fake-quantized differently (`act_quant`, name -> the quantizer object; absent: none) are not fused
+    together: a packed linear reads one input, so its siblings must share one quantizer (`load` then
+    hooks it once, on the packed linear). The checkpoint is not touched: it keeps separate q/k/v tensors."""
     from spinfx.kernels.qlinear import FusedQLinear, QLinear, QLinearSlice
 
     candidates = {name: m for name, m in model.named_modules()
@@ -795,9 +805,10 @@ def fuse_siblings(model: torch.nn.Module, weights: dict[str, Any]) -> list[list[
     finally:
         for h in handles:
             h.remove()
-    groups: dict[int, list[str]] = {}
+    act_quant = act_quant or {}
+    groups: dict[tuple[int, int], list[str]] = {}
     for name, x in inputs.items():  # call order
-        groups.setdefault(id(x), []).append(name)
+        groups.setdefault((id(x), id(act_quant.get(name))), []).append(name)
     del inputs
     fused_groups = []
     for names in groups.values():

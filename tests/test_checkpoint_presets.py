@@ -87,6 +87,59 @@ def test_w4a4kv4_writes_input_activations_and_kv_cache_scheme(saved):
     assert torch.equal(logits(spinfx.load(out), ids, use_cache=False), program_logits(r, zm))
 
 
+def test_w4a4kv4_fused_siblings_quantize_their_shared_input_once(saved, tmp_path):
+    """spinfx.load fuses q/k/v and gate/up of a fake-quantized checkpoint too: one packed linear per group
+    whose input is quantized once (the quantizer hooked on the packed linear, not on its slices), one op
+    call per group, the logits of fuse=False bit for bit. Siblings whose inputs are quantized differently
+    are not fused together: with layer 0's k_proj moved to a group of its own with 8-bit activations, its
+    q/v are fused, k stays separate, and the logits are still the unfused load's."""
+    import shutil
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from spinfx.kernels.qlinear import FusedQLinear, QLinear, QLinearSlice
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls[func] += 1
+            return func(*args, **(kwargs or {}))
+
+    zm, r, out = saved("spinquant-w4a4kv4")
+    ids, e = zm.example_inputs["input_ids"], zm.expect
+    fused, separate = spinfx.load(out), spinfx.load(out, fuse=False)
+    packs = [m for m in fused.modules() if isinstance(m, FusedQLinear)]
+    kv = e.kv_heads * e.head_dim
+    assert [p.sizes for p in packs] == [(e.heads * e.head_dim, kv, kv), (e.intermediate,) * 2] * e.layers
+    assert all(len(p.linear._forward_pre_hooks) == 1 for p in packs)
+    assert not any(m._forward_pre_hooks for m in fused.modules() if isinstance(m, QLinearSlice))
+    ops = Ops()
+    with ops:
+        got = logits(fused, ids, use_cache=False)
+    assert ops.calls[torch.ops.spinfx.qlinear.default] == 4 * e.layers  # packed q/k/v, o, packed gate/up, down
+    assert torch.equal(got, logits(separate, ids, use_cache=False))
+
+    edited = shutil.copytree(out, tmp_path / "k8")
+    config = json.loads((edited / "config.json").read_text())
+    groups = config["quantization_config"]["config_groups"]
+    k0 = "model.layers.0.self_attn.k_proj"
+    group = next(g for g in groups.values() if k0 in g["targets"])
+    group["targets"].remove(k0)
+    groups["k8"] = {**group, "targets": [k0], "input_activations": {**group["input_activations"], "num_bits": 8}}
+    (edited / "config.json").write_text(json.dumps(config))
+    fused, separate = spinfx.load(edited), spinfx.load(edited, fuse=False)
+    attn0, attn1 = fused.model.layers[0].self_attn, fused.model.layers[1].self_attn
+    assert isinstance(attn0.k_proj, QLinear) and attn0.q_proj.fused is attn0.v_proj.fused
+    assert attn0.q_proj.fused.sizes == (e.heads * e.head_dim, kv) and attn1.k_proj.fused.sizes[1:] == (kv, kv)
+    want = logits(separate, ids, use_cache=False)
+    assert torch.equal(logits(fused, ids, use_cache=False), want)
+    assert not torch.equal(want, program_logits(r, zm))  # k0's 8-bit quantizer matters: fusing it with q/v would show
+
+
 def test_w4a4kv4_quantizes_the_kv_cache_when_decoding_and_generating(saved):
     from transformers import DynamicCache, StaticCache
 
