@@ -651,6 +651,7 @@ def load(path: str | os.PathLike, cpu_compute_dtype: torch.dtype | None | str = 
                        f"unexpected {unexpected[:3]}")
     if cfg.tie_word_embeddings:
         _tie(model, cpu_compute_dtype)
+    check_finite(model, str(path))  # before fusion's forward
     model.eval()
     if fuse:  # before the transforms: their hooks then sit on the slices, at the siblings' names
         inputs = {t for g in transforms.values() for a in g["apply"] if a["location"] == "input" for t in a["targets"]}
@@ -667,7 +668,6 @@ def load(path: str | os.PathLike, cpu_compute_dtype: torch.dtype | None | str = 
                 mod.register_forward_pre_hook(lambda m, args, fn=fn: (fn(args[0]), *args[1:]))
     if qc.get("kv_cache_scheme"):
         attach_kv_quantizer(model, _fake_quantizer(qc["kv_cache_scheme"], "kv_cache_scheme", path))
-    check_finite(model, str(path))
     return model
 
 
