@@ -837,7 +837,8 @@ def attach_transforms(model: torch.nn.Module, groups: dict[str, dict], matrices:
             p = plan(int(g["head_dim"]))
             fn = _hadamard_fn(list(p.ks), p.block)
         elif g["type"] == MATRIX:
-            fn = _matrix_fn(matrices[key])
+            fn = _MatrixTransform(matrices[key])
+            model.add_module(f"spinfx_transform_{key}".replace(".", "_"), fn)  # moves with model.to()
         else:
             raise BadInput(f"transform {key}: unknown type {g['type']!r}")
         for a in g["apply"]:
@@ -887,8 +888,16 @@ def _hadamard_fn(ks: list[int], block: int):
     return lambda x: torch.ops.spinfx.hadamard(x, ks, block, False)
 
 
-def _matrix_fn(m: torch.Tensor):
-    return lambda x: torch.matmul(x, m.to(x.dtype))
+class _MatrixTransform(torch.nn.Module):
+    """x ↦ x·M, M a buffer (not saved: the checkpoint holds it under its transform's name), so that
+    `model.to(device)` moves it with the model."""
+
+    def __init__(self, m: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("matrix", m, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(x, self.matrix.to(x.dtype))
 
 
 class _KeysRotatedOnWrite:

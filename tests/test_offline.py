@@ -81,6 +81,8 @@ def test_online_rotations_restored_by_load_and_refused_elsewhere(tmp_path, recip
         assert "spinfx.r1" in groups and groups["spinfx.r1"]["apply"][0]["location"] == "output"
     loaded = spinfx.load(out)
     torch.testing.assert_close(logits(loaded, zm), logits(r.module, zm), rtol=1e-5, atol=1e-5)
+    if "keep" in recipe:  # the online matrix is a buffer of the model: it moves with loaded.to("cuda")
+        assert [n for n, _ in loaded.named_buffers() if n.startswith("spinfx_transform_")]
     ids = zm.example_inputs["input_ids"]
     with torch.no_grad():  # the model class keeps generate and its KV cache
         assert torch.equal(loaded.generate(ids, max_new_tokens=6, do_sample=False),
