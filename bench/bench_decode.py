@@ -12,6 +12,11 @@ Hadamards re-attached as hooks, quantized linears as QLinear — then torch.comp
 `spinfx.backend.inductor` (Inductor plus the decompositions of spinfx's ops). That is
 the entry point that keeps `generate` and the KV cache (the traced `Result.module` is one shape, no
 cache). The online R3+R4 share is (spinquant − rotate) / spinquant: same weights, plus the online ops.
+`spinfx.load` fuses sibling quantized linears (q/k/v, gate/up) by default; the `spinquant-w4a16-unfused-*`
+variants load the same checkpoint with `fuse=False`, and the `*-eager` ones skip torch.compile:
+
+    .venv/bin/python bench/bench_decode.py --only spinquant-w4a16-eager,spinquant-w4a16-unfused-eager,\
+        spinquant-w4a16-compiled,spinquant-w4a16-unfused-compiled --threads 2
 
     .venv/bin/python bench/bench_decode.py                 # every variant (≈ 30 min on 2 busy vCPUs)
     .venv/bin/python bench/bench_decode.py --only fp32-eager,spinquant --reps 5 --threads 1
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -36,6 +42,17 @@ from spinfx.hf import load_model, smollm2_dir
 
 PROMPT = 128
 RECIPES = ("rotate", "spinquant", "w4a16", "spinquant-w4a16")
+# spinfx.load fused (the default) vs unfused, eager vs compiled, on the default checkpoint
+LOAD_VARIANTS = ("spinquant-w4a16-eager", "spinquant-w4a16-unfused-eager", "spinquant-w4a16-unfused-compiled")
+
+
+def spinfx_variant(variant: str) -> tuple[str, bool, bool] | None:
+    """(recipe, fuse, compiled) of a spinfx checkpoint variant, None for the others."""
+    compiled = variant.endswith("-compiled")
+    rest = variant.removesuffix("-compiled").removesuffix("-eager")
+    fuse = not rest.endswith("-unfused")
+    recipe = rest.removesuffix("-unfused")
+    return (recipe, fuse, compiled) if recipe in RECIPES else None
 
 
 def log(msg: str) -> None:
@@ -76,8 +93,8 @@ def build(variant: str, checkpoints: dict[str, Path]):
         quantize_(model, Int4WeightOnlyConfig(group_size=32, layout=Int4CPULayout(), version=1))
         size = sum(t.numel() * t.element_size() for t in _tensors(model)) / 1e6
         return model, size, True
-    recipe = variant.removesuffix("-compiled")
-    return spinfx.load(checkpoints[recipe]), dir_mb(checkpoints[recipe]), True
+    recipe, fuse, compiled = spinfx_variant(variant)
+    return spinfx.load(checkpoints[recipe], fuse=fuse), dir_mb(checkpoints[recipe]), compiled
 
 
 def _tensors(model):
@@ -101,7 +118,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = ["fp32-eager", "fp32-compiled", "bf16-compiled", "torchao-int4-g32-compiled",
-                *(f"{r}-compiled" for r in RECIPES)]
+                *(f"{r}-compiled" for r in RECIPES), *LOAD_VARIANTS]
     if args.only:
         variants = [v for v in variants if v in args.only.split(",") or v.removesuffix("-compiled") in args.only.split(",")]
     vocab = 49152
@@ -110,7 +127,7 @@ def main() -> int:
         work = Path(args.workdir or tmp)
         checkpoints = {}
         for recipe in RECIPES:
-            if f"{recipe}-compiled" not in variants:
+            if not any((spinfx_variant(v) or ("",))[0] == recipe for v in variants):
                 continue
             checkpoints[recipe] = work / recipe
             timing = work / f"{recipe}.timing.json"
@@ -134,7 +151,7 @@ def main() -> int:
             if compiled:
                 torch._dynamo.reset()
                 # spinfx checkpoints hold spinfx ops: Inductor with their decompositions (fused Hadamards)
-                backend = spinfx.backend.inductor if v.removesuffix("-compiled") in RECIPES else "inductor"
+                backend = spinfx.backend.inductor if spinfx_variant(v) else "inductor"
                 model.forward = torch.compile(model.forward, backend=backend)
             compile_s = first_calls_s(model, vocab, args.reps)
             log(f"{v}: first calls {compile_s:.1f} s; timing")
@@ -142,7 +159,7 @@ def main() -> int:
             prefill = prefill_ms(model, vocab, max(3, args.reps // 3))
             row = {"variant": v, "decode_ms": round(decode, 2), "prefill_ms": round(prefill, 1),
                    "weights_mb": round(size, 1), "compile_s": round(compile_s, 1) if compiled else None,
-                   **meta.get(v.removesuffix("-compiled"), {})}
+                   **meta.get((spinfx_variant(v) or ("",))[0], {})}
             rows.append(row)
             log(json.dumps(row))
             del model
@@ -159,6 +176,12 @@ def main() -> int:
     if "torchao-int4-g32-compiled" in by and "spinquant-w4a16-compiled" in by:
         t, s = by["torchao-int4-g32-compiled"]["decode_ms"], by["spinquant-w4a16-compiled"]["decode_ms"]
         print(f"spinquant-w4a16 / torchao int4 decode step: {s / t:.2f}×")
+    for mode in ("eager", "compiled"):  # same checkpoint, spinfx.load(fuse=True) vs fuse=False
+        f, u = by.get(f"spinquant-w4a16-{mode}"), by.get(f"spinquant-w4a16-unfused-{mode}")
+        if f and u:
+            print(f"spinfx.load fused / unfused decode step, {mode}: {f['decode_ms']:.2f} / {u['decode_ms']:.2f} ms "
+                  f"= {f['decode_ms'] / u['decode_ms']:.2f}×")
+    print(f"\nthreads {torch.get_num_threads()}, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "torch": torch.__version__,
                                                "threads": torch.get_num_threads()}, indent=1))

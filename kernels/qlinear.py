@@ -21,6 +21,9 @@ dtype. Plans store those scales in bfloat16, because in torch 2.13 only the bf16
 kernels are fast (4096×4096, M=1, one thread: int4 1.1 ms in bf16 vs 71 ms in fp32 and 82 ms in fp16;
 int8 1.1 vs 31 ms) — so fp32 activations are rounded to bf16 on the way in (the "a16" of w4a16).
 
+Sibling linears that read one input (q/k/v, gate/up) run as one `FusedQLinear` (their codes and scales
+concatenated along N, one op call, its output split); see that class.
+
 `plan_qlinear(qw, device=, cpu_compute_dtype=)` turns a `QuantWeight`/`MixedQuantWeight` into a
 `QLinearPlan`: an optional input-column permutation followed by one op call per K-range, summed. It
 picks the op per K-range and does any repacking once, ahead of time. `QLinear` is the nn.Module form.
@@ -297,6 +300,7 @@ class QLinear(nn.Module):
         super().__init__()
         plan = plan_qlinear(qw, device=device, cpu_compute_dtype=cpu_compute_dtype)
         self.in_features, self.out_features = plan.in_features, plan.out_features
+        self.cpu_compute_dtype = cpu_compute_dtype  # how it was planned (FusedQLinear plans alike)
         # structure only (op, argument names, attrs, K-range); forward reads the tensors from buffers
         self.calls = tuple(QLinearCall(c.op, dict.fromkeys(c.tensors), c.attrs, c.k_start, c.k_end)
                            for c in plan.calls)
@@ -321,3 +325,147 @@ class QLinear(nn.Module):
     def extra_repr(self) -> str:
         ops = ", ".join(c.op.name() for c in self.calls)
         return f"in_features={self.in_features}, out_features={self.out_features}, ops=[{ops}]"
+
+
+# --- siblings: one packed linear for several that read one input ----------------------------------------
+class FusedQLinear(nn.Module):
+    """Sibling QLinears reading one input (q/k/v, gate/up) as one packed QLinear: y = x @ [W_0; …; W_s]ᵀ,
+    the same codes and scales concatenated along N (`QuantWeight.concat(dim=0)`), split back into the
+    siblings' outputs (sizes N_0 … N_s; GQA's k/v are narrower than q).
+
+    The model class keeps calling each sibling with the same x (HF attention: self.q_proj(x),
+    self.k_proj(x), self.v_proj(x)), so each sibling becomes a `QLinearSlice` that asks `take(x, i)`:
+    the first call runs the packed op once and memoizes (x, its output); a call with the same x returns
+    its slice; once every sibling has taken its slice the memo is dropped (no activation outlives the
+    group's calls). The memo key is x itself — identity, held by a strong reference, so x's storage
+    cannot be freed and reused by another tensor while memoized (a bare data_ptr could) — and x's
+    version counter, so an in-place change of x recomputes (eager, outside inference mode: see
+    `_version`). Any other call pattern (one sibling alone, a sibling fed another tensor) recomputes.
+    Under torch.compile Dynamo traces the memo as Python state: the identity test is decided at trace
+    time and the packed op appears once per group in the graph, with no graph break (tests/
+    test_load_speed.py compiles with fullgraph=True and compares the logits). Inductor does not
+    deduplicate three identical calls of the packed op by itself: without the memo, the packed GEMM
+    would run once per sibling.
+
+    `build` fuses only what stays bit-identical: every runtime tensor of the fused plan must equal the
+    siblings' tensors concatenated along their N dim (shared ones, such as an act-order permutation,
+    equal), with the same ops and attributes per K-range — otherwise it returns None and the siblings
+    stay separate (different bits, group sizes, symmetry, act-order, bias presence, or a kernel choice
+    that depends on N, e.g. the int4 fast path's N % 16).
+    """
+
+    def __init__(self, linear: QLinear, sizes: list[int]) -> None:
+        super().__init__()
+        self.linear, self.sizes = linear, tuple(sizes)
+        self._memo = _Memo()
+
+    @classmethod
+    def build(cls, parts: list[QLinear], weights: list[QuantWeight | MixedQuantWeight]) -> FusedQLinear | None:
+        """The fused module of `parts` (built from their `weights`, in order), or None where fusing would
+        not be bit-identical to running them separately."""
+        if len(parts) < 2 or not all(isinstance(w, QuantWeight) for w in weights):
+            return None
+        if len({p.in_features for p in parts}) != 1 or len({w.bias is None for w in weights}) != 1:
+            return None
+        if len({p.cpu_compute_dtype for p in parts}) != 1 or len({p.perm is None for p in parts}) != 1:
+            return None
+        try:
+            whole = QuantWeight.concat(weights, 0)
+        except ValueError:  # bits, group size, symmetry or act-order differ
+            return None
+        device = next(iter(parts[0].buffers())).device
+        fused = QLinear(whole, device=device, cpu_compute_dtype=parts[0].cpu_compute_dtype)
+        return cls(fused, [p.out_features for p in parts]) if _concatenates(fused, parts) else None
+
+    def take(self, x: Tensor, i: int) -> Tensor:
+        """Sibling i's output for x: its slice of the packed output (see the class docstring)."""
+        m = self._memo
+        version = _version(x)
+        if m.x is not x or m.version != version:
+            m.x, m.version, m.taken = x, version, set()
+            m.ys = self.linear(x).split(self.sizes, dim=-1)
+        y = m.ys[i].contiguous()  # a separate sibling's output is contiguous; elementwise kernels (SiLU's
+        m.taken.add(i)            # vectorized exp vs its strided loop) round differently on a strided view
+        if len(m.taken) == len(self.sizes):
+            m.x = m.ys = m.version = None
+        return y
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The packed output [..., Σ N_i]."""
+        return self.linear(x)
+
+    def extra_repr(self) -> str:
+        return f"sizes={list(self.sizes)}"
+
+
+def _version(x: Tensor) -> int | None:
+    """x's version counter, where there is one to read: not for inference tensors (they have none) nor
+    under Dynamo (it is data there, not a constant; the trace sees in-place ops on x as new values of the
+    same variable, so an in-place change of x between two sibling calls is not noticed there)."""
+    if torch.compiler.is_compiling() or x.is_inference():
+        return None
+    return x._version
+
+
+class _Memo:
+    """FusedQLinear's last input and its split outputs (plain Python state, not module attributes)."""
+
+    def __init__(self) -> None:
+        self.x = self.ys = self.version = None
+        self.taken: set[int] = set()
+
+
+class QLinearSlice(nn.Module):
+    """Sibling i of a `FusedQLinear`: forward(x) = its slice of the packed output. The fused module is
+    registered elsewhere (on the siblings' common parent), so it is held here outside the module tree:
+    its buffers are stored and moved once."""
+
+    def __init__(self, fused: FusedQLinear, index: int) -> None:
+        super().__init__()
+        self.__dict__["fused"] = fused
+        self.index = index
+        self.in_features, self.out_features = fused.linear.in_features, fused.sizes[index]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fused.take(x, self.index)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, slice {self.index} of a FusedQLinear"
+
+
+# aten._convert_weight_to_int4pack_for_cpu's layout is blocked along N: the repack of concatenated codes is
+# not the parts' repacks stacked. It is compared through the kernel instead (`_concatenates`' probe).
+_REPACKED = ("weight_int4pack",)
+
+
+def _concatenates(fused: QLinear, parts: list[QLinear]) -> bool:
+    """The fused plan is the parts' plans stacked along N: same ops/attrs/K-ranges; each runtime tensor
+    equals the parts' tensors concatenated along one dim (or equals each of them: shared, such as an
+    act-order permutation); and, for the repacked int4 layout, the kernel run on the identity (each
+    output row one weight row, as the kernel dequantizes it) gives the parts' rows stacked."""
+    if any(len(p.calls) != len(fused.calls) for p in parts):
+        return False
+    for i, c in enumerate(fused.calls):
+        if any((pc.op, pc.attrs, pc.k_start, pc.k_end, tuple(pc.tensors)) != (c.op, c.attrs, c.k_start, c.k_end,
+                                                                               tuple(c.tensors))
+               for pc in (p.calls[i] for p in parts)):
+            return False
+    if any(list(p._buffers) != list(fused._buffers) for p in parts):  # None buffers included
+        return False
+    for name, whole in fused._buffers.items():
+        ts = [p._buffers[name] for p in parts]
+        if whole is None or any(t is None for t in ts):
+            if whole is not None or any(t is not None for t in ts):
+                return False
+            continue
+        if name.endswith(_REPACKED):
+            continue
+        if all(t.shape == whole.shape and torch.equal(t, whole) for t in ts):
+            continue  # shared
+        if not any(whole.shape[d] == sum(t.shape[d] for t in ts) and all(
+                t.shape[:d] + t.shape[d + 1:] == whole.shape[:d] + whole.shape[d + 1:] for t in ts)
+                and torch.equal(whole, torch.cat(ts, d)) for d in range(whole.dim())):
+            return False
+    eye = torch.eye(fused.in_features, device=next(iter(fused.buffers())).device)
+    with torch.no_grad():
+        return torch.equal(fused(eye), torch.cat([p(eye) for p in parts], -1))

@@ -46,13 +46,17 @@ beyond its scale) is refused with `Unsupported`, never written.
 `load(dir)` builds the model class from `config.json` with transformers (plain checkpoints load
 exactly as transformers loads them), swaps quantized linears for `spinfx.kernels.qlinear.QLinear` and a
 quantized embedding for `spinfx.kernels.qembedding.QEmbedding` (a tied lm_head: a `QLinear` over the
-same codes and scales), and re-attaches each online transform at its recorded site: forward pre-hooks / hooks for module
-inputs / outputs, and an attention function (`spinfx_sdpa`) rotating q and k inside attention, *after*
-the KV cache, so the cache holds keys as the model class computes them. Fake quantizers follow the
+same codes and scales), fuses sibling quantized linears (q/k/v, gate/up: one packed `FusedQLinear`
+each, bit-identical; `load(dir, fuse=False)` keeps them separate), and re-attaches each online transform
+at its recorded site: forward pre-hooks / hooks for module inputs / outputs, and for R3 an attention
+function (`spinfx_sdpa`) rotating q, with the keys rotated once as they enter the KV cache (so a cache
+filled by such a model holds rotated keys; `_KeysRotatedOnWrite`). Fake quantizers follow the
 transforms of their site, as in the program: a forward pre-hook on each linear with `input_activations`
-(after an input Hadamard), and k and v in `spinfx_sdpa` (after R3, over the whole cache). An experts module
+(after an input Hadamard; siblings fused only where they share one quantizer, which then runs once on
+their packed linear's input), and k and v in `spinfx_sdpa` (after R3, over the whole cache). An experts module
 with quantized projections or an input transform runs `spinfx.moe`'s sparse forward (transformers' eager
-loop over the chosen experts; per-expert QLinears; the transform applied inside it to each expert's input,
+loop over the chosen experts; per-expert QLinears, never fused: each expert reads its own tokens' rows; the
+transform applied inside it to each expert's input,
 so the loaded model keeps it whatever `experts_implementation` is set). It is the model class
 itself: `generate` and every KV cache work (the rewritten `Result.module` is traced for one input
 signature and does not).
@@ -586,7 +590,8 @@ def verify(result, path: Path, quantized: bool = False) -> dict:
 # ---- reading --------------------------------------------------------------------------------------
 
 
-def load(path: str | os.PathLike, cpu_compute_dtype: torch.dtype | None | str = "auto") -> torch.nn.Module:
+def load(path: str | os.PathLike, cpu_compute_dtype: torch.dtype | None | str = "auto",
+         fuse: bool = True) -> torch.nn.Module:
     """A checkpoint directory (any HF model dir, or one written by `save`) as a runnable model.
 
     `cpu_compute_dtype`: what quantized linears compute in on CPU (`kernels.qlinear.plan_qlinear`):
@@ -595,7 +600,10 @@ def load(path: str | os.PathLike, cpu_compute_dtype: torch.dtype | None | str = 
     default): None where the checkpoint fake-quantizes activations or the KV cache, bfloat16 otherwise.
     A 4-bit grid's rounding is discontinuous: bf16's relative 2⁻⁹ moves a few percent of the values
     across a rounding boundary, one whole step each (the tiny zoo llama under spinquant-w4a4kv4: logits
-    off by 34% of their max in bf16, bit-identical to the program in its own dtype)."""
+    off by 34% of their max in bf16, bit-identical to the program in its own dtype).
+
+    `fuse`: sibling quantized linears (q/k/v, gate/up) run as one packed linear each (`fuse_siblings`),
+    bit-identical to the separate ones; False keeps them separate."""
     from spinfx.hf import _transformers, attention_impl, check_finite, load_model, resolve_source
 
     path = resolve_source(path)
@@ -616,12 +624,15 @@ def load(path: str | os.PathLike, cpu_compute_dtype: torch.dtype | None | str = 
         fake = qc.get("kv_cache_scheme") or any(g.get("input_activations") for g in qc.get("config_groups", {}).values())
         cpu_compute_dtype = None if fake else torch.bfloat16
     tensors = read_safetensors(path)
-    swapped, act_quant = set(), {}
+    weights: dict[str, Any] = {}  # swapped module -> its QuantWeight (None: not a fusion candidate)
+    act_quant = {}  # module -> the fake quantizer of its input
     for group in qc.get("config_groups", {}).values():
-        swapped |= _swap_quantized(model, group, tensors, cpu_compute_dtype)
+        weights |= _swap_quantized(model, group, tensors, cpu_compute_dtype)
         if group.get("input_activations"):
             fn = _fake_quantizer(group["input_activations"], "input_activations", path)
             act_quant.update(dict.fromkeys(group["targets"], fn))
+    swapped = set(weights)
+    from spinfx.kernels.qlinear import QLinearSlice
     from spinfx.moe import projection_modules, stacked_projection
     transforms = (qc.get("transform_config") or {}).get("config_groups", {})
     matrices = {k: tensors.pop(k) for k in transforms if k in tensors}
@@ -640,15 +651,24 @@ def load(path: str | os.PathLike, cpu_compute_dtype: torch.dtype | None | str = 
                        f"unexpected {unexpected[:3]}")
     if cfg.tie_word_embeddings:
         _tie(model, cpu_compute_dtype)
+    check_finite(model, str(path))  # before fusion's forward
+    model.eval()
+    if fuse:  # before the transforms: their hooks then sit on the slices, at the siblings' names
+        inputs = {t for g in transforms.values() for a in g["apply"] if a["location"] == "input" for t in a["targets"]}
+        fuse_siblings(model, {k: w for k, w in weights.items() if w is not None and k not in inputs}, act_quant)
     attach_transforms(model, transforms, matrices)
+    hooked = set()
     for name, fn in act_quant.items():  # after the transforms: an input Hadamard (R4) runs first, as in the program
         experts = stacked_projection(model, name)  # every expert's projection (after the experts' input transform)
         for mod in projection_modules(*experts) if experts else [model.get_submodule(name)]:
-            mod.register_forward_pre_hook(lambda m, args, fn=fn: (fn(args[0]), *args[1:]))
+            # fused siblings share one quantizer (fuse_siblings): it runs once, on the packed linear's input
+            mod = mod.fused.linear if isinstance(mod, QLinearSlice) else mod
+            if id(mod) not in hooked:
+                hooked.add(id(mod))
+                mod.register_forward_pre_hook(lambda m, args, fn=fn: (fn(args[0]), *args[1:]))
     if qc.get("kv_cache_scheme"):
         attach_kv_quantizer(model, _fake_quantizer(qc["kv_cache_scheme"], "kv_cache_scheme", path))
-    check_finite(model, str(path))
-    return model.eval()
+    return model
 
 
 def _fake_quantizer(args: dict, what: str, path: Path):
@@ -696,9 +716,10 @@ def _tie(model: torch.nn.Module, cpu_compute_dtype: torch.dtype | None = torch.b
 
 
 def _swap_quantized(model: torch.nn.Module, group: dict, tensors: dict,
-                    cpu_compute_dtype: torch.dtype | None = torch.bfloat16) -> set[str]:
+                    cpu_compute_dtype: torch.dtype | None = torch.bfloat16) -> dict[str, Any]:
     """Replace the group's targets by QLinear modules (QEmbedding for an nn.Embedding) built from their
-    tensors (popped)."""
+    tensors (popped); returns each swapped module's name -> its QuantWeight (a stacked experts projection
+    and its per-expert modules -> None)."""
     from spinfx.kernels.qembedding import QEmbedding
     from spinfx.kernels.qlinear import QLinear
     from spinfx.kernels.quant_weight import QuantWeight
@@ -706,7 +727,7 @@ def _swap_quantized(model: torch.nn.Module, group: dict, tensors: dict,
 
     w = group["weights"]
     gs = None if w.get("strategy") == "channel" else w.get("group_size")
-    swapped = set(group["targets"])
+    out = {}
     for name in group["targets"]:
         mine = {k.removeprefix(f"{name}."): tensors.pop(k) for k in list(tensors) if k.rsplit(".", 1)[0] == name}
         experts = stacked_projection(model, name)
@@ -715,7 +736,8 @@ def _swap_quantized(model: torch.nn.Module, group: dict, tensors: dict,
             qws = [QuantWeight.from_compressed_tensors({k: v[e] for k, v in mine.items()}, bits=w["num_bits"],
                                                        group_size=gs) for e in range(n)]
             set_projections(*experts, [QLinear(qw, cpu_compute_dtype=cpu_compute_dtype) for qw in qws])
-            swapped |= {f"{name}.{e}" for e in range(n)}
+            # not fusion candidates (None): each expert reads its own tokens' rows, no two share an input
+            out |= dict.fromkeys([name, *(f"{name}.{e}" for e in range(n))])
             continue
         qw = QuantWeight.from_compressed_tensors(mine, bits=w["num_bits"], group_size=gs)
         parent, leaf = name.rsplit(".", 1) if "." in name else ("", name)
@@ -723,7 +745,8 @@ def _swap_quantized(model: torch.nn.Module, group: dict, tensors: dict,
         table = isinstance(old, torch.nn.Embedding)
         setattr(model.get_submodule(parent), leaf, QEmbedding(qw, _lookup_scale(name, old)) if table
                 else QLinear(qw, cpu_compute_dtype=cpu_compute_dtype))
-    return swapped
+        out[name] = qw
+    return out
 
 
 @torch.no_grad()
@@ -742,6 +765,64 @@ def _lookup_scale(name: str, emb: torch.nn.Embedding) -> float:
         raise Unsupported(f"{name}: {type(emb).__name__} computes more than its table lookup times a number; "
                           f"its quantized table cannot be loaded in its place")
     return s
+
+
+def fuse_siblings(model: torch.nn.Module, weights: dict[str, Any],
+                  act_quant: dict[str, Any] | None = None) -> list[list[str]]:
+    """Sibling quantized linears become one `FusedQLinear` each (q/k/v: one packed linear split by the
+    GQA sizes; gate/up likewise), each sibling a `QLinearSlice` at its own name: its hooks, state-dict
+    place and the model class's calls (self.q_proj(x), …) stay as they were. Returns the fused groups.
+
+    Siblings are found by structure, not names: QLinears (those in `weights`, name -> QuantWeight) that
+    receive the very same input tensor in one forward on a 2-token input, their pre-hooks recording it.
+    The recorded inputs are kept alive during that forward, so no tensor's identity is reused. (The
+    module tree alone cannot tell: o_proj is the attention module's child too, often with the same
+    in_features, but reads attention's output.) A module with a forward pre-hook of its own (an input
+    transform: the caller leaves those out of `weights`) is never fused, and a group whose fused
+    runtime tensors would not be exactly the siblings' concatenated (schemes differ, or the kernel
+    choice depends on N) stays separate (`FusedQLinear.build` returns None). Siblings whose inputs are
+    fake-quantized differently (`act_quant`, name -> the quantizer object; absent: none) are not fused
+    together: a packed linear reads one input, so its siblings must share one quantizer (`load` then
+    hooks it once, on the packed linear). The checkpoint is not touched: it keeps separate q/k/v tensors."""
+    from spinfx.kernels.qlinear import FusedQLinear, QLinear, QLinearSlice
+
+    candidates = {name: m for name, m in model.named_modules()
+                  if name in weights and isinstance(m, QLinear) and not m._forward_pre_hooks}
+    if len(candidates) < 2:
+        return []
+    inputs: dict[str, torch.Tensor] = {}
+
+    def record(name: str):
+        def hook(module, args) -> None:
+            inputs.setdefault(name, args[0])
+        return hook
+
+    handles = [m.register_forward_pre_hook(record(name)) for name, m in candidates.items()]
+    try:
+        device = next(iter([*model.parameters(), *model.buffers()])).device
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    act_quant = act_quant or {}
+    groups: dict[tuple[int, int], list[str]] = {}
+    for name, x in inputs.items():  # call order
+        groups.setdefault((id(x), id(act_quant.get(name))), []).append(name)
+    del inputs
+    fused_groups = []
+    for names in groups.values():
+        fused = FusedQLinear.build([candidates[n] for n in names], [weights[n] for n in names]) if len(names) > 1 else None
+        if fused is None:
+            continue
+        prefix = os.path.commonprefix([n.split(".") for n in names])
+        parent = model.get_submodule(".".join(prefix))
+        parent.add_module(f"spinfx_fused_{len([c for c in parent._modules if c.startswith('spinfx_fused_')])}", fused)
+        for i, name in enumerate(names):
+            owner, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+            setattr(model.get_submodule(owner), leaf, QLinearSlice(fused, i))
+        fused_groups.append(names)
+    return fused_groups
 
 
 def attach_transforms(model: torch.nn.Module, groups: dict[str, dict], matrices: dict[str, torch.Tensor]) -> None:
@@ -775,8 +856,13 @@ def attach_transforms(model: torch.nn.Module, groups: dict[str, dict], matrices:
                     mod.register_forward_pre_hook(lambda m, args, fn=fn: (fn(args[0]), *args[1:]))
                 elif loc == "output":
                     mod.register_forward_hook(lambda m, args, out, fn=fn: fn(out))
-                elif loc in ("q_attn", "k_cache"):
+                elif loc == "q_attn":
                     mod.__dict__.setdefault("_spinfx_qk", {})[loc] = fn
+                    attention = True
+                elif loc == "k_cache":  # rotated as they enter the cache (see _KeysRotatedOnWrite)
+                    keys = _KeysRotatedOnWrite(fn)
+                    mod.__dict__.setdefault("_spinfx_qk", {})[loc] = keys
+                    mod.register_forward_pre_hook(keys.hook, with_kwargs=True)
                     attention = True
                 else:
                     raise BadInput(f"transform {key}: unknown location {loc!r}")
@@ -814,13 +900,58 @@ class _MatrixTransform(torch.nn.Module):
         return torch.matmul(x, self.matrix.to(x.dtype))
 
 
+class _KeysRotatedOnWrite:
+    """R3 on the keys, applied where it costs least: once per key, as it enters the KV cache.
+
+    Scores need only q·H·(k·H)ᵀ = q·kᵀ, so the cache may hold H-rotated keys. The attention module's
+    forward (every transformers model class) computes k, applies RoPE and calls
+    `cache.update(k, v, layer_idx, …)`, which returns every cached key. A forward pre-hook (with kwargs)
+    on the attention module hands it, in place of the `Cache` it was given (found by type, under whatever
+    keyword), a `_RotatingCache` whose `update` rotates the new keys first: each step rotates the step's
+    keys only, and the cost of R3 no longer grows with the cache length. `in_cache` tells `spinfx_sdpa`
+    that the keys it receives came out of such an update (already rotated); without a cache (use_cache
+    False) it rotates them itself, as before.
+
+    Consequence: a cache filled by a model loaded with R3 holds rotated keys; it must not be reused with
+    a model without this rotation (nor the reverse).
+    """
+
+    def __init__(self, fn) -> None:
+        self.fn, self.in_cache = fn, False
+
+    def hook(self, module, args, kwargs):
+        from transformers import Cache
+
+        self.in_cache = False
+        args = tuple(_RotatingCache(a, self) if isinstance(a, Cache) else a for a in args)
+        kwargs = {k: _RotatingCache(v, self) if isinstance(v, Cache) else v for k, v in kwargs.items()}
+        return args, kwargs
+
+
+class _RotatingCache:
+    """A transformers Cache whose `update` stores the keys rotated (`_KeysRotatedOnWrite`); everything
+    else is the wrapped cache's."""
+
+    def __init__(self, cache, keys: _KeysRotatedOnWrite) -> None:
+        self._cache, self._keys = cache, keys
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self._keys.in_cache = True
+        return self._cache.update(self._keys.fn(key_states), value_states, *args, **kwargs)
+
+    def __getattr__(self, name):  # only for names not set in __init__ (copy/pickle probe before it ran)
+        if name in ("_cache", "_keys") or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self._cache, name)
+
+
 def _register_attention() -> None:
-    """`spinfx_sdpa`: SDPA with q and k rotated first (the module's `_spinfx_qk` transforms), then k and
-    v fake-quantized (the module's `_spinfx_kv`), where the program does both: after R3, before GQA's
-    repeat. The key and value here are the whole cache (past tokens and the new ones), so the KV
-    cache holds them as the model class computes them and every step quantizes all of them; per head
-    and token, each cached token's x̂ is the one the program computes. The scores q·H·(k·H)ᵀ = q·kᵀ
-    are unchanged by H."""
+    """`spinfx_sdpa`: SDPA with q rotated first (the module's `_spinfx_qk` transforms), and k where the
+    KV cache did not already store it rotated (`_KeysRotatedOnWrite`), then k and v fake-quantized (the
+    module's `_spinfx_kv`), where the program does both: after R3, before GQA's repeat. The key and
+    value here are the whole cache (past tokens and the new ones; keys rotated as they entered it), so
+    every step quantizes all of them; per head and token, each cached token's x̂ is the one the program
+    computes. The scores q·H·(k·H)ᵀ = q·kᵀ are unchanged by H."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -829,7 +960,10 @@ def _register_attention() -> None:
         if "q_attn" in qk:
             query = qk["q_attn"](query)
         if "k_cache" in qk:
-            key = qk["k_cache"](key)
+            keys = qk["k_cache"]
+            if not keys.in_cache:
+                key = keys.fn(key)
+            keys.in_cache = False  # consumed: this call's keys only
         kv = module.__dict__.get("_spinfx_kv")
         if kv is not None:
             key, value = kv(key), kv(value)

@@ -82,9 +82,61 @@ def test_w4a4kv4_writes_input_activations_and_kv_cache_scheme(saved):
         assert (a.num_bits, a.strategy, a.dynamic, a.symmetric) == (4, "token", True, True)
     # spinfx's rounding, not compressed-tensors': other clients must refuse it (as for online transforms)
     assert config["model_type"] == "spinfx" and config["spinfx_model_type"] == "llama"
-    # the default load of a fake-quantized checkpoint runs its linears in the activation dtype: the program's
-    ids = zm.example_inputs["input_ids"]
-    assert torch.equal(logits(spinfx.load(out), ids, use_cache=False), program_logits(r, zm))
+
+
+def test_w4a4kv4_fused_siblings_quantize_their_shared_input_once(saved, tmp_path):
+    """spinfx.load fuses q/k/v and gate/up of a fake-quantized checkpoint too: one packed linear per group
+    whose input is quantized once (the quantizer hooked on the packed linear, not on its slices), one op
+    call per group, the logits of fuse=False bit for bit (and the program's: the default load of a
+    fake-quantized checkpoint runs its linears in the activation dtype). Siblings whose inputs are quantized differently
+    are not fused together: with layer 0's k_proj moved to a group of its own with 8-bit activations, its
+    q/v are fused, k stays separate, and the logits are still the unfused load's."""
+    import shutil
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from spinfx.kernels.qlinear import FusedQLinear, QLinear, QLinearSlice
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls[func] += 1
+            return func(*args, **(kwargs or {}))
+
+    zm, r, out = saved("spinquant-w4a4kv4")
+    ids, e = zm.example_inputs["input_ids"], zm.expect
+    fused, separate = spinfx.load(out), spinfx.load(out, fuse=False)
+    packs = [m for m in fused.modules() if isinstance(m, FusedQLinear)]
+    kv = e.kv_heads * e.head_dim
+    assert [p.sizes for p in packs] == [(e.heads * e.head_dim, kv, kv), (e.intermediate,) * 2] * e.layers
+    assert all(len(p.linear._forward_pre_hooks) == 1 for p in packs)
+    assert not any(m._forward_pre_hooks for m in fused.modules() if isinstance(m, QLinearSlice))
+    ops = Ops()
+    with ops:
+        got = logits(fused, ids, use_cache=False)
+    assert ops.calls[torch.ops.spinfx.qlinear.default] == 4 * e.layers  # packed q/k/v, o, packed gate/up, down
+    assert torch.equal(got, logits(separate, ids, use_cache=False))
+    assert torch.equal(got, program_logits(r, zm))
+
+    edited = shutil.copytree(out, tmp_path / "k8")
+    config = json.loads((edited / "config.json").read_text())
+    groups = config["quantization_config"]["config_groups"]
+    k0 = "model.layers.0.self_attn.k_proj"
+    group = next(g for g in groups.values() if k0 in g["targets"])
+    group["targets"].remove(k0)
+    groups["k8"] = {**group, "targets": [k0], "input_activations": {**group["input_activations"], "num_bits": 8}}
+    (edited / "config.json").write_text(json.dumps(config))
+    fused, separate = spinfx.load(edited), spinfx.load(edited, fuse=False)
+    attn0, attn1 = fused.model.layers[0].self_attn, fused.model.layers[1].self_attn
+    assert isinstance(attn0.k_proj, QLinear) and attn0.q_proj.fused is attn0.v_proj.fused
+    assert attn0.q_proj.fused.sizes == (e.heads * e.head_dim, kv) and attn1.k_proj.fused.sizes[1:] == (kv, kv)
+    want = logits(separate, ids, use_cache=False)
+    assert torch.equal(logits(fused, ids, use_cache=False), want)
+    assert not torch.equal(want, program_logits(r, zm))  # k0's 8-bit quantizer matters: fusing it with q/v would show
 
 
 def test_w4a4kv4_quantizes_the_kv_cache_when_decoding_and_generating(saved):
@@ -97,21 +149,35 @@ def test_w4a4kv4_quantizes_the_kv_cache_when_decoding_and_generating(saved):
     full = logits(loaded, ids, use_cache=False)
     assert torch.equal(full, program_logits(r, zm))
     key = "cache" if "cache" in inspect.signature(loaded.forward).parameters else "past_key_values"
-    for kv in (DynamicCache(config=loaded.config), StaticCache(config=loaded.config, max_cache_len=n)):
-        steps = [logits(loaded, ids[:, :start], use_cache=True, cache_position=torch.arange(start), **{key: kv})]
+
+    def decode(model, kv):
+        steps = [logits(model, ids[:, :start], use_cache=True, cache_position=torch.arange(start), **{key: kv})]
         for t in range(start, n):  # each step's k/v come from the cache: quantized there too
-            steps.append(logits(loaded, ids[:, t:t + 1], use_cache=True, cache_position=torch.tensor([t]),
+            steps.append(logits(model, ids[:, t:t + 1], use_cache=True, cache_position=torch.tensor([t]),
                                 **{key: kv}))
         assert kv.get_seq_length() == n
+        return torch.cat(steps, dim=1)
+
+    caches = (lambda: DynamicCache(config=loaded.config), lambda: StaticCache(config=loaded.config, max_cache_len=n))
+    decoded = [decode(loaded, cache()) for cache in caches]
+    for got in decoded:
         # 1e-5: one token against eight through the same linears (float32 sums in another order), far
         # below the one-step changes of 4-bit rounding (none happens here)
-        torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
 
     with torch.no_grad():
         seq = ids
         for _ in range(6):  # greedy without a cache: every token's k/v recomputed and quantized
             seq = torch.cat([seq, logits(loaded, seq, use_cache=False)[:, -1:].argmax(-1)], dim=1)
         assert torch.equal(loaded.generate(ids, max_new_tokens=6, do_sample=False), seq)
+
+    # keys rotated once on their way into the cache, then the whole cache quantized (rotate, then quantize:
+    # the program's order) = as before: keys cached unrotated (the attention pre-hooks that rotate them on
+    # write removed), the whole cache rotated and quantized every step — bit for bit (each key row's
+    # Hadamard is the same op on the same values; the quantizer's output is contiguous either way)
+    for layer in loaded.model.layers:
+        layer.self_attn._forward_pre_hooks.clear()
+    assert all(torch.equal(got, decode(loaded, cache())) for got, cache in zip(decoded, caches))
 
     for m in loaded.modules():  # and the KV quantizer matters: without it the logits move a lot
         del m.__dict__["_spinfx_kv"]

@@ -114,7 +114,7 @@ def test_spinquant_rotates_router_and_experts_and_r4_each_down_proj(tmp_path):
 
 
 def test_w4a16_keeps_routers_in_float_and_saves_stacked_experts_loaded_as_qlinears(tmp_path):
-    from spinfx.kernels.qlinear import QLinear
+    from spinfx.kernels.qlinear import QLinear, QLinearSlice
 
     zm = _zoo("mixtral")
     r = spinfx.rewrite(zm.model, "w4a16", zm.example_inputs)
@@ -137,6 +137,10 @@ def test_w4a16_keeps_routers_in_float_and_saves_stacked_experts_loaded_as_qlinea
     m = spinfx.load(tmp_path / "out")
     experts = _experts(m, 1)
     assert all(isinstance(p, QLinear) for p in experts.down_proj) and len(experts.down_proj) == 4
+    # fuse (the default): attention's q/k/v packed; the experts (each reads its own tokens' rows) untouched
+    attn = m.model.layers[1].self_attn
+    assert all(isinstance(getattr(attn, f"{p}_proj"), QLinearSlice) for p in "qkv")
+    assert all(type(p) is QLinear for p in [*experts.gate_up_proj, *experts.down_proj])
     ids = zm.example_inputs["input_ids"]
     out = m.generate(ids, max_new_tokens=3, do_sample=False)  # the KV cache: one routed token at a time
     assert out.shape == (1, ids.shape[1] + 3)
@@ -196,6 +200,9 @@ def test_r4_with_quantized_experts_is_saved_once_for_all_experts(tmp_path):
     r = spinfx.rewrite(zm.model, recipe, zm.example_inputs)
     got, ref = _saved(r, tmp_path / "out")
     assert (got - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()  # activation dtype: as the program
+    with torch.no_grad():  # q/k/v fused (one quantizer for their input), experts not: as loaded separately
+        assert torch.equal(got, spinfx.load(tmp_path / "out", fuse=False)(input_ids=r.program.examples[0],
+                                                                          use_cache=False).logits)
     qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     r4 = qc["transform_config"]["config_groups"]["hadamard-input-40"]["apply"]
     assert r4 == [{"targets": ["model.layers.0.mlp.experts.down_proj", "model.layers.1.mlp.experts.down_proj"],
