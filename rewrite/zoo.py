@@ -55,6 +55,13 @@ class Expect:
     norm_place: str = "pre"
     experts: int = 0  # a mixture of experts per layer (0: a dense MLP); `intermediate` is then per expert
     top_k: int = 0
+    rotary: float = 1.0  # the fraction of each head's dims RoPE turns (partial rotary: StableLM, Phi, GPT-NeoX)
+    # norm modules before a block's attention and MLP: 1 where a parallel block's attention and MLP read
+    # one norm (Phi: x + attn(ln(x)) + mlp(ln(x))); GPT-NeoX's parallel block has one norm each
+    block_norms: int = 2
+    # a fused q/k/v projection whose rows interleave per head ([q_h, k_h, v_h] for each head h: GPT-NeoX):
+    # no q/k/v group is found there, so R2 (and what needs it) is refused
+    qkv_interleaved: bool = False
 
 
 @dataclass
@@ -142,8 +149,9 @@ def _gpt2(tf, layers: int, tied: bool = True, **o):  # Conv1D linears (y = x W +
                          tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0, **_hf(o))
 
 
-def _stablelm(tf, layers: int, tied: bool = False, **o):  # LayerNorm, partial rotary (25 %)
-    return tf.StableLmConfig(**_common(layers, o), tie_word_embeddings=tied, **_hf(o, partial_rotary_factor=0.25))
+def _stablelm(tf, layers: int, tied: bool = False, **o):  # LayerNorm, partial rotary (25 %), q/k/v biases (StableLM-2)
+    return tf.StableLmConfig(**_common(layers, o), tie_word_embeddings=tied,
+                             **_hf(o, partial_rotary_factor=0.25, use_qkv_bias=True))
 
 
 def _phi(tf, layers: int, tied: bool = False, **o):  # parallel attention + MLP on one LayerNorm, partial rotary, biases
@@ -183,6 +191,7 @@ _DECODER = dict(norm="rms", linear="linear", fused_qkv=False, fused_gate_up=Fals
                 linears_per_layer=7, qkv_bias=False, o_bias=False, mlp_bias=False, positions="rope", norm_place="pre")
 _LAYERNORM = dict(norm="layer", qk_norm=False, norm_place="pre", fused_gate_up=False, gated_mlp=False, qkv_bias=True, o_bias=True, mlp_bias=True,
                   positions="learned")
+_PARTIAL = dict(norm="layer", linear="linear", qk_norm=False, norm_place="pre", fused_gate_up=False, positions="rope")
 # name -> (config factory, structure flags beyond the config's sizes)
 _FAMILIES: dict[str, tuple[Callable, dict]] = {
     "llama": (_llama, _DECODER),
@@ -201,13 +210,18 @@ _FAMILIES: dict[str, tuple[Callable, dict]] = {
     "gemma2": (_gemma2, _DECODER | dict(norm="rms1p", norm_place="sandwich")),
     "opt": (_opt, _LAYERNORM | dict(linear="linear", fused_qkv=False, linears_per_layer=6)),
     "gpt2": (_gpt2, _LAYERNORM | dict(linear="conv1d", fused_qkv=True, linears_per_layer=4)),
+    # LayerNorm + partial rotary: a Llama-shaped block (gated MLP, biases on q/k/v only)
+    "stablelm": (_stablelm, _PARTIAL | dict(fused_qkv=False, gated_mlp=True, linears_per_layer=7, qkv_bias=True,
+                                            o_bias=False, mlp_bias=False, rotary=0.25)),
+    # parallel blocks: x + attn(ln(x)) + mlp(ln(x)) on one LayerNorm, biases everywhere (the lm_head's too)
+    "phi": (_phi, _PARTIAL | dict(fused_qkv=False, gated_mlp=False, linears_per_layer=6, qkv_bias=True, o_bias=True,
+                                  mlp_bias=True, rotary=0.5, block_norms=1)),
+    # parallel residual with a LayerNorm for each branch; q/k/v from one projection, interleaved per head
+    "gpt_neox": (_gpt_neox, _PARTIAL | dict(fused_qkv=True, qkv_interleaved=True, gated_mlp=False, linears_per_layer=4,
+                                            qkv_bias=True, o_bias=True, mlp_bias=True, rotary=0.25)),
 }
 _VARIANTS = {"llama_untied": ("llama", {"tied": False})}
-# Families built from configs here that are not (yet) zoo members with goldens -> _randomize's norm kind
-# (tests/test_coverage.py, tests/test_postnorm.py and spinfx.fuzz build them with `hf_config`)
-_MORE: dict[str, tuple[Callable, str]] = {"stablelm": (_stablelm, "layer"), "phi": (_phi, "layer"),
-                                          "gpt_neox": (_gpt_neox, "layer")}
-FAMILIES: tuple[str, ...] = (*_FAMILIES, *_MORE)  # every family `hf_config` builds
+FAMILIES: tuple[str, ...] = tuple(_FAMILIES)  # every family `hf_config` builds
 ZOO: tuple[str, ...] = (*_FAMILIES, *_VARIANTS)
 MIXTURES: tuple[str, ...] = tuple(n for n, (_, flags) in _FAMILIES.items() if flags.get("experts"))  # MoE zoo models
 
@@ -221,6 +235,13 @@ def build(name: str, seed: int = 0, layers: int = 2, dtype: torch.dtype = torch.
     else:
         raise BadInput(f"unknown zoo model {name!r}; known: {', '.join(ZOO)}")
     return _make(name, family, seed, layers, dtype, options)
+
+
+def tied(name: str) -> bool:
+    """Whether zoo model `name` ties its lm_head to its embedding (`Expect.tied`), read from its config:
+    nothing is built (test collection asks this of every zoo model)."""
+    family, options = _VARIANTS.get(name, (name, {}))
+    return bool(hf_config(family, 1, **options).tie_word_embeddings)
 
 
 def random_llama(layers: int, hidden: int = HIDDEN, heads: int = HEADS, kv_heads: int = KV_HEADS,
@@ -243,8 +264,7 @@ def hf_config(family: str, layers: int = 2, **options):
 
     if family not in FAMILIES:
         raise BadInput(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
-    make_config = _FAMILIES[family][0] if family in _FAMILIES else _MORE[family][0]
-    return make_config(tf, layers, **options)
+    return _FAMILIES[family][0](tf, layers, **options)
 
 
 def from_config(config, seed: int = 0, dtype: torch.dtype = torch.float32,
@@ -255,7 +275,7 @@ def from_config(config, seed: int = 0, dtype: torch.dtype = torch.float32,
 
     tf.logging.set_verbosity_error()
     family = config.model_type
-    norm = _FAMILIES[family][1]["norm"] if family in _FAMILIES else _MORE.get(family, (None, "rms"))[1]
+    norm = _FAMILIES[family][1]["norm"] if family in _FAMILIES else "rms"
     model = tf.AutoModelForCausalLM.from_config(config, attn_implementation=attention_impl(config), dtype=torch.float32)
     _randomize(model, gen or torch.Generator().manual_seed(seed), norm)
     return model.to(dtype).eval()
@@ -280,7 +300,7 @@ def _make(name: str, family: str, seed: int, layers: int, dtype: torch.dtype, op
                                                         "n_inner") if hasattr(config, k)),
         vocab=vocab,
         tied=model.lm_head.weight is model.get_input_embeddings().weight,
-        norms=(2 + 2 * flags["qk_norm"] + 2 * (flags["norm_place"] == "sandwich")) * layers + 1,
+        norms=(flags.get("block_norms", 2) + 2 * flags["qk_norm"] + 2 * (flags["norm_place"] == "sandwich")) * layers + 1,
         embed_scale=getattr(config, "embedding_multiplier", None) or (config.hidden_size ** 0.5 if family.startswith("gemma") else 1.0),
         **flags,
     )
