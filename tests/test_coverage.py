@@ -48,9 +48,7 @@ OUTCOMES = {
                  {"rotate": NEOX_QKV, "spinquant": NEOX_QKV}),
     # HF classes outside the zoo, by structure
     "olmoe": ("OLMoE (mixture of experts; q/k RMSNorm over the whole projection)", {}),
-    "granitemoe": ("Granite-MoE (Granite's multipliers + a mixture, softmax over the top-k logits; its quantized "
-                   "experts do not load back yet: the rewrite is certified, the checkpoint refused)",
-                   {"w4a16": "save: the model class loaded from the checkpoint does not compute the rewritten program"}),
+    "granitemoe": ("Granite-MoE (Granite's multipliers + a mixture, softmax over the top-k logits)", {}),
 }
 
 
