@@ -99,17 +99,29 @@ def _granite(tf, layers: int, tied: bool = True, **o):  # scalar multipliers on 
 EXPERTS, TOP_K, EXPERT_INTERMEDIATE = 4, 2, 40  # 40: not 2^k (R4 takes H_20 ⊗ H_2)
 
 
-def _mixtral(tf, layers: int, **size):  # every MLP a mixture: router + EXPERTS experts, top-TOP_K
-    return tf.MixtralConfig(**_common(layers, size | {"intermediate": EXPERT_INTERMEDIATE}), head_dim=HEAD_DIM,
-                            num_local_experts=EXPERTS, num_experts_per_tok=TOP_K, sliding_window=None,
-                            tie_word_embeddings=False)
+# A mixture's `intermediate` is each expert's (default EXPERT_INTERMEDIATE)
+def _mixtral(tf, layers: int, tied: bool = False, head_dim: int = HEAD_DIM, **o):  # router + experts in every MLP
+    return tf.MixtralConfig(**_common(layers, {"intermediate": EXPERT_INTERMEDIATE} | o), head_dim=head_dim,
+                            tie_word_embeddings=tied,
+                            **_hf(o, num_local_experts=EXPERTS, num_experts_per_tok=TOP_K, sliding_window=None))
 
 
-def _qwen3_moe(tf, layers: int, **size):  # Qwen3's per-head q/k norms + a mixture in every layer
-    return tf.Qwen3MoeConfig(**_common(layers, size), head_dim=HEAD_DIM, num_experts=EXPERTS,
-                             num_experts_per_tok=TOP_K, moe_intermediate_size=EXPERT_INTERMEDIATE,
-                             norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
-                             tie_word_embeddings=True)
+def _qwen3_moe(tf, layers: int, tied: bool = True, head_dim: int = HEAD_DIM, **o):  # Qwen3's q/k norms + a mixture
+    # (intermediate_size: the dense MLP of a layer in mlp_only_layers; every layer is a mixture by default)
+    return tf.Qwen3MoeConfig(**_common(layers, o), head_dim=head_dim, tie_word_embeddings=tied, **_hf(
+        o, num_experts=EXPERTS, num_experts_per_tok=TOP_K, moe_intermediate_size=o.get("intermediate", EXPERT_INTERMEDIATE),
+        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[]))
+
+
+def _olmoe(tf, layers: int, tied: bool = False, **o):  # a mixture in every layer; q/k RMSNorm over the whole projection
+    return tf.OlmoeConfig(**_common(layers, {"intermediate": EXPERT_INTERMEDIATE} | o), tie_word_embeddings=tied,
+                          **_hf(o, num_experts=EXPERTS, num_experts_per_tok=TOP_K))
+
+
+def _granitemoe(tf, layers: int, tied: bool = True, **o):  # Granite's multipliers + a mixture (softmax over the top-k)
+    return tf.GraniteMoeConfig(**_common(layers, {"intermediate": EXPERT_INTERMEDIATE} | o), tie_word_embeddings=tied,
+                               **_hf(o, num_local_experts=EXPERTS, num_experts_per_tok=TOP_K, embedding_multiplier=2.0,
+                                     residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=4.0))
 
 
 def _gemma(tf, layers: int, tied: bool = True, head_dim: int = 24, **o):  # head_dim 24: heads·head_dim = 96 ≠ hidden 64; MQA
@@ -221,7 +233,10 @@ _FAMILIES: dict[str, tuple[Callable, dict]] = {
                                             qkv_bias=True, o_bias=True, mlp_bias=True, rotary=0.25)),
 }
 _VARIANTS = {"llama_untied": ("llama", {"tied": False})}
-FAMILIES: tuple[str, ...] = tuple(_FAMILIES)  # every family `hf_config` builds
+# Families built from configs here that are not zoo members (no goldens): spinfx.fuzz and
+# tests/test_coverage.py build them with `hf_config` -> _randomize's norm kind
+_MORE: dict[str, tuple[Callable, str]] = {"olmoe": (_olmoe, "rms"), "granitemoe": (_granitemoe, "rms")}
+FAMILIES: tuple[str, ...] = (*_FAMILIES, *_MORE)  # every family `hf_config` builds
 ZOO: tuple[str, ...] = (*_FAMILIES, *_VARIANTS)
 MIXTURES: tuple[str, ...] = tuple(n for n, (_, flags) in _FAMILIES.items() if flags.get("experts"))  # MoE zoo models
 
@@ -264,19 +279,24 @@ def hf_config(family: str, layers: int = 2, **options):
 
     if family not in FAMILIES:
         raise BadInput(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
-    return _FAMILIES[family][0](tf, layers, **options)
+    make_config = _FAMILIES[family][0] if family in _FAMILIES else _MORE[family][0]
+    return make_config(tf, layers, **options)
 
 
 def from_config(config, seed: int = 0, dtype: torch.dtype = torch.float32,
                 gen: torch.Generator | None = None) -> nn.Module:
     """The HF causal LM of `config` (SDPA attention, eval mode) with every parameter drawn as the module
-    docstring says from `gen` (default: a generator seeded with `seed`), in `dtype`."""
+    docstring says from `gen` (default: a generator seeded with `seed`), in `dtype`. In float64 a
+    mixture's experts run transformers' eager loop over the chosen experts (its default grouped_mm
+    takes float32/16 only)."""
     import transformers as tf
 
     tf.logging.set_verbosity_error()
     family = config.model_type
-    norm = _FAMILIES[family][1]["norm"] if family in _FAMILIES else "rms"
-    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation=attention_impl(config), dtype=torch.float32)
+    norm = _FAMILIES[family][1]["norm"] if family in _FAMILIES else _MORE.get(family, (None, "rms"))[1]
+    eager = {"experts_implementation": "eager"} if dtype == torch.float64 else {}
+    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation=attention_impl(config), dtype=torch.float32,
+                                                **eager)
     _randomize(model, gen or torch.Generator().manual_seed(seed), norm)
     return model.to(dtype).eval()
 
