@@ -24,4 +24,11 @@ CONTRACTS: dict[str, dict[str, str]] = {
     # projection, only the final norm feeds a linear; Gemma-2: pre- and post-norms around both blocks
     "olmo2": _GATED | {"norm": "4L+1", "norm-linears": "1", "residual-writers": "0"},
     "gemma2": _GATED | {"norm": "4L+1", "residual-writers": "0"},
+    # LayerNorm with RoPE on part of each head. StableLM: a Llama-shaped block. Parallel blocks (the
+    # attention and the MLP read the block's input, both write the stream): Phi's read one LayerNorm
+    # (L+1 norms), GPT-NeoX's one each and its MLPs are not gated; NeoX's q/k/v come from one
+    # projection whose rows interleave per head, which the q/k/v finder does not take apart (R2 refused)
+    "stablelm": _GATED,
+    "phi": _GATED | {"norm": "L+1", "norm-linears": "L+1", "gate-up": "0"},
+    "gpt_neox": _GATED | {"qkv": "0", "gate-up": "0"},
 }

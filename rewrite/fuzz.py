@@ -46,6 +46,7 @@ KINDS = ("certified", "refused", "crash", "wrong")
 Draw = Callable[[str, Sequence], Any]  # draw(label, choices) -> one of choices
 
 BOOL = (False, True)
+EXPERTS = (2, 3, 4)
 HEAD_DIMS = (8, 12, 16, 20, 24, 32)
 HEADS = (1, 2, 3, 4, 6, 8)
 HIDDENS = (16, 24, 32, 48, 64)        # families whose config has head_dim (else hidden = heads · head_dim)
@@ -60,6 +61,12 @@ ROPES = (None, {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
          {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0})
 
 
+def _top_k(s: dict) -> list[int]:
+    """Experts per token: one, two, or every expert of the layer (its count, an option drawn before)."""
+    experts = s.get("num_local_experts") or s["num_experts"]
+    return sorted({k for k in (1, 2, experts) if k <= experts})
+
+
 def _rotary(s: dict) -> list[float]:
     """Partial rotary fractions whose rotary dims are a whole, even, nonzero number of head dims."""
     return [f for f in (0.25, 0.5, 0.75, 1.0) if (s["head_dim"] * f).is_integer() and int(s["head_dim"] * f) % 2 == 0]
@@ -72,7 +79,7 @@ class Family:
     name: str
     free_head_dim: bool        # the config has head_dim (else head_dim = hidden / heads)
     kv_heads: bool             # num_key_value_heads is an option (GQA / MQA)
-    options: tuple = ()        # (HF config keyword, choices) in draw order; choices may depend on the sizes
+    options: tuple = ()        # (HF config keyword, choices) in draw order; choices(sizes + options drawn so far)
     note: str = ""
 
 
@@ -102,9 +109,18 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                                 ("hidden_act", ("gelu_new", "gelu"))), "parallel attention + MLP"),
     Family("gpt_neox", False, False, (("rotary_pct", _rotary), ("use_parallel_residual", BOOL),
                                       ("attention_bias", BOOL), ("hidden_act", ("gelu", "gelu_new")))),
+    # mixtures of experts (traced densely, spinfx.moe): `intermediate` is each expert's
+    Family("mixtral", True, True, (("num_local_experts", EXPERTS), ("num_experts_per_tok", _top_k),
+                                   ("hidden_act", ACTS)), "router + experts, softmax then top-k"),
+    Family("qwen3_moe", True, True, (("num_experts", EXPERTS), ("num_experts_per_tok", _top_k),
+                                     ("norm_topk_prob", BOOL), ("mlp_only_layers", ([], [0])),
+                                     ("attention_bias", BOOL)), "per-head q/k norms; layer 0 dense or a mixture"),
+    Family("olmoe", False, True, (("num_experts", EXPERTS), ("num_experts_per_tok", _top_k), ("norm_topk_prob", BOOL)),
+           "q/k RMSNorm over the whole projection"),
+    Family("granitemoe", False, True, (("num_local_experts", EXPERTS), ("num_experts_per_tok", _top_k),
+                                       ("residual_multiplier", (0.22, 1.0)), ("logits_scaling", (1.0, 4.0))),
+           "Granite's multipliers, softmax over the top-k logits"),
 )}
-# Not here yet: mixture-of-experts families (mixtral, qwen3_moe, ...): add them with their expert
-# count / top-k options once spinfx traces them.
 
 
 @dataclass(frozen=True)
@@ -174,7 +190,7 @@ def draw_case(draw: Draw, families: Sequence[str] | None = None) -> Case:
                  tied=draw("tied", BOOL))
     options = []
     for key, choices in fam.options:
-        options.append((key, draw(key, list(choices(sizes) if callable(choices) else choices))))
+        options.append((key, draw(key, list(choices(sizes | dict(options)) if callable(choices) else choices))))
     return Case(**sizes, options=tuple(options), batch=draw("batch", (1, 2)), seq=draw("seq", (5, 8)),
                 seed=draw("seed", range(1000)))
 
@@ -243,16 +259,26 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def dequantized_weights(model: torch.nn.Module, prog) -> dict[str, torch.Tensor]:
     """{parameter name of `model`: dequantize(Q(W))} for every weight the quantize pass replaced in `prog`
-    (for `torch.func.functional_call(model, ...)`: the model itself is left as it is)."""
+    (for `torch.func.functional_call(model, ...)`: the model itself is left as it is). An expert's
+    weight (`<experts>.<e>.<w>.weight` in the program, spinfx.moe) goes into slice e of a copy of the
+    stacked parameter `<experts>.<w>`, which transformers' own experts forward then reads."""
     from transformers.pytorch_utils import Conv1D
 
     from spinfx.kernels.quant_weight import dequantize
+    from spinfx.moe import expert_linears
     from spinfx.passes.quantize import quantized_layers
 
     out = {}
+    experts = expert_linears(model)
     for layer in quantized_layers(prog).values():
         w_hat = dequantize(layer.weight, torch.float64)
-        owner = model.get_submodule(layer.source.rpartition(".")[0])
+        module = layer.source.rpartition(".")[0]
+        if module in experts:
+            name, w, e = experts[module]
+            stacked = out.setdefault(f"{name}.{w}", getattr(model.get_submodule(name), w).detach().double().clone())
+            stacked[e] = w_hat
+            continue
+        owner = model.get_submodule(module)
         out[layer.source] = w_hat.T if isinstance(owner, Conv1D) else w_hat  # Conv1D stores W as [in, out]
     return out
 

@@ -13,7 +13,7 @@ Canonical form (what every pattern may rely on):
     fully-qualified name (`model.layers.0.self_attn.q_proj.weight`); tied tensors appear once, under
     their first name, the others recorded in `Program.aliases`;
   * placeholders only for the user inputs the graph reads;
-  * no runtime asserts, no no-op casts/clones/aliases, no dead nodes; views spelled as reshape;
+  * no runtime asserts, no no-op casts/clones/aliases, no dead nodes; views as reshape, type_as as a cast;
   * every node has `meta["val"]` (a FakeTensor or a Python scalar) and `meta["module"]` (the module
     path it came from, "" for the top level) with `meta["module_type"]` (class name).
 """
@@ -256,6 +256,8 @@ def _from_exported(ep: torch.export.ExportedProgram, module_prefix: str) -> Prog
             env[n] = src
             continue
         target = _RENAME.get(n.target, n.target)
+        if target is aten.type_as.default:  # y is read for its dtype only: a cast, y keeps only its real readers
+            target, new_args, new_kwargs = aten._to_copy.default, new_args[:1], {"dtype": n.meta["val"].dtype}
         if target is aten.reshape.default and isinstance(src, fx.Node) and _same_shape(src, n):
             env[n] = src
             continue
@@ -301,14 +303,12 @@ def _ensure_path(root: torch.nn.Module, fqn: str) -> None:
         if not hasattr(mod, part):
             mod.add_module(part, torch.nn.Module())
         mod = getattr(mod, part)
-    leaf = fqn.rsplit(".", 1)[-1]
-    if leaf not in mod._buffers:
+    if (leaf := fqn.rsplit(".", 1)[-1]) not in mod._buffers:
         mod.register_buffer(leaf, torch.empty(0), persistent=True)
 
 
 def _set_tensor(root: torch.nn.Module, fqn: str, value: torch.Tensor) -> None:
-    mod = root.get_submodule(_owner(fqn)) if "." in fqn else root
-    mod._buffers[fqn.rsplit(".", 1)[-1]] = value
+    root.get_submodule(_owner(fqn))._buffers[fqn.rsplit(".", 1)[-1]] = value
 
 
 def set_const(gm: fx.GraphModule, fqn: str, value: torch.Tensor) -> None:

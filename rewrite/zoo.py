@@ -55,6 +55,13 @@ class Expect:
     norm_place: str = "pre"
     experts: int = 0  # a mixture of experts per layer (0: a dense MLP); `intermediate` is then per expert
     top_k: int = 0
+    rotary: float = 1.0  # the fraction of each head's dims RoPE turns (partial rotary: StableLM, Phi, GPT-NeoX)
+    # norm modules before a block's attention and MLP: 1 where a parallel block's attention and MLP read
+    # one norm (Phi: x + attn(ln(x)) + mlp(ln(x))); GPT-NeoX's parallel block has one norm each
+    block_norms: int = 2
+    # a fused q/k/v projection whose rows interleave per head ([q_h, k_h, v_h] for each head h: GPT-NeoX):
+    # no q/k/v group is found there, so R2 (and what needs it) is refused
+    qkv_interleaved: bool = False
 
 
 @dataclass
@@ -92,17 +99,29 @@ def _granite(tf, layers: int, tied: bool = True, **o):  # scalar multipliers on 
 EXPERTS, TOP_K, EXPERT_INTERMEDIATE = 4, 2, 40  # 40: not 2^k (R4 takes H_20 ⊗ H_2)
 
 
-def _mixtral(tf, layers: int, **size):  # every MLP a mixture: router + EXPERTS experts, top-TOP_K
-    return tf.MixtralConfig(**_common(layers, size | {"intermediate": EXPERT_INTERMEDIATE}), head_dim=HEAD_DIM,
-                            num_local_experts=EXPERTS, num_experts_per_tok=TOP_K, sliding_window=None,
-                            tie_word_embeddings=False)
+# A mixture's `intermediate` is each expert's (default EXPERT_INTERMEDIATE)
+def _mixtral(tf, layers: int, tied: bool = False, head_dim: int = HEAD_DIM, **o):  # router + experts in every MLP
+    return tf.MixtralConfig(**_common(layers, {"intermediate": EXPERT_INTERMEDIATE} | o), head_dim=head_dim,
+                            tie_word_embeddings=tied,
+                            **_hf(o, num_local_experts=EXPERTS, num_experts_per_tok=TOP_K, sliding_window=None))
 
 
-def _qwen3_moe(tf, layers: int, **size):  # Qwen3's per-head q/k norms + a mixture in every layer
-    return tf.Qwen3MoeConfig(**_common(layers, size), head_dim=HEAD_DIM, num_experts=EXPERTS,
-                             num_experts_per_tok=TOP_K, moe_intermediate_size=EXPERT_INTERMEDIATE,
-                             norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
-                             tie_word_embeddings=True)
+def _qwen3_moe(tf, layers: int, tied: bool = True, head_dim: int = HEAD_DIM, **o):  # Qwen3's q/k norms + a mixture
+    # (intermediate_size: the dense MLP of a layer in mlp_only_layers; every layer is a mixture by default)
+    return tf.Qwen3MoeConfig(**_common(layers, o), head_dim=head_dim, tie_word_embeddings=tied, **_hf(
+        o, num_experts=EXPERTS, num_experts_per_tok=TOP_K, moe_intermediate_size=o.get("intermediate", EXPERT_INTERMEDIATE),
+        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[]))
+
+
+def _olmoe(tf, layers: int, tied: bool = False, **o):  # a mixture in every layer; q/k RMSNorm over the whole projection
+    return tf.OlmoeConfig(**_common(layers, {"intermediate": EXPERT_INTERMEDIATE} | o), tie_word_embeddings=tied,
+                          **_hf(o, num_experts=EXPERTS, num_experts_per_tok=TOP_K))
+
+
+def _granitemoe(tf, layers: int, tied: bool = True, **o):  # Granite's multipliers + a mixture (softmax over the top-k)
+    return tf.GraniteMoeConfig(**_common(layers, {"intermediate": EXPERT_INTERMEDIATE} | o), tie_word_embeddings=tied,
+                               **_hf(o, num_local_experts=EXPERTS, num_experts_per_tok=TOP_K, embedding_multiplier=2.0,
+                                     residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=4.0))
 
 
 def _gemma(tf, layers: int, tied: bool = True, head_dim: int = 24, **o):  # head_dim 24: heads·head_dim = 96 ≠ hidden 64; MQA
@@ -142,8 +161,9 @@ def _gpt2(tf, layers: int, tied: bool = True, **o):  # Conv1D linears (y = x W +
                          tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0, **_hf(o))
 
 
-def _stablelm(tf, layers: int, tied: bool = False, **o):  # LayerNorm, partial rotary (25 %)
-    return tf.StableLmConfig(**_common(layers, o), tie_word_embeddings=tied, **_hf(o, partial_rotary_factor=0.25))
+def _stablelm(tf, layers: int, tied: bool = False, **o):  # LayerNorm, partial rotary (25 %), q/k/v biases (StableLM-2)
+    return tf.StableLmConfig(**_common(layers, o), tie_word_embeddings=tied,
+                             **_hf(o, partial_rotary_factor=0.25, use_qkv_bias=True))
 
 
 def _phi(tf, layers: int, tied: bool = False, **o):  # parallel attention + MLP on one LayerNorm, partial rotary, biases
@@ -183,6 +203,7 @@ _DECODER = dict(norm="rms", linear="linear", fused_qkv=False, fused_gate_up=Fals
                 linears_per_layer=7, qkv_bias=False, o_bias=False, mlp_bias=False, positions="rope", norm_place="pre")
 _LAYERNORM = dict(norm="layer", qk_norm=False, norm_place="pre", fused_gate_up=False, gated_mlp=False, qkv_bias=True, o_bias=True, mlp_bias=True,
                   positions="learned")
+_PARTIAL = dict(norm="layer", linear="linear", qk_norm=False, norm_place="pre", fused_gate_up=False, positions="rope")
 # name -> (config factory, structure flags beyond the config's sizes)
 _FAMILIES: dict[str, tuple[Callable, dict]] = {
     "llama": (_llama, _DECODER),
@@ -201,12 +222,20 @@ _FAMILIES: dict[str, tuple[Callable, dict]] = {
     "gemma2": (_gemma2, _DECODER | dict(norm="rms1p", norm_place="sandwich")),
     "opt": (_opt, _LAYERNORM | dict(linear="linear", fused_qkv=False, linears_per_layer=6)),
     "gpt2": (_gpt2, _LAYERNORM | dict(linear="conv1d", fused_qkv=True, linears_per_layer=4)),
+    # LayerNorm + partial rotary: a Llama-shaped block (gated MLP, biases on q/k/v only)
+    "stablelm": (_stablelm, _PARTIAL | dict(fused_qkv=False, gated_mlp=True, linears_per_layer=7, qkv_bias=True,
+                                            o_bias=False, mlp_bias=False, rotary=0.25)),
+    # parallel blocks: x + attn(ln(x)) + mlp(ln(x)) on one LayerNorm, biases everywhere (the lm_head's too)
+    "phi": (_phi, _PARTIAL | dict(fused_qkv=False, gated_mlp=False, linears_per_layer=6, qkv_bias=True, o_bias=True,
+                                  mlp_bias=True, rotary=0.5, block_norms=1)),
+    # parallel residual with a LayerNorm for each branch; q/k/v from one projection, interleaved per head
+    "gpt_neox": (_gpt_neox, _PARTIAL | dict(fused_qkv=True, qkv_interleaved=True, gated_mlp=False, linears_per_layer=4,
+                                            qkv_bias=True, o_bias=True, mlp_bias=True, rotary=0.25)),
 }
 _VARIANTS = {"llama_untied": ("llama", {"tied": False})}
-# Families built from configs here that are not (yet) zoo members with goldens -> _randomize's norm kind
-# (tests/test_coverage.py, tests/test_postnorm.py and spinfx.fuzz build them with `hf_config`)
-_MORE: dict[str, tuple[Callable, str]] = {"stablelm": (_stablelm, "layer"), "phi": (_phi, "layer"),
-                                          "gpt_neox": (_gpt_neox, "layer")}
+# Families built from configs here that are not zoo members (no goldens): spinfx.fuzz and
+# tests/test_coverage.py build them with `hf_config` -> _randomize's norm kind
+_MORE: dict[str, tuple[Callable, str]] = {"olmoe": (_olmoe, "rms"), "granitemoe": (_granitemoe, "rms")}
 FAMILIES: tuple[str, ...] = (*_FAMILIES, *_MORE)  # every family `hf_config` builds
 ZOO: tuple[str, ...] = (*_FAMILIES, *_VARIANTS)
 MIXTURES: tuple[str, ...] = tuple(n for n, (_, flags) in _FAMILIES.items() if flags.get("experts"))  # MoE zoo models
@@ -221,6 +250,13 @@ def build(name: str, seed: int = 0, layers: int = 2, dtype: torch.dtype = torch.
     else:
         raise BadInput(f"unknown zoo model {name!r}; known: {', '.join(ZOO)}")
     return _make(name, family, seed, layers, dtype, options)
+
+
+def tied(name: str) -> bool:
+    """Whether zoo model `name` ties its lm_head to its embedding (`Expect.tied`), read from its config:
+    nothing is built (test collection asks this of every zoo model)."""
+    family, options = _VARIANTS.get(name, (name, {}))
+    return bool(hf_config(family, 1, **options).tie_word_embeddings)
 
 
 def random_llama(layers: int, hidden: int = HIDDEN, heads: int = HEADS, kv_heads: int = KV_HEADS,
@@ -250,13 +286,17 @@ def hf_config(family: str, layers: int = 2, **options):
 def from_config(config, seed: int = 0, dtype: torch.dtype = torch.float32,
                 gen: torch.Generator | None = None) -> nn.Module:
     """The HF causal LM of `config` (SDPA attention, eval mode) with every parameter drawn as the module
-    docstring says from `gen` (default: a generator seeded with `seed`), in `dtype`."""
+    docstring says from `gen` (default: a generator seeded with `seed`), in `dtype`. In float64 a
+    mixture's experts run transformers' eager loop over the chosen experts (its default grouped_mm
+    takes float32/16 only)."""
     import transformers as tf
 
     tf.logging.set_verbosity_error()
     family = config.model_type
     norm = _FAMILIES[family][1]["norm"] if family in _FAMILIES else _MORE.get(family, (None, "rms"))[1]
-    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation=attention_impl(config), dtype=torch.float32)
+    eager = {"experts_implementation": "eager"} if dtype == torch.float64 else {}
+    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation=attention_impl(config), dtype=torch.float32,
+                                                **eager)
     _randomize(model, gen or torch.Generator().manual_seed(seed), norm)
     return model.to(dtype).eval()
 
@@ -280,7 +320,7 @@ def _make(name: str, family: str, seed: int, layers: int, dtype: torch.dtype, op
                                                         "n_inner") if hasattr(config, k)),
         vocab=vocab,
         tied=model.lm_head.weight is model.get_input_embeddings().weight,
-        norms=(2 + 2 * flags["qk_norm"] + 2 * (flags["norm_place"] == "sandwich")) * layers + 1,
+        norms=(flags.get("block_norms", 2) + 2 * flags["qk_norm"] + 2 * (flags["norm_place"] == "sandwich")) * layers + 1,
         embed_scale=getattr(config, "embedding_multiplier", None) or (config.hidden_size ** 0.5 if family.startswith("gemma") else 1.0),
         **flags,
     )

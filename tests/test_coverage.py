@@ -42,15 +42,13 @@ OUTCOMES = {
                "window, eager attention)", {"rotate": POST_NORM, "spinquant": POST_NORM}),
     "mixtral": ("Mixtral (a mixture of experts in every layer: router + 4 experts, top-2, traced densely)", {}),
     "qwen3_moe": ("Qwen3-MoE (Qwen3's per-head q/k norms + a mixture in every layer)", {}),
-    # HF classes outside the zoo, by structure
-    "stablelm": ("StableLM (partial rotary 25 %)", {}),
-    "phi": ("Phi (parallel attention + MLP, partial rotary, biases)", {}),
+    "stablelm": ("StableLM (LayerNorm, partial rotary 25 %, q/k/v biases)", {}),
+    "phi": ("Phi (parallel attention + MLP on one LayerNorm, partial rotary, biases)", {}),
     "gpt_neox": ("GPT-NeoX (parallel residual, q/k/v interleaved per head)",
                  {"rotate": NEOX_QKV, "spinquant": NEOX_QKV}),
+    # HF classes outside the zoo, by structure
     "olmoe": ("OLMoE (mixture of experts; q/k RMSNorm over the whole projection)", {}),
-    "granitemoe": ("Granite-MoE (Granite's multipliers + a mixture, softmax over the top-k logits; its quantized "
-                   "experts do not load back yet: the rewrite is certified, the checkpoint refused)",
-                   {"w4a16": "save: the model class loaded from the checkpoint does not compute the rewritten program"}),
+    "granitemoe": ("Granite-MoE (Granite's multipliers + a mixture, softmax over the top-k logits)", {}),
 }
 
 
@@ -65,12 +63,6 @@ SIZE = dict(vocab_size=zoo.VOCAB, hidden_size=64, intermediate_size=96, num_hidd
 def _config(family: str):
     import transformers as tf
 
-    if family == "stablelm":  # partial rotary: RoPE on the first quarter of each head
-        return tf.StableLmConfig(**SIZE, num_key_value_heads=2, partial_rotary_factor=0.25)
-    if family == "phi":  # parallel attention + MLP on one LayerNorm, partial rotary, biases everywhere
-        return tf.PhiConfig(**SIZE, num_key_value_heads=2, partial_rotary_factor=0.5)
-    if family == "gpt_neox":  # parallel residual, fused q/k/v interleaved per head
-        return tf.GPTNeoXConfig(**SIZE, rotary_pct=0.25, use_parallel_residual=True)
     moe = dict(num_experts_per_tok=2, intermediate_size=40)  # 4 experts, top-2, traced densely (spinfx.moe)
     if family == "olmoe":
         return tf.OlmoeConfig(**SIZE | moe, num_key_value_heads=2, num_experts=4)

@@ -62,6 +62,28 @@ def test_constants_keep_fqns_tied_weights_once_and_provenance():
     assert lin.meta["module"] == "model.layers.0.mlp.up_proj" and lin.meta["module_type"] == "Linear"
 
 
+class _RouterWeights(torch.nn.Module):
+    def forward(self, x):  # Granite-MoE's router: softmax in float32, back to the stream's dtype
+        return x.float().softmax(-1).type_as(x) + x
+
+
+def test_type_as_is_a_cast_of_its_first_argument(spinfx_golden):
+    # type_as(y, x) reads x for its dtype only: spelled as a cast, x keeps only its real readers (a float64 or
+    # bf16 Granite-MoE's post-attention norm fed the router, the experts and this type_as: no norm → linears
+    # group, its γ was not folded and R1 refused with "fold the norms first")
+    x = torch.randn(2, 4, dtype=torch.float64)
+    prog = spinfx.trace(_RouterWeights(), (x,))
+    spinfx_golden(graph_text(prog), """
+in0 = input : f64[2,4]
+v0 = aten._to_copy(in0, dtype=f32) : f32[2,4]
+v1 = aten.softmax.int(v0, -1) : f32[2,4]
+v2 = aten._to_copy(v1, dtype=f64) : f64[2,4]
+v3 = aten.add.Tensor(v2, in0) : f64[2,4]
+return [v3]
+""")
+    assert torch.equal(prog(x), _RouterWeights()(x))
+
+
 def _cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "spinfx.cli", *args], capture_output=True, text=True, cwd=cwd)
 

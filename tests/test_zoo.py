@@ -5,7 +5,7 @@ from torch import nn
 
 from spinfx.errors import BadInput
 from spinfx.moe import dense_experts
-from spinfx.zoo import ZOO, build, random_llama
+from spinfx.zoo import ZOO, build, random_llama, tied
 
 
 def _blocks(model: nn.Module) -> nn.ModuleList:
@@ -69,8 +69,12 @@ def test_expect_describes_the_model(name):
         assert experts.gate_up_proj.shape == (e.experts, 2 * e.intermediate, e.hidden)
         assert experts.down_proj.shape == (e.experts, e.hidden, e.intermediate)
     assert (z.model.lm_head.weight.data_ptr() == z.model.get_input_embeddings().weight.data_ptr()) == e.tied
+    assert tied(name) == e.tied  # what test collection reads without building the model
     assert any(type(m).__name__ == "Conv1D" for m in z.model.modules()) == (e.linear == "conv1d")
     assert any(isinstance(m, nn.LayerNorm) for m in z.model.modules()) == (e.norm == "layer")
+    if e.positions == "rope":  # RoPE turns rotary · head_dim dims of each head: half as many frequencies
+        inv_freq = next(m.inv_freq for m in z.model.modules() if hasattr(m, "inv_freq"))
+        assert 2 * inv_freq.numel() == e.rotary * e.head_dim
     assert e.intermediate % 2 == 0 and e.intermediate & (e.intermediate - 1), "intermediate should not be 2^k"
 
 
@@ -85,6 +89,9 @@ def test_zoo_covers_the_structures():
     assert e["olmo2"].norm_place == "post" and e["olmo2"].qk_norm and not e["olmo2"].tied
     assert e["gemma2"].norm_place == "sandwich" and e["gemma2"].norm == "rms1p"
     assert {e[n].norm_place for n in ZOO} - {"post", "sandwich"} == {"pre"}
+    assert (e["stablelm"].rotary, e["phi"].rotary, e["gpt_neox"].rotary) == (0.25, 0.5, 0.25)
+    assert e["phi"].block_norms == 1 and e["gpt_neox"].fused_qkv and not e["gpt_neox"].gated_mlp
+    assert {e[n].norm for n in ("stablelm", "phi", "gpt_neox")} == {"layer"}
 
 
 def test_gemma2_caps_and_windows_bend_the_output():

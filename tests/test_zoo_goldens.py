@@ -20,8 +20,11 @@ def traced(name):
 def test_contract_holds(name):
     zm, _, rep = traced(name)
     assert rep.contract is not None and rep.contract.ok, rep.contract.problems
-    # a norm before each block feeds its linears; post-norms (OLMo-2) feed the stream: only the final norm is left
-    assert rep.contract.expected["norm-linears"] == (1 if zm.expect.norm_place == "post" else 2 * 2 + 1)
+    # a norm before each block feeds its linears (one norm for both blocks of a parallel Phi layer);
+    # post-norms (OLMo-2) feed the stream: only the final norm is left
+    e = zm.expect
+    assert rep.contract.expected["norm-linears"] == (1 if e.norm_place == "post" else e.block_norms * e.layers + 1)
+    assert rep.contract.expected["qkv"] == (0 if e.qkv_interleaved else e.layers)
 
 
 def test_every_zoo_model_has_goldens():
@@ -1198,8 +1201,236 @@ contract gemma2 (L=2): satisfied
 """)
 
 
+def test_golden_stablelm(spinfx_golden):
+    _, prog, rep = traced("stablelm")
+    spinfx_golden(graph_text(prog, module="model.layers.0"), """
+v0 = aten.layer_norm(ext0, [64], $model.layers.0.input_layernorm.weight, $model.layers.0.input_layernorm.bias, 1e-05, False) : f32[1,8,64]
+v1 = aten.linear(v0, $model.layers.0.self_attn.q_proj.weight, $model.layers.0.self_attn.q_proj.bias) : f32[1,8,64]
+v2 = aten.linear(v0, $model.layers.0.self_attn.k_proj.weight, $model.layers.0.self_attn.k_proj.bias) : f32[1,8,32]
+v3 = aten.linear(v0, $model.layers.0.self_attn.v_proj.weight, $model.layers.0.self_attn.v_proj.bias) : f32[1,8,32]
+v4 = aten.reshape(v1, [1, 8, 4, 16]) : f32[1,8,4,16]
+v5 = aten.transpose.int(v4, 1, 2) : f32[1,4,8,16]
+v6 = aten.reshape(v2, [1, 8, 2, 16]) : f32[1,8,2,16]
+v7 = aten.transpose.int(v6, 1, 2) : f32[1,2,8,16]
+v8 = aten.reshape(v3, [1, 8, 2, 16]) : f32[1,8,2,16]
+v9 = aten.transpose.int(v8, 1, 2) : f32[1,2,8,16]
+v10 = aten.slice.Tensor(v5, 3, 0, 4) : f32[1,4,8,4]
+v11 = aten.slice.Tensor(v5, 3, 4, 9223372036854775807) : f32[1,4,8,12]
+v12 = aten.slice.Tensor(v7, 3, 0, 4) : f32[1,2,8,4]
+v13 = aten.slice.Tensor(v7, 3, 4, 9223372036854775807) : f32[1,2,8,12]
+v14 = aten.unsqueeze(ext1, 1) : f32[1,1,8,4]
+v15 = aten.unsqueeze(ext2, 1) : f32[1,1,8,4]
+v16 = aten.mul.Tensor(v10, v14) : f32[1,4,8,4]
+v17 = aten.slice.Tensor(v10, 3, 0, 2) : f32[1,4,8,2]
+v18 = aten.slice.Tensor(v10, 3, 2, 9223372036854775807) : f32[1,4,8,2]
+v19 = aten.neg(v18) : f32[1,4,8,2]
+v20 = aten.cat([v19, v17], -1) : f32[1,4,8,4]
+v21 = aten.mul.Tensor(v20, v15) : f32[1,4,8,4]
+v22 = aten.add.Tensor(v16, v21) : f32[1,4,8,4]
+v23 = aten.mul.Tensor(v12, v14) : f32[1,2,8,4]
+v24 = aten.slice.Tensor(v12, 3, 0, 2) : f32[1,2,8,2]
+v25 = aten.slice.Tensor(v12, 3, 2, 9223372036854775807) : f32[1,2,8,2]
+v26 = aten.neg(v25) : f32[1,2,8,2]
+v27 = aten.cat([v26, v24], -1) : f32[1,2,8,4]
+v28 = aten.mul.Tensor(v27, v15) : f32[1,2,8,4]
+v29 = aten.add.Tensor(v23, v28) : f32[1,2,8,4]
+v30 = aten.cat([v22, v11], -1) : f32[1,4,8,16]
+v31 = aten.cat([v29, v13], -1) : f32[1,2,8,16]
+v32 = aten.unsqueeze(v31, 2) : f32[1,2,1,8,16]
+v33 = aten.expand(v32, [1, 2, 2, 8, 16]) : f32[1,2,2,8,16]
+v34 = aten.reshape(v33, [1, 4, 8, 16]) : f32[1,4,8,16]
+v35 = aten.unsqueeze(v9, 2) : f32[1,2,1,8,16]
+v36 = aten.expand(v35, [1, 2, 2, 8, 16]) : f32[1,2,2,8,16]
+v37 = aten.reshape(v36, [1, 4, 8, 16]) : f32[1,4,8,16]
+v38 = aten.scaled_dot_product_attention(v30, v34, v37, ext3, scale=0.25) : f32[1,4,8,16]
+v39 = aten.transpose.int(v38, 1, 2) : f32[1,8,4,16]
+v40 = aten.reshape(v39, [1, 8, -1]) : f32[1,8,64]
+v41 = aten.linear(v40, $model.layers.0.self_attn.o_proj.weight) : f32[1,8,64]
+v42 = aten.add.Tensor(ext0, v41) : f32[1,8,64]
+v43 = aten.layer_norm(v42, [64], $model.layers.0.post_attention_layernorm.weight, $model.layers.0.post_attention_layernorm.bias, 1e-05, False) : f32[1,8,64]
+v44 = aten.linear(v43, $model.layers.0.mlp.gate_proj.weight) : f32[1,8,88]
+v45 = aten.silu(v44) : f32[1,8,88]
+v46 = aten.linear(v43, $model.layers.0.mlp.up_proj.weight) : f32[1,8,88]
+v47 = aten.mul.Tensor(v45, v46) : f32[1,8,88]
+v48 = aten.linear(v47, $model.layers.0.mlp.down_proj.weight) : f32[1,8,64]
+v49 = aten.add.Tensor(v42, v48) : f32[1,8,64]
+""")
+    spinfx_golden(rep.to_text(stable=True), """
+spinfx report: stablelm
+
+[find-structure] 0 edits
+  counts: norm=5, norm-linears=5, qkv=2, gate-up=2, rope=2, attention=2, residual-writers=4, residual-readers=5
+  residual: embedding=model.embed_tokens.weight, writers=4, reader_norms=5, writer_kinds=linear, stop=end (no add extends the stream)
+  norm                   5 matches
+  norm-linears           5 matches
+  qkv                    2 matches
+  gate-up                2 matches
+  rope                   2 matches
+  attention              2 matches
+
+contract stablelm (L=2): satisfied
+  ok norm               expected    5, found    5
+  ok norm-linears       expected    5, found    5
+  ok qkv                expected    2, found    2
+  ok gate-up            expected    2, found    2
+  ok rope               expected    2, found    2
+  ok attention          expected    2, found    2
+  ok residual-writers   expected    4, found    4
+""")
+
+
+def test_golden_phi(spinfx_golden):
+    _, prog, rep = traced("phi")
+    spinfx_golden(graph_text(prog, module="model.layers.0"), """
+v0 = aten.layer_norm(ext0, [64], $model.layers.0.input_layernorm.weight, $model.layers.0.input_layernorm.bias, 1e-05, False) : f32[1,8,64]
+v1 = aten.linear(v0, $model.layers.0.self_attn.q_proj.weight, $model.layers.0.self_attn.q_proj.bias) : f32[1,8,64]
+v2 = aten.reshape(v1, [1, 8, -1, 16]) : f32[1,8,4,16]
+v3 = aten.transpose.int(v2, 1, 2) : f32[1,4,8,16]
+v4 = aten.linear(v0, $model.layers.0.self_attn.k_proj.weight, $model.layers.0.self_attn.k_proj.bias) : f32[1,8,32]
+v5 = aten.reshape(v4, [1, 8, -1, 16]) : f32[1,8,2,16]
+v6 = aten.transpose.int(v5, 1, 2) : f32[1,2,8,16]
+v7 = aten.linear(v0, $model.layers.0.self_attn.v_proj.weight, $model.layers.0.self_attn.v_proj.bias) : f32[1,8,32]
+v8 = aten.reshape(v7, [1, 8, -1, 16]) : f32[1,8,2,16]
+v9 = aten.transpose.int(v8, 1, 2) : f32[1,2,8,16]
+v10 = aten.slice.Tensor(v3, 3, 0, 8) : f32[1,4,8,8]
+v11 = aten.slice.Tensor(v3, 3, 8, 9223372036854775807) : f32[1,4,8,8]
+v12 = aten.slice.Tensor(v6, 3, 0, 8) : f32[1,2,8,8]
+v13 = aten.slice.Tensor(v6, 3, 8, 9223372036854775807) : f32[1,2,8,8]
+v14 = aten.unsqueeze(ext1, 1) : f32[1,1,8,8]
+v15 = aten.unsqueeze(ext2, 1) : f32[1,1,8,8]
+v16 = aten.mul.Tensor(v10, v14) : f32[1,4,8,8]
+v17 = aten.slice.Tensor(v10, 3, 0, 4) : f32[1,4,8,4]
+v18 = aten.slice.Tensor(v10, 3, 4, 9223372036854775807) : f32[1,4,8,4]
+v19 = aten.neg(v18) : f32[1,4,8,4]
+v20 = aten.cat([v19, v17], -1) : f32[1,4,8,8]
+v21 = aten.mul.Tensor(v20, v15) : f32[1,4,8,8]
+v22 = aten.add.Tensor(v16, v21) : f32[1,4,8,8]
+v23 = aten.mul.Tensor(v12, v14) : f32[1,2,8,8]
+v24 = aten.slice.Tensor(v12, 3, 0, 4) : f32[1,2,8,4]
+v25 = aten.slice.Tensor(v12, 3, 4, 9223372036854775807) : f32[1,2,8,4]
+v26 = aten.neg(v25) : f32[1,2,8,4]
+v27 = aten.cat([v26, v24], -1) : f32[1,2,8,8]
+v28 = aten.mul.Tensor(v27, v15) : f32[1,2,8,8]
+v29 = aten.add.Tensor(v23, v28) : f32[1,2,8,8]
+v30 = aten.cat([v22, v11], -1) : f32[1,4,8,16]
+v31 = aten.cat([v29, v13], -1) : f32[1,2,8,16]
+v32 = aten.unsqueeze(v31, 2) : f32[1,2,1,8,16]
+v33 = aten.expand(v32, [1, 2, 2, 8, 16]) : f32[1,2,2,8,16]
+v34 = aten.reshape(v33, [1, 4, 8, 16]) : f32[1,4,8,16]
+v35 = aten.unsqueeze(v9, 2) : f32[1,2,1,8,16]
+v36 = aten.expand(v35, [1, 2, 2, 8, 16]) : f32[1,2,2,8,16]
+v37 = aten.reshape(v36, [1, 4, 8, 16]) : f32[1,4,8,16]
+v38 = aten.scaled_dot_product_attention(v30, v34, v37, ext3, scale=0.25) : f32[1,4,8,16]
+v39 = aten.transpose.int(v38, 1, 2) : f32[1,8,4,16]
+v40 = aten.reshape(v39, [1, 8, -1]) : f32[1,8,64]
+v41 = aten.linear(v40, $model.layers.0.self_attn.dense.weight, $model.layers.0.self_attn.dense.bias) : f32[1,8,64]
+v42 = aten.linear(v0, $model.layers.0.mlp.fc1.weight, $model.layers.0.mlp.fc1.bias) : f32[1,8,88]
+v43 = aten.mul.Tensor(v42, 0.5) : f32[1,8,88]
+v44 = aten.pow.Tensor_Scalar(v42, 3.0) : f32[1,8,88]
+v45 = aten.mul.Tensor(v44, 0.044715) : f32[1,8,88]
+v46 = aten.add.Tensor(v42, v45) : f32[1,8,88]
+v47 = aten.mul.Tensor(v46, 0.7978845608028654) : f32[1,8,88]
+v48 = aten.tanh(v47) : f32[1,8,88]
+v49 = aten.add.Tensor(v48, 1.0) : f32[1,8,88]
+v50 = aten.mul.Tensor(v43, v49) : f32[1,8,88]
+v51 = aten.linear(v50, $model.layers.0.mlp.fc2.weight, $model.layers.0.mlp.fc2.bias) : f32[1,8,64]
+v52 = aten.add.Tensor(v41, v51) : f32[1,8,64]
+v53 = aten.add.Tensor(v52, ext0) : f32[1,8,64]
+""")
+    spinfx_golden(rep.to_text(stable=True), """
+spinfx report: phi
+
+[find-structure] 0 edits
+  counts: norm=3, norm-linears=3, qkv=2, gate-up=0, rope=2, attention=2, residual-writers=4, residual-readers=3
+  residual: embedding=model.embed_tokens.weight, writers=4, reader_norms=3, writer_kinds=linear, stop=end (no add extends the stream)
+  norm                   3 matches
+  norm-linears           3 matches
+  qkv                    2 matches
+  gate-up                0 matches  nearest miss: 0.5: expected aten.silu|aten.gelu|aten.relu (trying at mul_tensor_7 [aten.mul.Tensor in model.layers.0.mlp.activation_fn])
+  rope                   2 matches
+  attention              2 matches
+
+contract phi (L=2): satisfied
+  ok norm               expected    3, found    3
+  ok norm-linears       expected    3, found    3
+  ok qkv                expected    2, found    2
+  ok gate-up            expected    0, found    0
+  ok rope               expected    2, found    2
+  ok attention          expected    2, found    2
+  ok residual-writers   expected    4, found    4
+""")
+
+
+def test_golden_gpt_neox(spinfx_golden):
+    _, prog, rep = traced("gpt_neox")
+    spinfx_golden(graph_text(prog, module="gpt_neox.layers.0"), """
+v0 = aten.layer_norm(ext0, [64], $gpt_neox.layers.0.input_layernorm.weight, $gpt_neox.layers.0.input_layernorm.bias, 1e-05, False) : f32[1,8,64]
+v1 = aten.linear(v0, $gpt_neox.layers.0.attention.query_key_value.weight, $gpt_neox.layers.0.attention.query_key_value.bias) : f32[1,8,192]
+v2 = aten.reshape(v1, [1, 8, -1, 48]) : f32[1,8,4,48]
+v3 = aten.transpose.int(v2, 1, 2) : f32[1,4,8,48]
+v4 = aten.split.Tensor(v3, 16, -1) : (f32[1,4,8,16], f32[1,4,8,16], f32[1,4,8,16])
+v5 = getitem(v4, 0) : f32[1,4,8,16]
+v6 = getitem(v4, 1) : f32[1,4,8,16]
+v7 = getitem(v4, 2) : f32[1,4,8,16]
+v8 = aten.unsqueeze(ext1, 1) : f32[1,1,8,4]
+v9 = aten.unsqueeze(ext2, 1) : f32[1,1,8,4]
+v10 = aten.slice.Tensor(v5, 3, 0, 4) : f32[1,4,8,4]
+v11 = aten.slice.Tensor(v5, 3, 4, 9223372036854775807) : f32[1,4,8,12]
+v12 = aten.slice.Tensor(v6, 3, 0, 4) : f32[1,4,8,4]
+v13 = aten.slice.Tensor(v6, 3, 4, 9223372036854775807) : f32[1,4,8,12]
+v14 = aten.mul.Tensor(v10, v8) : f32[1,4,8,4]
+v15 = aten.slice.Tensor(v10, 3, 0, 2) : f32[1,4,8,2]
+v16 = aten.slice.Tensor(v10, 3, 2, 9223372036854775807) : f32[1,4,8,2]
+v17 = aten.neg(v16) : f32[1,4,8,2]
+v18 = aten.cat([v17, v15], -1) : f32[1,4,8,4]
+v19 = aten.mul.Tensor(v18, v9) : f32[1,4,8,4]
+v20 = aten.add.Tensor(v14, v19) : f32[1,4,8,4]
+v21 = aten.mul.Tensor(v12, v8) : f32[1,4,8,4]
+v22 = aten.slice.Tensor(v12, 3, 0, 2) : f32[1,4,8,2]
+v23 = aten.slice.Tensor(v12, 3, 2, 9223372036854775807) : f32[1,4,8,2]
+v24 = aten.neg(v23) : f32[1,4,8,2]
+v25 = aten.cat([v24, v22], -1) : f32[1,4,8,4]
+v26 = aten.mul.Tensor(v25, v9) : f32[1,4,8,4]
+v27 = aten.add.Tensor(v21, v26) : f32[1,4,8,4]
+v28 = aten.cat([v20, v11], -1) : f32[1,4,8,16]
+v29 = aten.cat([v27, v13], -1) : f32[1,4,8,16]
+v30 = aten.scaled_dot_product_attention(v28, v29, v7, ext3, scale=0.25) : f32[1,4,8,16]
+v31 = aten.transpose.int(v30, 1, 2) : f32[1,8,4,16]
+v32 = aten.reshape(v31, [1, 8, -1]) : f32[1,8,64]
+v33 = aten.linear(v32, $gpt_neox.layers.0.attention.dense.weight, $gpt_neox.layers.0.attention.dense.bias) : f32[1,8,64]
+v34 = aten.layer_norm(ext0, [64], $gpt_neox.layers.0.post_attention_layernorm.weight, $gpt_neox.layers.0.post_attention_layernorm.bias, 1e-05, False) : f32[1,8,64]
+v35 = aten.linear(v34, $gpt_neox.layers.0.mlp.dense_h_to_4h.weight, $gpt_neox.layers.0.mlp.dense_h_to_4h.bias) : f32[1,8,88]
+v36 = aten.gelu(v35) : f32[1,8,88]
+v37 = aten.linear(v36, $gpt_neox.layers.0.mlp.dense_4h_to_h.weight, $gpt_neox.layers.0.mlp.dense_4h_to_h.bias) : f32[1,8,64]
+v38 = aten.add.Tensor(v37, v33) : f32[1,8,64]
+v39 = aten.add.Tensor(v38, ext0) : f32[1,8,64]
+""")
+    spinfx_golden(rep.to_text(stable=True), """
+spinfx report: gpt_neox
+
+[find-structure] 0 edits
+  counts: norm=5, norm-linears=5, qkv=0, gate-up=0, rope=2, attention=2, residual-writers=4, residual-readers=5
+  residual: embedding=gpt_neox.embed_in.weight, writers=4, reader_norms=5, writer_kinds=linear, stop=end (no add extends the stream)
+  norm                   5 matches
+  norm-linears           5 matches
+  qkv                    0 matches  nearest miss: getitem [getitem in gpt_neox.layers.0.attention]: expected aten.view|aten.reshape|aten.transpose.int|aten.permute|aten.contiguous (trying at scaled_dot_product_attention_default [aten.scaled_dot_product_attention in gpt_neox.layers.0.attention])
+  gate-up                0 matches  nearest miss: _to_copy_default [aten._to_copy in gpt_neox.rotary_emb]: expected aten.silu|aten.gelu|aten.relu (trying at mul_tensor [aten.mul.Tensor in gpt_neox.rotary_emb])
+  rope                   2 matches
+  attention              2 matches
+
+contract gpt_neox (L=2): satisfied
+  ok norm               expected    5, found    5
+  ok norm-linears       expected    5, found    5
+  ok qkv                expected    0, found    0
+  ok gate-up            expected    0, found    0
+  ok rope               expected    2, found    2
+  ok attention          expected    2, found    2
+  ok residual-writers   expected    4, found    4
+""")
+
+
 GOLDEN_TESTS = ['llama', 'llama_untied', 'mistral', 'qwen2', 'qwen3', 'granite', 'gemma', 'phi3', 'opt', 'gpt2',
-                'mixtral', 'qwen3_moe', 'olmo2', 'gemma2']
+                'mixtral', 'qwen3_moe', 'olmo2', 'gemma2', 'stablelm', 'phi', 'gpt_neox']
 
 
 @functools.lru_cache(maxsize=None)
