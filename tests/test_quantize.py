@@ -265,7 +265,8 @@ def test_presets():
     names = [[*p][0] for p in load_recipe("spinquant-w4a4kv4").to_dict()["passes"]]
     assert names == ["fold-norms", "rotate", "quantize"]
     q = load_recipe("w4a16").passes[0]
-    assert q.weights == {"bits": 4, "group_size": 128, "symmetric": True, "method": "rtn"} and q.ignore == ["lm_head"]
+    assert q.weights == {"bits": 4, "group_size": 128, "symmetric": True, "method": "rtn", "clip": "mse"}
+    assert q.ignore == ["lm_head"]
 
 
 @pytest.mark.slow
