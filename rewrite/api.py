@@ -170,7 +170,8 @@ def rewrite(model, recipe=DEFAULT_RECIPE, example_inputs=None, calib=None, certi
     windows = calibration_windows(rec)
     if windows:  # as much calibration text as the recipe asks, before any work
         check_calibration(calib.numel() if isinstance(calib, torch.Tensor) else None, windows,
-                          CALIB_SEQ if example_inputs is None else token_window(example_inputs))
+                          CALIB_SEQ if example_inputs is None else token_window(example_inputs),
+                          who=calibrating(rec).calibration_words())
     if example_inputs is None and windows:
         # traced for windows of real context: GPTQ's Hessians are taken on [1, CALIB_SEQ] windows of
         # `calib` (the default 16-token trace would cut it into snippets)
@@ -192,6 +193,12 @@ def rewrite(model, recipe=DEFAULT_RECIPE, example_inputs=None, calib=None, certi
 def calibration_windows(recipe) -> int:
     """How many windows of calibration text the recipe runs the model on (0: it does not calibrate)."""
     return max((p.calibration_windows() for p in recipe.passes), default=0)
+
+
+def calibrating(recipe):
+    """The pass that calibrates on the most windows (None: the recipe does not calibrate)."""
+    p = max(recipe.passes, key=lambda p: p.calibration_windows(), default=None)
+    return p if p is not None and p.calibration_windows() else None
 
 
 def token_window(example_inputs) -> int:
