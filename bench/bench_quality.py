@@ -81,6 +81,8 @@ CONFIGS = {
     # learned R1/R2 (passes/rotate_learn.py): 12 Adam steps on 4 calibration windows of 512 tokens
     "w4-spinL-rtn": ("W4A16 spinquant, learned R1/R2 + RTN", _learned(4) + _passes(None, 4)),
     "w3-spinL-rtn": ("W3A16 spinquant, learned R1/R2 + RTN", _learned(3) + _passes(None, 3)),
+    "w4-spinL24-rtn": ("W4A16 spinquant, learned R1/R2 (24 steps, lr 0.003) + RTN",
+                       _learned(4, steps=24, lr=0.003) + _passes(None, 4)),
 }
 
 

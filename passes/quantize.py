@@ -51,7 +51,7 @@ import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 import torch.fx as fx
@@ -72,7 +72,8 @@ from spinfx.pattern import Var
 from spinfx.patterns.common import linear_node, linear_of
 from spinfx.patterns.moe import routers
 from spinfx.patterns.residual import output_linear, token_embedding
-from spinfx.pipeline import Context, Pass, PassResult, check_calibration, token_batches  # noqa: F401  (re-exported)
+from spinfx.passes.calibration import check_calibration, token_batches
+from spinfx.pipeline import Context, Pass, PassResult
 from spinfx.rule import Rule, find
 
 LINEARS = Rule("linear", linear_of(Var("x")))
@@ -218,6 +219,7 @@ class _Layer:
 @dataclass(frozen=True)
 class Quantize(Pass):
     name = "quantize"
+    calibration_words: ClassVar[tuple[str, str]] = ("quantize: method gptq", "quantize: samples")  # for messages
     certify = False  # certified inside run(), against the dequantized reference (module docstring)
     changes_weights = True
     weights: dict = field(default_factory=dict)
@@ -259,9 +261,6 @@ class Quantize(Pass):
     def calibration_windows(self) -> int:
         methods = [self.weights.get("method")] + [o.get("method") for o in self.overrides if isinstance(o, dict)]
         return self.samples if "gptq" in methods else 0
-
-    def calibration_words(self) -> tuple[str, str]:
-        return "quantize: method gptq", "quantize: samples"
 
     def streams(self) -> bool:
         return not self.calibration_windows()  # RTN: per group of one row of one tensor

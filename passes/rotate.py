@@ -19,6 +19,7 @@ Weight arithmetic is float64 (the pipeline's master weights); the pass is certif
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.fx as fx
@@ -260,6 +261,7 @@ LEARN_WEIGHTS = {"bits": 4, "group_size": 128, "symmetric": True}  # what the la
 @dataclass(frozen=True)
 class Rotate(Pass):
     name = "rotate"
+    calibration_words: ClassVar[tuple[str, str]] = ("rotate: learned", "rotate: windows")  # for messages
     certify = True
     changes_weights = True
     r1: str = "hadamard"
@@ -283,9 +285,6 @@ class Rotate(Pass):
 
     def calibration_windows(self) -> int:
         return self.windows if self.learns() else 0
-
-    def calibration_words(self) -> tuple[str, str]:
-        return "rotate: learned", "rotate: windows"
 
     def streams(self) -> bool:
         # fixed: R1 from (hidden, seed), R2 from (head_dim, seed, layer index: ctx.site_base), R4 from shapes;

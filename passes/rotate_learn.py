@@ -40,7 +40,8 @@ from spinfx.passes.rotate import LEARNED, _Weights, fixed_r2, make_rotation, pla
 from spinfx.patterns.common import is_linear, linear_weight
 from spinfx.patterns.moe import routers
 from spinfx.patterns.residual import output_linear, residual_stream
-from spinfx.pipeline import Context, PassResult, check_calibration, token_batches
+from spinfx.passes.calibration import check_calibration, token_batches
+from spinfx.pipeline import Context, PassResult
 
 aten = torch.ops.aten
 
@@ -262,6 +263,6 @@ def _windows(opts, prog: Program, ctx: Context) -> tuple[list[list], list[torch.
     pos = next((i for i, e in enumerate(prog.examples) if isinstance(e, torch.Tensor) and not e.is_floating_point()), None)
     if pos is None:
         raise Unsupported("rotate: learned rotations need a program whose input is token ids")
-    check_calibration(ctx.calib.numel(), opts.windows, prog.examples[pos].numel(), who=opts.calibration_words())
+    check_calibration(ctx.calib.numel(), opts.windows, prog.examples[pos].numel(), who=opts.calibration_words)
     batches = token_batches(prog, ctx.calib.reshape(-1), limit=opts.windows)
     return batches, [b[pos] for b in batches]

@@ -85,7 +85,7 @@ def rewrite_to_dir(src: str, recipe: str, out: Path, force: bool, calib_file: st
     from spinfx.data import tokenize_file
     from spinfx.hf import load_model, load_tokenizer, resolve_source
     from spinfx.offline import check_writable
-    from spinfx.passes.quantize import check_calibration
+    from spinfx.passes.calibration import check_calibration, words
     from spinfx.recipe import load_recipe
 
     if out.exists() and not force:
@@ -105,7 +105,7 @@ def rewrite_to_dir(src: str, recipe: str, out: Path, force: bool, calib_file: st
     windows = calibration_windows(rec)
     check_calibration(None if calib is None else calib.numel(), windows, CALIB_SEQ,
                       what=str(calib_file or "the calibration text"),
-                      **({"who": calibrating(rec).calibration_words()} if windows else {}))
+                      **({"who": words(calibrating(rec))} if windows else {}))
     t0 = time.perf_counter()
     if calib is None:
         from spinfx import stream

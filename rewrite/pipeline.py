@@ -14,10 +14,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import torch
 import torch.fx as fx
 
-from spinfx.errors import BadInput, SpinfxError
+from spinfx.errors import SpinfxError
 from spinfx.graph import Program, infer_meta
 from spinfx.printer import print_graph
 from spinfx.rule import Rule, RuleStats, apply_rules, trace_level
@@ -68,10 +67,6 @@ class Pass:
         """How many windows of calibration text the pass runs the model on (0: none)."""
         return 0
 
-    def calibration_words(self) -> tuple[str, str]:
-        """(what makes the pass calibrate, the option that sets its number of windows), for messages."""
-        return self.name, f"{self.name}: windows"
-
     def streams(self) -> bool:
         """Each edit reads only its tensor, its window's constants, shape-fixed values: windows rewrite apart."""
         return False
@@ -93,33 +88,6 @@ class Context:
     calib: Any = None
     progress: Any = None  # callable(str) for long work
     site_base: int = 0  # the whole model's index of the program's first block (a window of layers i..: i)
-
-
-def check_calibration(tokens: int | None, windows: int, window: int, what: str = "the calibration text",
-                      who: tuple[str, str] = ("quantize: method gptq", "quantize: samples")) -> None:
-    """A recipe that calibrates on `windows` windows of `window` tokens gets at least that many
-    tokens, else one BadInput saying how many are needed and how many `what` has (never a silent
-    calibration on less than the recipe asks). `who`: the calibrating pass's `calibration_words()`."""
-    if not windows:
-        return
-    if tokens is None:
-        raise BadInput(f"the recipe calibrates on {windows} windows of {window} tokens ({who[0]}) "
-                       f"and no calibration text was given: pass calib=<1-D tensor of token ids> (CLI: --calib FILE)")
-    if tokens < windows * window:
-        have = tokens // window
-        fewer = f", or ask for fewer windows ({who[1]}: {have})" if have else ""
-        raise BadInput(f"the recipe calibrates on {windows} windows of {window} tokens ({windows * window} tokens); "
-                       f"{what} has {tokens} tokens ({have} window{'' if have == 1 else 's'}): give more text{fewer}")
-
-
-def token_batches(prog: Program, tokens: torch.Tensor, limit: int | None = None) -> list[list]:
-    """Cut a 1-D token stream into graph inputs shaped like the program's token input (calibration)."""
-    ex = list(prog.examples)
-    pos = next(i for i, e in enumerate(ex) if isinstance(e, torch.Tensor) and not e.is_floating_point())
-    t, n = ex[pos], tokens.numel() // ex[pos].numel()
-    n = n if limit is None else min(limit, n)
-    return [ex[:pos] + [tokens[i * t.numel():(i + 1) * t.numel()].reshape(t.shape).to(t.dtype)] + ex[pos + 1:]
-            for i in range(n)]
 
 
 def verify(gm: fx.GraphModule, after: str) -> None:
