@@ -27,6 +27,7 @@ import torch.fx as fx
 from spinfx.errors import BadInput, Unsupported
 from spinfx.graph import Program, add_const
 from spinfx.kernels.hadamard import HadamardRotation
+from spinfx.kernels.quant_pack import SUPPORTED_BITS
 from spinfx.match import describe, find_all
 from spinfx.passes.options import check_fields
 from spinfx.pattern import Siblings, Var
@@ -309,14 +310,13 @@ class Rotate(Pass):
         if not isinstance(w, dict) or set(w) - set(LEARN_WEIGHTS):
             raise BadInput(f"rotate: weights takes {{bits, group_size, symmetric}} (what quantize will round to), "
                            f"got {w!r}")
-        from spinfx.kernels.quant_pack import SUPPORTED_BITS
-
-        if w.get("bits", 4) not in SUPPORTED_BITS or isinstance(w.get("bits", 4), bool):
+        w = {**LEARN_WEIGHTS, **w}
+        if w["bits"] not in SUPPORTED_BITS or isinstance(w["bits"], bool):
             raise BadInput(f"rotate: weights: bits must be one of {SUPPORTED_BITS}, got {w['bits']!r}")
-        g = w.get("group_size", 128)
+        g = w["group_size"]
         if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
             raise BadInput(f"rotate: weights: group_size must be a positive integer or null, got {g!r}")
-        if not isinstance(w.get("symmetric", True), bool):
+        if not isinstance(w["symmetric"], bool):
             raise BadInput(f"rotate: weights: symmetric must be true or false, got {w['symmetric']!r}")
 
     def run(self, prog: Program, ctx: Context) -> PassResult:

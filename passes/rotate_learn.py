@@ -36,7 +36,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from spinfx.errors import BadInput, Unsupported
 from spinfx.graph import Program
 from spinfx.kernels.quant_rtn import fake_quantize, group_for
-from spinfx.passes.rotate import LEARNED, _Weights, fixed_r2, make_rotation, place
+from spinfx.passes.rotate import LEARN_WEIGHTS, LEARNED, _Weights, fixed_r2, make_rotation, place
 from spinfx.patterns.common import is_linear, linear_weight
 from spinfx.patterns.moe import routers
 from spinfx.patterns.residual import output_linear, residual_stream
@@ -177,7 +177,7 @@ def learn(opts, prog: Program, ctx: Context, res: PassResult) -> Learned:
     skip = routers(work.graph) | {head}
     quant = {linear_weight(n).target: n.target is aten.addmm.default
              for n in work.graph.nodes if is_linear(n) and n not in skip}
-    w = {"bits": 4, "group_size": 128, "symmetric": True, **opts.weights}
+    w = {**LEARN_WEIGHTS, **opts.weights}
 
     def fq(fqn: str, t: torch.Tensor) -> torch.Tensor:
         m = t.T if quant[fqn] else t  # [out, in]
