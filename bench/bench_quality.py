@@ -27,7 +27,8 @@ import torch
 from spinfx.api import rewrite
 from spinfx.evaluate import calibration_tokens, evaluate
 from spinfx.hf import load_model
-from spinfx.passes import Quantize
+from spinfx.api import calibration_windows
+from spinfx.passes import FoldNorms, Quantize, Rotate
 from spinfx.recipe import Recipe, load_recipe
 
 CTX = 512
@@ -43,6 +44,12 @@ def _passes(rotation: str | None, bits: int, method: str = "rtn", acts: int | No
     q = Quantize(weights=_w(bits, method, clip), activations={"bits": acts} if acts else None,
                  kv_cache={"bits": kv} if kv else None)
     return pre + [q]
+
+
+def _learned(bits: int, steps: int = 12, lr: float = 0.002, windows: int = 4) -> list:
+    """fold + learned R1/R2 (trained through RTN W`bits` g64 on `windows` calibration windows) + R3/R4 Hadamard."""
+    return [FoldNorms(), Rotate(r1="learned", r2="learned", r3=True, r4=True, steps=steps, lr=lr, windows=windows,
+                                weights={"bits": bits, "group_size": 64})]
 
 
 # name -> (label, passes or None for the float model)
@@ -71,6 +78,11 @@ CONFIGS = {
     "w3-spin-rtn-mse": ("W3A16 spinquant + RTN, MSE clip", _passes("spinquant", 3, clip="mse")),
     "w4-spin-gptq-mse": ("W4A16 spinquant + GPTQ, MSE clip", _passes("spinquant", 4, "gptq", clip="mse")),
     "w4a4kv4-spin-rtn-mse": ("W4A4KV4 spinquant + RTN, MSE clip", _passes("spinquant", 4, acts=4, kv=4, clip="mse")),
+    # learned R1/R2 (passes/rotate_learn.py): 12 Adam steps on 4 calibration windows of 512 tokens
+    "w4-spinL-rtn": ("W4A16 spinquant, learned R1/R2 + RTN", _learned(4) + _passes(None, 4)),
+    "w3-spinL-rtn": ("W3A16 spinquant, learned R1/R2 + RTN", _learned(3) + _passes(None, 3)),
+    "w4-spinL24-rtn": ("W4A16 spinquant, learned R1/R2 (24 steps, lr 0.003) + RTN",
+                       _learned(4, steps=24, lr=0.003) + _passes(None, 4)),
 }
 
 
@@ -85,11 +97,16 @@ def run_config(name: str, windows: int, calib: torch.Tensor) -> dict:
         if gptq:  # calibrate on every window given (a recipe refuses fewer windows than its `samples`)
             passes = [dataclasses.replace(p, samples=calib.numel() // CTX) if isinstance(p, Quantize) else p
                       for p in passes]
-        r = rewrite(model, Recipe(name, passes), example, calib=calib if gptq else None, certify=False)
+        calibrates = gptq or calibration_windows(Recipe(name, passes)) > 0
+        r = rewrite(model, Recipe(name, passes), example, calib=calib if calibrates else None, certify=False)
         q = r.report.pass_result("quantize")
         row.update(rewrite_s=round(time.perf_counter() - t0, 1), quantize_s=round(q.seconds, 1),
                    quantizing_s=q.findings["seconds_quantizing"], certificate=q.certificate["rel"],
                    **{k: q.findings["quantized"][k] for k in ("bits_per_weight", "error_mean", "error_max")})
+        rot = r.report.pass_result("rotate")
+        learned = rot.findings.get("learned") if rot is not None else None
+        if learned:  # steps, lr, windows, tokens, seconds, the loss curve
+            row["learned"] = learned
         if gptq:  # per weight family: output error on the calibration inputs, GPTQ and what RTN would give
             row["output_error"] = _by_family(q.findings["layers"], ("output_error", "rtn_output_error"))
             row["layers"] = {m: {k: r[k] for k in ("error", "output_error", "rtn_output_error")}

@@ -130,6 +130,47 @@ def quantize_rtn(w: Tensor, bits: int, group_size: int | None, symmetric: bool =
     return build(q, s, z, bits=bits, group_size=group_size, g_idx=g_idx, dtype=dtype, bias=bias)
 
 
+FALLBACK_GROUPS = (128, 64, 32)
+
+
+def group_for(k: int, group: int | None) -> int | None:
+    """The configured group if it divides K, else the largest smaller one of 128, 64, 32 that does
+    (group 128: 64, then 32), else None (per channel)."""
+    if group is None or k % group == 0:
+        return group
+    return next((g for g in FALLBACK_GROUPS if g < group and k % g == 0), None)
+
+
+def _round_ste(x: Tensor) -> Tensor:
+    """round(x) forward, identity backward (the straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quantize(w: Tensor, bits: int, group_size: int | None, symmetric: bool = True,
+                  scale_dtype: torch.dtype | None = None) -> Tensor:
+    """dequantize(quantize_rtn(W)) of W [N, K] (min/max rule, scales rounded up to `scale_dtype`, default
+    w's dtype: the same values, computed the same way in float64), differentiable for learning what is
+    quantized later: rounding passes its gradient straight through (STE), and the scales are
+    differentiable functions of each group's range."""
+    n, k = w.shape
+    g = k if group_size is None else group_size
+    dtype = scale_dtype or w.dtype
+    wg = w.double().reshape(n, k // g, g)
+    qmin, qmax = qrange(bits)
+    if symmetric:
+        lo = hi = None
+        s = wg.abs().amax(-1, keepdim=True) / (qmax + 0.5)
+    else:
+        lo, hi = wg.amin(-1, keepdim=True).clamp(max=0), wg.amax(-1, keepdim=True).clamp(min=0)
+        s = (hi - lo) / (qmax - qmin)
+    s = s.clamp_min(torch.finfo(dtype).tiny)
+    s = s + (_round_up_to(s.detach(), dtype) - s).detach()  # the stored scale's value, s's gradient
+    if symmetric:
+        return (_round_ste(wg / s).clamp(qmin, qmax) * s).reshape(n, k).to(w.dtype)
+    z = (qmin - torch.round(lo / s)).clamp(qmin, qmax).detach()
+    return ((_round_ste(wg / s) + z).clamp(qmin, qmax) - z).mul(s).reshape(n, k).to(w.dtype)
+
+
 def quantize_rtn_mixed(w: Tensor, group_bits: Sequence[int], group_size: int, symmetric: bool = True,
                        order: Tensor | None = None, bias: Tensor | None = None) -> MixedQuantWeight:
     """RTN with a bit width per K-group. Group j is input columns order[j*gs:(j+1)*gs] (order defaults

@@ -51,7 +51,7 @@ import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 import torch.fx as fx
@@ -63,7 +63,7 @@ from spinfx.kernels.hadamard import hadamard_by_gemm
 import spinfx.kernels.qembedding  # noqa: F401  (registers spinfx::qembedding)
 from spinfx.kernels.qlinear import generic_attrs, generic_tensors, plan_qlinear  # registers spinfx::qlinear*
 from spinfx.kernels.quant_pack import SUPPORTED_BITS
-from spinfx.kernels.quant_rtn import CLIPS, quantize_rtn
+from spinfx.kernels.quant_rtn import CLIPS, group_for, quantize_rtn
 from spinfx.kernels.quant_weight import QuantWeight, dequantize
 from spinfx.match import describe
 from spinfx.passes.actquant import check_bits, quantize_inputs, quantize_kv
@@ -72,11 +72,11 @@ from spinfx.pattern import Var
 from spinfx.patterns.common import linear_node, linear_of
 from spinfx.patterns.moe import routers
 from spinfx.patterns.residual import output_linear, token_embedding
+from spinfx.passes.calibration import check_calibration, token_batches
 from spinfx.pipeline import Context, Pass, PassResult
 from spinfx.rule import Rule, find
 
 LINEARS = Rule("linear", linear_of(Var("x")))
-FALLBACK_GROUPS = (128, 64, 32)
 EXACT = 1e-10
 
 
@@ -114,35 +114,11 @@ class Scheme:
         return s
 
 
-def check_calibration(tokens: int | None, windows: int, window: int, what: str = "the calibration text") -> None:
-    """A recipe that calibrates on `windows` windows of `window` tokens gets at least that many
-    tokens, else one BadInput saying how many are needed and how many `what` has (never a silent
-    calibration on less than the recipe asks)."""
-    if not windows:
-        return
-    if tokens is None:
-        raise BadInput(f"the recipe calibrates on {windows} windows of {window} tokens (quantize: method gptq) "
-                       f"and no calibration text was given: pass calib=<1-D tensor of token ids> (CLI: --calib FILE)")
-    if tokens < windows * window:
-        have = tokens // window
-        fewer = f", or ask for fewer windows (quantize: samples: {have})" if have else ""
-        raise BadInput(f"the recipe calibrates on {windows} windows of {window} tokens ({windows * window} tokens); "
-                       f"{what} has {tokens} tokens ({have} window{'' if have == 1 else 's'}): give more text{fewer}")
-
-
 def name_matches(pattern: str, module: str) -> bool:
     """`re:<regex>` matches the whole module path; a plain name is the path or its last dotted parts."""
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], module) is not None
     return module == pattern or module.endswith("." + pattern)
-
-
-def group_for(k: int, group: int | None) -> int | None:
-    """The configured group if it divides K, else the largest smaller one of 128, 64, 32 that does
-    (group 128: 64, then 32), else None (per channel)."""
-    if group is None or k % group == 0:
-        return group
-    return next((g for g in FALLBACK_GROUPS if g < group and k % g == 0), None)
 
 
 # ---- what the pass leaves for drivers ---------------------------------------------------------------
@@ -243,6 +219,7 @@ class _Layer:
 @dataclass(frozen=True)
 class Quantize(Pass):
     name = "quantize"
+    calibration_words: ClassVar[tuple[str, str]] = ("quantize: method gptq", "quantize: samples")  # for messages
     certify = False  # certified inside run(), against the dequantized reference (module docstring)
     changes_weights = True
     weights: dict = field(default_factory=dict)
@@ -820,13 +797,3 @@ def _check_native(before: Program, after: Program, tol: float, what: str) -> dic
     if not cert["rel"] <= tol:
         raise CertificateError(f"{what} changed the outputs by {cert['rel']:.3e} relative > tolerance {tol:.0e}")
     return cert
-
-
-def token_batches(prog: Program, tokens: torch.Tensor, limit: int | None = None) -> list[list]:
-    """Cut a 1-D token stream into graph inputs shaped like the program's token input (calibration)."""
-    ex = list(prog.examples)
-    pos = next(i for i, e in enumerate(ex) if isinstance(e, torch.Tensor) and not e.is_floating_point())
-    t, n = ex[pos], tokens.numel() // ex[pos].numel()
-    n = n if limit is None else min(limit, n)
-    return [ex[:pos] + [tokens[i * t.numel():(i + 1) * t.numel()].reshape(t.shape).to(t.dtype)] + ex[pos + 1:]
-            for i in range(n)]

@@ -18,7 +18,8 @@ Weight arithmetic is float64 (the pipeline's master weights); the pass is certif
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.fx as fx
@@ -26,6 +27,7 @@ import torch.fx as fx
 from spinfx.errors import BadInput, Unsupported
 from spinfx.graph import Program, add_const
 from spinfx.kernels.hadamard import HadamardRotation
+from spinfx.kernels.quant_pack import SUPPORTED_BITS
 from spinfx.match import describe, find_all
 from spinfx.passes.options import check_fields
 from spinfx.pattern import Siblings, Var
@@ -70,6 +72,9 @@ class _Weights:
             raise Unsupported(f"{fqn} is used as {self.done[fqn]} and as {role}: rotating it for one "
                               f"would break the other (untie it first: fold-norms tie: untie)")
         self.done[fqn] = role
+        self.apply(fqn, fn)
+
+    def apply(self, fqn: str, fn) -> None:
         self.prog.set_const(fqn, fn(self.prog.const(fqn)))
 
 
@@ -83,7 +88,9 @@ def _lin(node: fx.Node) -> tuple[fx.Node, fx.Node | None, bool]:
 # ---- R1 -------------------------------------------------------------------------------------------
 
 
-def apply_r1(prog: Program, R, res: PassResult) -> None:
+def apply_r1(prog: Program, R, res: PassResult, W: _Weights | None = None) -> None:
+    """Every stream value x becomes x·R (module docstring). `W`: where the weight edits go (default: the
+    program's constants, now)."""
     g = prog.graph
     stream = residual_stream(g)
     if stream.end is None:
@@ -108,7 +115,7 @@ def apply_r1(prog: Program, R, res: PassResult) -> None:
         why = (f"it is a norm with a scale ({norm_kind(scaled[0])}); fold the norms first" if scaled else
                "it is not a scale-free RMSNorm feeding only linears (e.g. a post-norm or a non-linear reader)")
         raise Unsupported(f"R1: {describe(r)} reads the residual stream and {why}")
-    W = _Weights(prog)
+    W = W or _Weights(prog)
     for w in [None] + stream.writers:
         node = stream.embedding if w is None else w.node
         if node.target is aten.embedding.default:
@@ -163,8 +170,16 @@ def _o_proj(attn: fx.Node) -> fx.Node:
     return o
 
 
-def apply_r2(prog: Program, kind: str, seed: int, res: PassResult, site_base: int = 0) -> None:
-    W = _Weights(prog)
+def fixed_r2(kind: str, seed: int, site_base: int = 0):
+    """R2 of each attention site: `kind` seeded per layer of the whole model (site_base: the index of the
+    program's first block), as `rotation(site, head_dim)`."""
+    return lambda i, hd: make_rotation(kind, hd, seed + 1000 + site_base + i)
+
+
+def apply_r2(prog: Program, rotation, res: PassResult, W: _Weights | None = None) -> None:
+    """v rows ← R2ᵀ·, o columns ← ·R2 per head (module docstring); `rotation(site, head_dim)` gives the
+    site's R2, `W` where the weight edits go (default: the program's constants, now)."""
+    W = W or _Weights(prog)
     sites = find_all(QKV, prog.graph)[0]
     if not sites:
         raise Unsupported("R2: no attention with q/k/v projections of one input was found")
@@ -172,7 +187,7 @@ def apply_r2(prog: Program, kind: str, seed: int, res: PassResult, site_base: in
         vh = m["v_heads"].meta["val"]            # [B, kv, S, hd]
         kv, hd = vh.shape[1], vh.shape[-1]
         q_heads = m["attn"].meta["val"].shape[1]
-        R = make_rotation(kind, hd, seed + 1000 + site_base + i)  # one seed per layer of the whole model
+        R = rotation(i, hd)
         lin = qkv_linears(m)
         if "qkv" in lin:
             v_node = lin["qkv"]
@@ -224,9 +239,30 @@ def _part_start(part: fx.Node) -> int:
 # ---- the pass -------------------------------------------------------------------------------------
 
 
+def place(prog: Program, res: PassResult, R1, r2, r3: bool = False, r4: bool = False,
+          r4_block: int | None = None, w1: _Weights | None = None, w2: _Weights | None = None) -> None:
+    """The rotations in their order: R1 (an n×n rotation; None: none), R2 (`r2(site, head_dim)` gives a
+    site's; None: none), R3, R4. `w1` / `w2`: where R1's / R2's weight edits go (default: the program's
+    constants, now; learned rotations record them instead: passes/rotate_learn.py)."""
+    downs = mlp_down_projections(prog) if r4 else []  # found before R1 edits the stream
+    if R1 is not None:
+        apply_r1(prog, R1, res, w1)
+    if r2 is not None:
+        apply_r2(prog, r2, res, w2)
+    if r3:
+        apply_r3(prog, res)
+    if r4:
+        apply_r4(prog, downs, res, r4_block)
+
+
+LEARNED = "learned"  # r1 / r2: optimized on calibration text through the fake-quantized program
+LEARN_WEIGHTS = {"bits": 4, "group_size": 128, "symmetric": True}  # what the later quantize pass rounds to
+
+
 @dataclass(frozen=True)
 class Rotate(Pass):
     name = "rotate"
+    calibration_words: ClassVar[tuple[str, str]] = ("rotate: learned", "rotate: windows")  # for messages
     certify = True
     changes_weights = True
     r1: str = "hadamard"
@@ -237,33 +273,72 @@ class Rotate(Pass):
     # divides I/T so the online transform stays rank-local (a block-diagonal rotation is still exact).
     r4_block: int | None = None
     seed: int = 0
+    # learned rotations (r1 / r2: learned; passes/rotate_learn.py): `steps` Adam steps of learning rate
+    # `lr` on `windows` windows of calibration text, through the weights as RTN will round them (`weights`:
+    # the quantize pass's bits / group_size / symmetric; the group falls back as quantize's does). Defaults:
+    # SmolLM2 W4 g64 Hamlet ppl 85.50 (Hadamard) → 63.93, 13 min on 1 loaded CPU thread (bench_quality w4-spinL24-rtn)
+    steps: int = 24
+    lr: float = 0.003
+    windows: int = 4
+    weights: dict = field(default_factory=lambda: dict(LEARN_WEIGHTS))
+
+    def learns(self) -> bool:
+        return LEARNED in (self.r1, self.r2)
+
+    def calibration_windows(self) -> int:
+        return self.windows if self.learns() else 0
 
     def streams(self) -> bool:
-        return True  # R1 from (hidden, seed), R2 from (head_dim, seed, layer index: ctx.site_base), R4 from shapes
+        # fixed: R1 from (hidden, seed), R2 from (head_dim, seed, layer index: ctx.site_base), R4 from shapes;
+        # learned: trained on the whole model
+        return not self.learns()
 
     def validate(self) -> None:
         check_fields(self, self.name)
         for key in ("r1", "r2"):
-            if getattr(self, key) not in KINDS:
-                raise BadInput(f"rotate: {key} must be {' or '.join(map(repr, KINDS))}, got {getattr(self, key)!r}")
+            if getattr(self, key) not in KINDS + (LEARNED,):
+                raise BadInput(f"rotate: {key} must be {' or '.join(map(repr, KINDS + (LEARNED,)))}, "
+                               f"got {getattr(self, key)!r}")
         if self.r4_block is not None and self.r4_block < 1:
             raise BadInput(f"rotate: r4_block must be a positive integer or null, got {self.r4_block!r}")
+        for key in ("steps", "windows"):
+            if getattr(self, key) < 1:
+                raise BadInput(f"rotate: {key} must be a positive integer, got {getattr(self, key)!r}")
+        if not self.lr > 0 or self.lr == float("inf"):
+            raise BadInput(f"rotate: lr must be a positive number, got {self.lr!r}")
+        w = self.weights
+        if not isinstance(w, dict) or set(w) - set(LEARN_WEIGHTS):
+            raise BadInput(f"rotate: weights takes {{bits, group_size, symmetric}} (what quantize will round to), "
+                           f"got {w!r}")
+        w = {**LEARN_WEIGHTS, **w}
+        if w["bits"] not in SUPPORTED_BITS or isinstance(w["bits"], bool):
+            raise BadInput(f"rotate: weights: bits must be one of {SUPPORTED_BITS}, got {w['bits']!r}")
+        g = w["group_size"]
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
+            raise BadInput(f"rotate: weights: group_size must be a positive integer or null, got {g!r}")
+        if not isinstance(w["symmetric"], bool):
+            raise BadInput(f"rotate: weights: symmetric must be true or false, got {w['symmetric']!r}")
 
     def run(self, prog: Program, ctx: Context) -> PassResult:
         res = PassResult(self.name, self.options())
         stream = residual_stream(prog.graph) if self.r1 != "none" else None
         if stream is not None and stream.end is None:  # R1's refusal first: it names what stops the stream
             raise Unsupported(f"R1: the residual stream could not be followed: {stream.stop_reason}")
-        downs = mlp_down_projections(prog) if self.r4 else []  # found before R1 edits the stream
+        learned = None
+        if self.learns():
+            from spinfx.passes.rotate_learn import learn
+
+            learned = learn(self, prog, ctx, res)  # R1 and each site's R2 in float64, exactly orthogonal
+        R1 = None
         if stream is not None:
             hidden = stream.embedding.meta["val"].shape[-1]
-            apply_r1(prog, make_rotation(self.r1, hidden, self.seed), res)
-        if self.r2 != "none":
-            apply_r2(prog, self.r2, self.seed, res, ctx.site_base)
-        if self.r3:
-            apply_r3(prog, res)
-        if self.r4:
-            apply_r4(prog, downs, res, self.r4_block)
+            R1 = learned.r1 if self.r1 == LEARNED else make_rotation(self.r1, hidden, self.seed)
+        r2 = None
+        if self.r2 == LEARNED:
+            r2 = lambda i, hd: learned.r2[i]  # noqa: E731
+        elif self.r2 != "none":
+            r2 = fixed_r2(self.r2, self.seed, ctx.site_base)
+        place(prog, res, R1, r2, self.r3, self.r4, self.r4_block)
         return res
 
 

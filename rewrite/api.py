@@ -162,7 +162,7 @@ def rewrite(model, recipe=DEFAULT_RECIPE, example_inputs=None, calib=None, certi
     given, the report carries activation statistics at every linear's input before and after, and
     for a recipe that calibrates on it (GPTQ) without `example_inputs`, the model is traced for
     [1, 512] windows of it."""
-    from spinfx.passes.quantize import check_calibration
+    from spinfx.passes.calibration import check_calibration, words
     from spinfx.recipe import load_recipe
 
     rec = load_recipe(recipe)
@@ -170,7 +170,8 @@ def rewrite(model, recipe=DEFAULT_RECIPE, example_inputs=None, calib=None, certi
     windows = calibration_windows(rec)
     if windows:  # as much calibration text as the recipe asks, before any work
         check_calibration(calib.numel() if isinstance(calib, torch.Tensor) else None, windows,
-                          CALIB_SEQ if example_inputs is None else token_window(example_inputs))
+                          CALIB_SEQ if example_inputs is None else token_window(example_inputs),
+                          who=words(calibrating(rec)))
     if example_inputs is None and windows:
         # traced for windows of real context: GPTQ's Hessians are taken on [1, CALIB_SEQ] windows of
         # `calib` (the default 16-token trace would cut it into snippets)
@@ -194,9 +195,15 @@ def calibration_windows(recipe) -> int:
     return max((p.calibration_windows() for p in recipe.passes), default=0)
 
 
+def calibrating(recipe):
+    """The pass that calibrates on the most windows (None: the recipe does not calibrate)."""
+    p = max(recipe.passes, key=lambda p: p.calibration_windows(), default=None)
+    return p if p is not None and p.calibration_windows() else None
+
+
 def token_window(example_inputs) -> int:
     """Tokens per calibration window when tracing for `example_inputs`: its token tensor's size (the first
-    integer tensor, as `passes.quantize.token_batches` cuts calibration text)."""
+    integer tensor, as `passes.calibration.token_batches` cuts calibration text)."""
     args, kwargs = _as_inputs(example_inputs)
     ids = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor) and not x.is_floating_point()]
     if not ids:
@@ -209,7 +216,7 @@ def apply_recipe(prog: Program, recipe, calib=None, certify: bool = True, site_b
     (certified), weights back to their dtypes. Shared by `rewrite` and the torch.compile backend."""
     from spinfx.certify import finalize, to_master
     from spinfx.recipe import load_recipe
-    from spinfx.passes.quantize import token_batches
+    from spinfx.passes.calibration import token_batches
     from spinfx.stats import compare_stats, linear_input_stats
 
     rec = load_recipe(recipe)

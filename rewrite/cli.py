@@ -81,11 +81,11 @@ def rewrite_to_dir(src: str, recipe: str, out: Path, force: bool, calib_file: st
                    calib_tokens: torch.Tensor | None = None):
     """`spinfx rewrite`: check every input first, then load → rewrite → save (verified). The Result; a
     model larger than one window with a recipe that streams is rewritten window by window (spinfx.stream)."""
-    from spinfx.api import CALIB_SEQ, calibration_windows, progress, rewrite
+    from spinfx.api import CALIB_SEQ, calibrating, calibration_windows, progress, rewrite
     from spinfx.data import tokenize_file
     from spinfx.hf import load_model, load_tokenizer, resolve_source
     from spinfx.offline import check_writable
-    from spinfx.passes.quantize import check_calibration
+    from spinfx.passes.calibration import check_calibration, words
     from spinfx.recipe import load_recipe
 
     if out.exists() and not force:
@@ -102,8 +102,10 @@ def rewrite_to_dir(src: str, recipe: str, out: Path, force: bool, calib_file: st
             raise BadInput(f"{src} has no tokenizer to read the calibration text with")
         calib = tokenize_file(tokenizer, calib_file)
     # as much calibration text as the recipe asks, checked before the model loads
-    check_calibration(None if calib is None else calib.numel(), calibration_windows(rec), CALIB_SEQ,
-                      what=str(calib_file or "the calibration text"))
+    windows = calibration_windows(rec)
+    check_calibration(None if calib is None else calib.numel(), windows, CALIB_SEQ,
+                      what=str(calib_file or "the calibration text"),
+                      **({"who": words(calibrating(rec))} if windows else {}))
     t0 = time.perf_counter()
     if calib is None:
         from spinfx import stream

@@ -240,6 +240,25 @@ def test_fake_quant_values():
         assert (y.unsqueeze(-1) == y.unsqueeze(-2)).sum(-1).gt(0).all()  # values on a ≤16-level grid
 
 
+def test_weight_fake_quantize_is_rtn_and_passes_gradients():
+    """kernels.quant_rtn.fake_quantize (what learned rotations train through) is dequantize(RTN(W)) by the
+    quantize pass's own rule, and rounding passes its gradient straight through."""
+    from spinfx.kernels.quant_rtn import fake_quantize, quantize_rtn
+    from spinfx.kernels.quant_weight import dequantize
+
+    w = torch.randn(6, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3
+    for dtype in (torch.float64, torch.float32):  # float32: scales rounded up to it, as the pass stores them
+        for bits, group, symmetric in ((4, 16, True), (3, 32, False), (8, None, True)):
+            want = dequantize(quantize_rtn(w.to(dtype), bits, group, symmetric), dtype)
+            assert torch.equal(fake_quantize(w.to(dtype), bits, group, symmetric), want)
+    x, c = w.clone().requires_grad_(), torch.randn(w.shape, dtype=torch.float64)
+    (fake_quantize(x, 4, 16) * c).sum().backward()
+    # straight through round(): d/dw = 1 for every weight but each group's largest, which sets the scale
+    top = torch.zeros_like(w, dtype=torch.bool).view(6, 4, 16)
+    top.scatter_(-1, w.abs().view(6, 4, 16).argmax(-1, keepdim=True), True)
+    torch.testing.assert_close(x.grad[~top.view(6, 64)], c[~top.view(6, 64)], rtol=1e-12, atol=0)
+
+
 def test_lower_qlinear_cpu():
     zm = zoo.build("llama")
     quant = Quantize(weights={"bits": 4, "group_size": 32},

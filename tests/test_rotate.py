@@ -218,3 +218,83 @@ def test_refuses_r1_without_a_token_embedding():
     emb = zm.model.get_input_embeddings()(zm.example_inputs["input_ids"]).detach()
     with pytest.raises(spinfx.Unsupported, match="R1: the residual stream could not be followed: no token embedding"):
         spinfx.rewrite(zm.model, "rotate", {"inputs_embeds": emb, "use_cache": False})
+
+
+# ---- learned rotations (passes/rotate_learn.py) ---------------------------------------------------------
+
+W4G16 = {"bits": 4, "group_size": 16}
+
+
+def _calib_loss(module, calib: torch.Tensor, t: int) -> float:
+    wins = calib.reshape(-1, 1, t)
+    with torch.no_grad():
+        return sum(torch.nn.functional.cross_entropy(_logits(module, w)[0, :-1], w[0, 1:]).item()
+                   for w in wins) / len(wins)
+
+
+def test_learned_rotations_lower_the_quantized_loss_and_fold_exactly(monkeypatch):
+    """R1 and each R2 learned through W4 RTN from the randomized Hadamard: exactly orthogonal, folded by the
+    same rules (certified), and the RTN-quantized model's loss on the calibration windows is the one the
+    training ended at, below the Hadamard-rotated model's — which is where it started. Float64 (the training
+    runs in the model's float64) and no R4: a symmetric group's largest negative weight sits on the rounding
+    tie w/s = −7.5 when scales stay float64, and R4 before R1 (the training's order) vs after (the pass's)
+    rounds it differently in a few down_proj rows."""
+    from spinfx.passes import Quantize, rotate_learn
+
+    got = []
+    learn = rotate_learn.learn
+    monkeypatch.setattr(rotate_learn, "learn", lambda *a: got.append(learn(*a)) or got[-1])
+    zm = zoo.build("llama_untied", dtype=torch.float64)
+    t = zm.example_inputs["input_ids"].numel()
+    calib = torch.randint(0, zm.expect.vocab, (4 * t,), generator=torch.Generator().manual_seed(0))
+    q = Quantize(weights=W4G16)
+    hadamard = spinfx.rewrite(zm.model, Recipe("h", [FoldNorms(), Rotate(r3=True), q]), zm.example_inputs)
+    rot = Rotate(r1="learned", r2="learned", r3=True, steps=10, lr=0.01, windows=4, weights=W4G16)
+    learned = spinfx.rewrite(zm.model, Recipe("l", [FoldNorms(), rot, q]), zm.example_inputs, calib=calib)
+    res = learned.report.pass_result("rotate")
+    assert res.certificate["rel"] <= 1e-10
+    (m,) = got
+    assert m.r1.shape == (zm.expect.hidden, zm.expect.hidden) and len(m.r2) == zm.expect.layers
+    for r in [m.r1, *m.r2]:
+        assert r.dtype == torch.float64
+        assert (r.T @ r - torch.eye(r.shape[0], dtype=torch.float64)).abs().max() <= 1e-12
+    f = res.findings["learned"]
+    assert (f["steps"], f["windows"], f["tokens"], f["weights"]["linears"]) == (10, 4, 4 * t, 7 * zm.expect.layers)
+    assert f["loss"]["end"] < f["loss"]["start"]
+    before, after = _calib_loss(hadamard.module, calib, t), _calib_loss(learned.module, calib, t)
+    assert after == pytest.approx(f["loss"]["end"], abs=1e-6)  # the report rounds to 6 places
+    assert before == pytest.approx(f["loss"]["start"], abs=1e-6)
+    assert after < before
+
+
+@pytest.mark.parametrize("opts, match", [
+    ({"r1": "learn"}, "r1 must be 'hadamard' or 'random' or 'none' or 'learned'"),
+    ({"steps": 0}, "steps must be a positive integer"),
+    ({"windows": 2.5}, "option windows must be an integer"),
+    ({"lr": 0}, "lr must be a positive number"),
+    ({"weights": {"bits": 5}}, "weights: bits must be one of"),
+    ({"weights": {"group_size": 0}}, "weights: group_size must be a positive integer or null"),
+    ({"weights": {"method": "gptq"}}, r"weights takes \{bits, group_size, symmetric\}"),
+])
+def test_learned_rotation_options_are_checked(opts, match):
+    with pytest.raises(spinfx.BadInput, match=match):
+        Rotate(**{"r1": "learned", **opts})
+
+
+def test_learned_rotations_refuse_what_they_cannot_do():
+    from spinfx.api import calibration_windows
+    from spinfx.pipeline import Context, run_pipeline
+
+    zm = zoo.build("llama")  # tied embedding
+    t = zm.example_inputs["input_ids"].numel()
+    rec = Recipe("l", [FoldNorms(tie="keep"), Rotate(r1="learned", r2="none", steps=1, windows=2)])
+    assert not rec.streams and calibration_windows(rec) == 2
+    with pytest.raises(spinfx.BadInput, match=r"calibrates on 2 windows of 8 tokens \(rotate: learned\) and no calibration"):
+        spinfx.rewrite(zm.model, rec, zm.example_inputs)
+    with pytest.raises(spinfx.BadInput, match=r"has 8 tokens \(1 window\).*\(rotate: windows: 1\)"):
+        spinfx.rewrite(zm.model, rec, zm.example_inputs, calib=torch.arange(t))
+    prog = spinfx.trace(zm.model, zm.example_inputs)  # the pass itself, as run without spinfx.rewrite's checks
+    with pytest.raises(spinfx.Unsupported, match=r"learned with a tied embedding kept whole.*tie: untie"):
+        run_pipeline(prog.clone(), rec.passes, Context(calib=torch.arange(2 * t)), certify=False)
+    with pytest.raises(spinfx.BadInput, match="rotate: learned rotations need calibration text"):
+        run_pipeline(prog.clone(), rec.passes, Context(), certify=False)
