@@ -239,11 +239,14 @@ def test_cli_inspect_rewrite_eval_load(name, tmp_path, tokenizer_dir, capsys, mo
     assert ppl["windows"] == 2 and 1 < ppl["ppl"] < 10 * zoo.VOCAB  # finite, and not a broken model's
 
     # the checkpoint back as the model class computes the rewritten program (up to QLinear's bf16
-    # activations on CPU), on fresh ids of the traced shape
+    # activations on CPU), on fresh ids of the traced shape. A mixture computes in the program's dtype:
+    # top-k routing is discontinuous, and bf16 flips a near-tie between two experts' router logits
+    # (OLMoE under the clip: mse preset: 12 % off in bf16), which says nothing about the checkpoint
     prog = wrote[0].program
     ids = next(e for e in prog.examples if isinstance(e, torch.Tensor) and not e.is_floating_point())
     ids = torch.randint(0, zoo.VOCAB, ids.shape, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want = prog(input_ids=ids, use_cache=False).logits
-        got = spinfx.load(out)(input_ids=ids, use_cache=False).logits
+        loaded = spinfx.load(out, **({"cpu_compute_dtype": None} if routers else {}))
+        got = loaded(input_ids=ids, use_cache=False).logits
     assert ((got - want).abs().max() / want.abs().max()).item() <= 2e-2
