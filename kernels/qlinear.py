@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spinfx.kernels.quant_pack import unpack_int32
+from spinfx.kernels.quant_pack import rows_per_chunk, unpack_int32
 from spinfx.kernels.quant_rtn import quantize_rtn
 from spinfx.kernels.quant_weight import MixedQuantWeight, QuantWeight
 
@@ -44,28 +44,53 @@ INT4PACK_GROUP_SIZES = (32, 64, 128, 256)
 
 
 # --- the generic op ------------------------------------------------------------------------------------
-def dequant_linear(x: Tensor, weight_packed: Tensor, weight_scale: Tensor, weight_zero_point: Tensor | None,
-                   weight_g_idx: Tensor | None, bias: Tensor | None, bits: int, group_size: int) -> Tensor:
-    """`spinfx::qlinear` in plain torch ops: the CPU kernel and the Inductor decomposition.
+def dequant_weight(weight_packed: Tensor, weight_scale: Tensor, weight_zero_point: Tensor | None,
+                   weight_g_idx: Tensor | None, bits: int, group_size: int, k: int, dt: torch.dtype,
+                   inplace: bool = False) -> Tensor:
+    """W [N, K] in `dt` from `spinfx::qlinear`'s tensors: (u - zu) · s, rounded once.
 
-    (u - zu) is an integer below 2^8, exact in every float dtype, so W is rounded once, in x's dtype.
-    Functional ops only: Inductor applies decompositions after functionalization. Eager, the [N, K]
-    temporaries make this slow (4096×4096, M=1: ≈ 200 ms); compiled with `qlinear_decompositions()`
-    it is one fused dequant loop + mm.
-    """
-    k, n = x.shape[-1], weight_packed.shape[0]
-    dt = x.dtype
+    (u - zu) is an integer below 2^8, exact in every float dtype, so W is rounded once, in `dt`.
+    `inplace=False`: functional ops only (the Inductor decomposition: decompositions run after
+    functionalization); `inplace=True` (eager): one float temporary, edited in place — the same values."""
+    n = weight_packed.shape[0]
     u = unpack_int32(weight_packed, bits, k)
     mid = 1 << (bits - 1)
     zu = mid if weight_zero_point is None else weight_zero_point.to(torch.int32) + mid
     if weight_g_idx is None:  # contiguous groups: broadcast [N, G, 1] over [N, G, group_size]
         g = k // group_size
         zu = zu if weight_zero_point is None else zu.unsqueeze(-1)
-        w = ((u.view(n, g, group_size) - zu).to(dt) * weight_scale.to(dt).unsqueeze(-1)).view(n, k)
-    else:
-        gi = weight_g_idx.long()
-        w = (u - (zu if weight_zero_point is None else zu[:, gi])).to(dt) * weight_scale.to(dt)[:, gi]
-    return F.linear(x, w, None if bias is None else bias.to(dt))
+        scale = weight_scale.to(dt).unsqueeze(-1)
+        if inplace:
+            return u.view(n, g, group_size).to(dt).sub_(zu).mul_(scale).view(n, k)
+        return ((u.view(n, g, group_size) - zu).to(dt) * scale).view(n, k)
+    gi = weight_g_idx.long()
+    return (u - (zu if weight_zero_point is None else zu[:, gi])).to(dt) * weight_scale.to(dt)[:, gi]
+
+
+def dequant_linear(x: Tensor, weight_packed: Tensor, weight_scale: Tensor, weight_zero_point: Tensor | None,
+                   weight_g_idx: Tensor | None, bias: Tensor | None, bits: int, group_size: int) -> Tensor:
+    """`spinfx::qlinear` in plain torch ops: the Inductor decomposition (compiled, one fused dequant
+    loop + mm). Eager, the [N, K] temporaries make this slow (4096×4096, M=1: ≈ 200 ms)."""
+    w = dequant_weight(weight_packed, weight_scale, weight_zero_point, weight_g_idx, bits, group_size,
+                       x.shape[-1], x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def dequant_linear_chunked(x: Tensor, weight_packed: Tensor, weight_scale: Tensor, weight_zero_point: Tensor | None,
+                           weight_g_idx: Tensor | None, bias: Tensor | None, bits: int, group_size: int) -> Tensor:
+    """The generic op's eager body: `dequant_linear` over chunks of output rows, each chunk's W dequantized
+    in place (`rows_per_chunk`): at M = 16 8× less CPU than the whole matrix at once. Same values (only
+    the mm's blocking may differ)."""
+    n, k = weight_packed.shape[0], x.shape[-1]
+    step = rows_per_chunk(k)
+    out = []
+    for r in range(0, n, step):
+        e = min(n, r + step)
+        w = dequant_weight(weight_packed[r:e], weight_scale[r:e],
+                           None if weight_zero_point is None else weight_zero_point[r:e], weight_g_idx, bits,
+                           group_size, k, x.dtype, inplace=True)
+        out.append(F.linear(x, w, None if bias is None else bias[r:e].to(x.dtype)))
+    return out[0] if len(out) == 1 else torch.cat(out, -1)
 
 
 @torch.library.custom_op(
@@ -73,7 +98,7 @@ def dequant_linear(x: Tensor, weight_packed: Tensor, weight_scale: Tensor, weigh
     schema="(Tensor x, Tensor weight_packed, Tensor weight_scale, Tensor? weight_zero_point, Tensor? weight_g_idx, "
            "Tensor? bias, int bits, int group_size) -> Tensor")
 def qlinear(x, weight_packed, weight_scale, weight_zero_point, weight_g_idx, bias, bits, group_size):
-    return dequant_linear(x, weight_packed, weight_scale, weight_zero_point, weight_g_idx, bias, bits, group_size)
+    return dequant_linear_chunked(x, weight_packed, weight_scale, weight_zero_point, weight_g_idx, bias, bits, group_size)
 
 
 @qlinear.register_kernel("cuda")

@@ -9,10 +9,20 @@ compressed-tensors/vLLM. Unsigned values are what is stored; signed q is recover
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import Tensor
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+LITTLE = sys.byteorder == "little"
+ROW_CHUNK = 1 << 18  # weights per chunk when a [N, K] matrix is (de)quantized a few rows at a time
+
+
+def rows_per_chunk(k: int) -> int:
+    """Rows of a K-wide matrix per chunk: its float64 temporaries (2 MB) stay in cache, and an 8B layer's
+    14336×4096 matrix never has full-size ones (≈ 1.5 GB for a float64 dequantization)."""
+    return max(1, ROW_CHUNK // max(k, 1))
 
 
 def pack_factor(bits: int) -> int:
@@ -28,18 +38,30 @@ def packed_width(cols: int, bits: int) -> int:
 
 
 def pack_int32(u: Tensor, bits: int) -> Tensor:
-    """[R, C] unsigned values in [0, 2^bits) -> int32 [R, ceil(C / pf)], packed along C, low bits first."""
+    """[R, C] unsigned values in [0, 2^bits) -> int32 [R, ceil(C / pf)], packed along C, low bits first.
+
+    In int32: OR-ing the pf shifted fields of a word is exact, and a field shifted into the sign bit
+    wraps (two's complement), which is the int32 reading of the unsigned word."""
     pf = pack_factor(bits)
     rows, cols = u.shape
     if u.numel() and (int(u.min()) < 0 or int(u.max()) >= 1 << bits):
         raise ValueError(f"values out of range for {bits}-bit packing")
     words = packed_width(cols, bits)
-    v = torch.zeros(rows, words * pf, dtype=torch.int64, device=u.device)
-    v[:, :cols] = u
-    v = v.view(rows, words, pf) << (torch.arange(pf, device=u.device) * bits)
-    packed = v.sum(-1)  # disjoint bit fields: sum == bitwise or, < 2^32 in int64
-    # reinterpret the unsigned 32-bit word as int32 (two's complement)
-    return torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)
+    if 8 % bits == 0 and cols == words * pf and LITTLE:  # whole bytes: value k is bits (k % per)·b of byte k // per
+        per = 8 // bits                       # of the row (little-endian words), so pack bytes and view
+        v = u.to(torch.uint8).contiguous().view(rows, cols // per, per)
+        packed = v[..., 0].clone(memory_format=torch.contiguous_format)
+        for i in range(1, per):
+            packed |= v[..., i] << (i * bits)
+        return packed.view(torch.int32)
+    v = u.to(torch.int32).contiguous()
+    if cols != words * pf:  # zero-pad the last word
+        v = torch.cat([v, v.new_zeros(rows, words * pf - cols)], 1)
+    v = v.view(rows, words, pf)
+    packed = v[..., 0].clone(memory_format=torch.contiguous_format)
+    for i in range(1, pf):
+        packed |= v[..., i] << (i * bits)
+    return packed
 
 
 def unpack_int32(packed: Tensor, bits: int, cols: int) -> Tensor:

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from spinfx.kernels.quant_pack import pack_int32
-from spinfx.kernels.quant_weight import MixedQuantWeight, QuantWeight
+from spinfx.kernels.quant_pack import pack_int32, packed_width, rows_per_chunk
+from spinfx.kernels.quant_weight import MixedQuantWeight, QuantWeight, dequantize
 
 
 def qrange(bits: int) -> tuple[int, int]:
@@ -68,10 +68,12 @@ def group_scale_zero(wg: Tensor, bits: int, symmetric: bool, dtype: torch.dtype,
     if clip != "mse":
         raise ValueError(f"clip must be one of {CLIPS}, got {clip!r}")
     best = best_err = None
+    qmin, qmax = qrange(bits)
     for p in CLIP_GRID:
         s, z = scale_zero(wmin * p, wmax * p, bits, symmetric, dtype)
-        q = quantize_values(wg, s[..., None], None if z is None else z[..., None], bits)
-        err = ((q if z is None else q - z[..., None]) * s[..., None] - wg).square().sum(-1)
+        t = (wg / s[..., None]).round_()  # quantize_values, then (q − z)·s − w, in one temporary
+        t = t.clamp_(qmin, qmax) if z is None else t.add_(z[..., None]).clamp_(qmin, qmax).sub_(z[..., None])
+        err = t.mul_(s[..., None]).sub_(wg).square_().sum(-1)
         if best is None:
             best, best_err = (s, z), err
             continue
@@ -100,33 +102,61 @@ def build(q: Tensor, s: Tensor, z: Tensor | None, *, bits: int, group_size: int 
 
 def quantize_rtn(w: Tensor, bits: int, group_size: int | None, symmetric: bool = True,
                  g_idx: Tensor | None = None, bias: Tensor | None = None,
-                 scale_dtype: torch.dtype | None = None, clip: str = "minmax") -> QuantWeight:
+                 scale_dtype: torch.dtype | None = None, clip: str = "minmax",
+                 dequantized: bool = False) -> QuantWeight | tuple[QuantWeight, Tensor]:
     """RTN-quantize W [N, K]. group_size None = per-channel. `g_idx` [K] (optional) assigns columns to
     groups explicitly (act-order layouts); scales then cover the columns of each group wherever they
     are. Scales are stored in `scale_dtype` (default: w's dtype). `clip`: see the module docstring
-    (contiguous groups only)."""
+    (contiguous groups only). `dequantized`: also return Ŵ = (q − z)·s in float64, the exact values
+    `dequantize(qw, torch.float64)` reads back (integers times the stored scale).
+
+    Contiguous groups go through W in chunks of rows (every group lies in one row): the float64
+    temporaries are a chunk's, not the matrix's (`rows_per_chunk`; 6× less CPU than whole)."""
     n, k = w.shape
     dtype = scale_dtype or w.dtype
-    w64 = w.detach().double()
-    if g_idx is None:
-        groups = 1 if group_size is None else k // group_size
-        if group_size is not None and k % group_size:
-            raise ValueError(f"K={k} is not a multiple of group_size={group_size}")
-        wg = w64.view(n, groups, k // groups)
+    if g_idx is not None:
+        qw = _quantize_rtn_g_idx(w.detach().double(), bits, group_size, symmetric, g_idx, bias, dtype, clip)
+        return (qw, dequantize(qw, torch.float64)) if dequantized else qw
+    groups = 1 if group_size is None else k // group_size
+    if group_size is not None and k % group_size:
+        raise ValueError(f"K={k} is not a multiple of group_size={group_size}")
+    mid = 1 << (bits - 1)
+    packed = torch.empty(n, packed_width(k, bits), dtype=torch.int32, device=w.device)
+    scales = torch.empty(n, groups, dtype=dtype, device=w.device)
+    zeros = None if symmetric else torch.empty(n, groups, dtype=torch.int8, device=w.device)
+    hat = torch.empty(n, k, dtype=torch.float64, device=w.device) if dequantized else None
+    step = rows_per_chunk(k)
+    for r in range(0, n, step):
+        e = min(n, r + step)
+        wg = w[r:e].detach().double().view(e - r, groups, k // groups)
         s, z = group_scale_zero(wg, bits, symmetric, dtype, clip)
-        q = quantize_values(wg, s[..., None], None if z is None else z[..., None], bits).view(n, k)
-    else:
-        if group_size is None:
-            raise ValueError("g_idx needs a group_size")
-        if clip != "minmax":
-            raise ValueError("clip='mse' needs contiguous groups (no g_idx)")
-        gi = g_idx.long().expand(n, k)
-        groups = int(g_idx.max()) + 1
-        empty = w64.new_zeros(n, groups)
-        wmin = empty.scatter_reduce(1, gi, w64, "amin", include_self=False)
-        wmax = empty.scatter_reduce(1, gi, w64, "amax", include_self=False)
-        s, z = scale_zero(wmin, wmax, bits, symmetric, dtype)
-        q = quantize_values(w64, s.gather(1, gi), None if z is None else z.gather(1, gi), bits)
+        q = quantize_values(wg, s[..., None], None if z is None else z[..., None], bits)
+        packed[r:e] = pack_int32((q + mid).view(e - r, k).to(torch.int32), bits)
+        scales[r:e] = s.to(dtype)
+        if zeros is not None:
+            zeros[r:e] = z.to(torch.int8)
+        if hat is not None:
+            hat[r:e] = (q if z is None else q.sub_(z[..., None])).mul_(s[..., None]).view(e - r, k)
+    qw = QuantWeight(weight_packed=packed, weight_scale=scales, weight_zero_point=zeros, weight_g_idx=None,
+                     bits=bits, group_size=group_size, weight_shape=(n, k), bias=bias)
+    return (qw, hat) if dequantized else qw
+
+
+def _quantize_rtn_g_idx(w64: Tensor, bits: int, group_size: int | None, symmetric: bool, g_idx: Tensor,
+                        bias: Tensor | None, dtype: torch.dtype, clip: str) -> QuantWeight:
+    """RTN with explicit column groups (act-order layouts): scales from each group's columns wherever they are."""
+    if group_size is None:
+        raise ValueError("g_idx needs a group_size")
+    if clip != "minmax":
+        raise ValueError("clip='mse' needs contiguous groups (no g_idx)")
+    n, k = w64.shape
+    gi = g_idx.long().expand(n, k)
+    groups = int(g_idx.max()) + 1
+    empty = w64.new_zeros(n, groups)
+    wmin = empty.scatter_reduce(1, gi, w64, "amin", include_self=False)
+    wmax = empty.scatter_reduce(1, gi, w64, "amax", include_self=False)
+    s, z = scale_zero(wmin, wmax, bits, symmetric, dtype)
+    q = quantize_values(w64, s.gather(1, gi), None if z is None else z.gather(1, gi), bits)
     return build(q, s, z, bits=bits, group_size=group_size, g_idx=g_idx, dtype=dtype, bias=bias)
 
 

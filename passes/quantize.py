@@ -62,7 +62,7 @@ from spinfx.kernels.gptq import gptq_quantize
 from spinfx.kernels.hadamard import hadamard_by_gemm
 import spinfx.kernels.qembedding  # noqa: F401  (registers spinfx::qembedding)
 from spinfx.kernels.qlinear import generic_attrs, generic_tensors, plan_qlinear  # registers spinfx::qlinear*
-from spinfx.kernels.quant_pack import SUPPORTED_BITS
+from spinfx.kernels.quant_pack import SUPPORTED_BITS, rows_per_chunk
 from spinfx.kernels.quant_rtn import CLIPS, group_for, quantize_rtn
 from spinfx.kernels.quant_weight import QuantWeight, dequantize
 from spinfx.match import describe
@@ -499,17 +499,21 @@ def _summarize(out: dict[str, QuantLayer], res: PassResult) -> None:
 # ---- weights ----------------------------------------------------------------------------------------
 
 
-def _rel(d: torch.Tensor, w: torch.Tensor) -> float:
-    return (d.norm() / w.norm()).item() if w.norm() > 0 else 0.0
+def _rel_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    """‖W − Ŵ‖/‖W‖ without a full-size difference (row chunks)."""
+    rows = rows_per_chunk(w.shape[1])
+    d2 = sum(float((w[r:r + rows] - w_hat[r:r + rows]).square().sum()) for r in range(0, w.shape[0], rows))
+    n = float(w.norm())
+    return d2 ** 0.5 / n if n > 0 else 0.0
 
 
 def _rtn(prog: Program, l: _Layer) -> tuple[QuantLayer, torch.Tensor]:
     """(the layer, Ŵ [out, in] in float64)."""
     w = l.master(prog).double()
     s = l.scheme
-    qw = quantize_rtn(w, s.bits, l.group_size, s.symmetric, scale_dtype=l.storage_dtype(prog), clip=s.clip)
-    w_hat = dequantize(qw, torch.float64)
-    return QuantLayer(qw, l.weight, "rtn", _rel(w - w_hat, w), clip=s.clip), w_hat
+    qw, w_hat = quantize_rtn(w, s.bits, l.group_size, s.symmetric, scale_dtype=l.storage_dtype(prog), clip=s.clip,
+                             dequantized=True)
+    return QuantLayer(qw, l.weight, "rtn", _rel_error(w, w_hat), clip=s.clip), w_hat
 
 
 def _to_quantized(prog: Program, l: _Layer, qw: QuantWeight) -> None:
@@ -703,7 +707,7 @@ def _gptq_one(prog: Program, run: Program, l: _Layer, h: torch.Tensor) -> tuple[
     stored = w_hat.T if l.transposed else w_hat
     run.set_const(l.weight, stored.to(run.const(l.weight).dtype).contiguous())  # later layers see Ŵ
     err, rtn_err = _output_errors(w, h, w_hat, rtn)
-    layer = QuantLayer(qw, l.weight, "gptq", _rel(w - w_hat, w), output_error=err, rtn_output_error=rtn_err,
+    layer = QuantLayer(qw, l.weight, "gptq", _rel_error(w, w_hat), output_error=err, rtn_output_error=rtn_err,
                        clip=s.clip)
     return layer, w_hat
 

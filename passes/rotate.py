@@ -36,6 +36,7 @@ from spinfx.patterns.common import CASTS, HEAD_LAYOUT, LINEAR_OPS as LINEARS, VI
 from spinfx.patterns.norms import NORM, RMSNORM_PLAIN, norm_kind
 from spinfx.patterns.residual import residual_stream
 from spinfx.pipeline import Context, Pass, PassResult
+from spinfx.rule import RuleStats
 
 aten = torch.ops.aten
 
@@ -245,14 +246,29 @@ def place(prog: Program, res: PassResult, R1, r2, r3: bool = False, r4: bool = F
     site's; None: none), R3, R4. `w1` / `w2`: where R1's / R2's weight edits go (default: the program's
     constants, now; learned rotations record them instead: passes/rotate_learn.py)."""
     downs = mlp_down_projections(prog) if r4 else []  # found before R1 edits the stream
+    w1, w2 = w1 or _Weights(prog), w2 or _Weights(prog)
     if R1 is not None:
         apply_r1(prog, R1, res, w1)
+        _count(res, "R1: x ← x·R1 on the residual stream (writers W ← R1ᵀ·W, readers W ← W·R1)", apply_r1,
+               res.findings["r1"]["writers"] + res.findings["r1"]["reader_norms"], len(w1.done))
     if r2 is not None:
         apply_r2(prog, r2, res, w2)
+        _count(res, "R2: v ← v·R2 per head, o_proj W ← W·R2", apply_r2, res.findings["r2"]["sites"], len(w2.done))
     if r3:
         apply_r3(prog, res)
+        _count(res, "R3: q ← q·H, k ← k·H after RoPE (online)", apply_r3, res.findings["r3"]["sites"],
+               res.findings["r3"]["sites"])
     if r4:
         apply_r4(prog, downs, res, r4_block)
+        _count(res, "R4: x ← x·H before down_proj (online), W ← W·H", apply_r4, res.findings["r4"]["sites"],
+               res.findings["r4"]["sites"])
+
+
+def _count(res: PassResult, name: str, fn, matches: int, applied: int) -> None:
+    """The report's row for one rotation: the structures it found (stream readers/writers, attention sites,
+    down projections) and the edits it made (weights rotated; online transforms inserted)."""
+    code = fn.__code__
+    res.rules.append(RuleStats(name, f"passes/rotate.py:{code.co_firstlineno}", matches=matches, applied=applied))
 
 
 LEARNED = "learned"  # r1 / r2: optimized on calibration text through the fake-quantized program

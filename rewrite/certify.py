@@ -101,9 +101,9 @@ def outputs(prog: Program, seeds=(0, 1)) -> list[list[torch.Tensor]]:
     return out
 
 
-def compare(before: Program | list, after: Program, seeds=(0, 1)) -> dict:
-    """max |Δ| and relative max |Δ| / max |ref| over all outputs and seeds, in float64 (`before`: or its outputs)."""
-    refs, got = before if isinstance(before, list) else outputs(before, seeds), outputs(after, seeds)
+def compare(before: Program | list, after: Program | list, seeds=(0, 1)) -> dict:
+    """max |Δ| and relative max |Δ| / max |ref| over all outputs and seeds, in float64 (each side: or its outputs)."""
+    refs, got = (x if isinstance(x, list) else outputs(x, seeds) for x in (before, after))
     max_abs = ref_max = 0.0
     with torch.no_grad():
         for ob, oa in zip(refs, got):
@@ -122,7 +122,7 @@ def compare(before: Program | list, after: Program, seeds=(0, 1)) -> dict:
             "dtype": "float64"}
 
 
-def certify_equal(before: Program | list, after: Program, tol: float, what: str) -> dict:
+def certify_equal(before: Program | list, after: Program | list, tol: float, what: str) -> dict:
     cert = compare(before, after)
     cert["tolerance"] = tol
     if not cert["rel"] <= tol:

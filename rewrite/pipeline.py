@@ -47,12 +47,10 @@ class PassResult:
 @dataclass(frozen=True)
 class Pass:
     name: ClassVar[str] = "pass"
-    # Does this pass change the model's function? Then it is certified with `tolerance`
-    # (relative, float64; 1e-10 for exact rewrites) unless the pipeline is told not to.
+    # Changes the model's function? Then certified to `tolerance` (relative, fp64; 1e-10: exact) unless told not to
     certify: ClassVar[bool] = False
     tolerance: ClassVar[float] = 1e-10
-    # Does it exist to change weights? Then changing none of a graph's linears is an error (api.check_changed).
-    changes_weights: ClassVar[bool] = False
+    changes_weights: ClassVar[bool] = False  # exists to change weights: changing no linear is an error
 
     def __post_init__(self) -> None:
         self.validate()
@@ -117,17 +115,19 @@ def run_pipeline(prog: Program, passes: list[Pass], ctx: Context | None = None,
     ctx = ctx or Context()
     results = []
     level = trace_level()
+    now = None  # prog's certificate outputs, while known (the last certified pass's "after")
     for p in passes:
         if level >= 3:
             print(f"[spinfx] graph before {p.name}:\n{print_graph(prog.gm)}", file=sys.stderr)
-        before = outputs(prog) if (certify and p.certify) else None  # outputs, not a copy: weights are freed
+        before, now = (now or outputs(prog)) if (certify and p.certify) else None, None  # outputs, not a copy
         t0 = time.perf_counter()
         res = p.run(prog, ctx)
         prog.gm.graph.eliminate_dead_code()
         verify(prog.gm, p.name)
         res.seconds = time.perf_counter() - t0
         if before is not None:
-            res.certificate = certify_equal(before, prog, tol=p.tolerance, what=p.name)
+            now = outputs(prog)
+            res.certificate = certify_equal(before, now, tol=p.tolerance, what=p.name)
         if level >= 1:
             counts = ", ".join(f"{r.name}={r.applied}/{r.matches}" for r in res.rules)
             print(f"[spinfx] {p.name}: {res.edits} edits in {res.seconds * 1e3:.1f} ms ({counts})", file=sys.stderr)

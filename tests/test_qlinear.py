@@ -131,6 +131,47 @@ def test_generic_op_matches_reference_every_layout(layout):
 
 @SETTINGS
 @given(layouts())
+def test_rtn_in_row_chunks_is_rtn_and_returns_the_dequantized_weight(layout):
+    # RTN goes through W a few rows at a time (bounded temporaries on an 8B layer): the same codes and
+    # scales as in one piece, and the Ŵ it returns is exactly what the stored tensors dequantize to
+    import spinfx.kernels.quant_pack as pack
+
+    w, qw = layout
+    kw = dict(g_idx=qw.weight_g_idx, bias=qw.bias, scale_dtype=qw.weight_scale.dtype)
+    whole = pack.ROW_CHUNK
+    try:
+        pack.ROW_CHUNK = 1  # one row per chunk
+        chunked, w_hat = quantize_rtn(w, qw.bits, qw.group_size, qw.symmetric, dequantized=True, **kw)
+    finally:
+        pack.ROW_CHUNK = whole
+    for name in ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx"):
+        a, b = getattr(qw, name), getattr(chunked, name)
+        assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b)), name
+    assert w_hat.dtype == torch.float64 and torch.equal(w_hat, dequantize(qw, torch.float64))
+
+
+@SETTINGS
+@given(layouts())
+def test_generic_op_in_row_chunks_matches_one_piece(layout):
+    import spinfx.kernels.qlinear as ql
+    import spinfx.kernels.quant_pack as pack
+
+    _, qw = layout
+    x = torch.randn(3, qw.in_features, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    args = (x, *generic_tensors(qw, qw.bias).values(), *generic_attrs(qw).values())
+    whole = pack.ROW_CHUNK
+    try:
+        pack.ROW_CHUNK = 2 * qw.in_features  # two output rows per chunk
+        got = ql.dequant_linear_chunked(*args)
+    finally:
+        pack.ROW_CHUNK = whole
+    # the same dequantized W; only the mm's blocking may differ: float64 rounding of K-term dot products
+    w_abs = dequantize(qw, torch.float64).abs()
+    assert ((got - ql.dequant_linear(*args)).abs() <= 1e-14 * qw.in_features * (x.abs() @ w_abs.T)).all()
+
+
+@SETTINGS
+@given(layouts())
 def test_rtn_error_bound_and_dtypes(layout):
     w, qw = layout
     s = qw.weight_scale.double()[:, qw.group_index()]

@@ -291,21 +291,21 @@ def test_presets():
 @pytest.mark.slow
 @pytest.mark.smollm2
 def test_smollm2_w4_g64_size_and_group_fallback():
+    # one rewrite (min/max RTN: the preset's MSE clipping search is measured in bench/README, not here)
     from spinfx.hf import load_model
 
     model, _ = load_model("smollm2")
-    r = spinfx.rewrite(model, "w4a16")
+    r = spinfx.rewrite(model, Recipe("w4-g128", [Quantize(weights={"bits": 4, "group_size": 128})]))
     q = r.report.pass_result("quantize")
     assert q.certificate["rel"] <= 1e-10
     assert any("group 128 does not divide K=576: 180 layer(s) use group 64" in n for n in q.notes), q.notes
-    g64 = spinfx.rewrite(model, Recipe("w4-g64", [Quantize(weights={"bits": 4, "group_size": 64})]))
-    layers = quantized_layers(g64.program)
+    layers = quantized_layers(r.program)
+    assert {l.weight.group_size for l in layers.values()} == {64, 128}
     stored = sum(sum(t.numel() * t.element_size() for k, t in l.weight.to_compressed_tensors().items() if k != "bias")
                  for l in layers.values())
     weights = sum(l.weight.out_features * l.weight.in_features for l in layers.values())
     assert len(layers) == 210 and stored * 8 / weights <= 4.6  # lm_head (= the tied embedding) excluded
-    assert g64.report.pass_result("quantize").findings["quantized"]["bits_per_weight"] == pytest.approx(
-        stored * 8 / weights, abs=1e-3)
+    assert q.findings["quantized"]["bits_per_weight"] == pytest.approx(stored * 8 / weights, abs=1e-3)
 
 
 def test_activation_statistics_see_the_quantized_linears():
