@@ -79,8 +79,8 @@ def dequant_linear(x: Tensor, weight_packed: Tensor, weight_scale: Tensor, weigh
 def dequant_linear_chunked(x: Tensor, weight_packed: Tensor, weight_scale: Tensor, weight_zero_point: Tensor | None,
                            weight_g_idx: Tensor | None, bias: Tensor | None, bits: int, group_size: int) -> Tensor:
     """The generic op's eager body: `dequant_linear` over chunks of output rows, each chunk's W dequantized
-    in place (`rows_per_chunk`): at M = 16 8× less CPU than the whole matrix at once. Same values (only
-    the mm's blocking may differ)."""
+    in place (`rows_per_chunk`): bounded temporaries, and at M = 16 ≈ 3× less CPU than the whole matrix at
+    once. Same values (only the mm's blocking may differ)."""
     n, k = weight_packed.shape[0], x.shape[-1]
     step = rows_per_chunk(k)
     out = []

@@ -16,12 +16,14 @@ from torch import Tensor
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 LITTLE = sys.byteorder == "little"
-ROW_CHUNK = 1 << 18  # weights per chunk when a [N, K] matrix is (de)quantized a few rows at a time
+ROW_CHUNK = 1 << 21  # weights per chunk when a [N, K] matrix is (de)quantized a few rows at a time
 
 
 def rows_per_chunk(k: int) -> int:
-    """Rows of a K-wide matrix per chunk: its float64 temporaries (2 MB) stay in cache, and an 8B layer's
-    14336×4096 matrix never has full-size ones (≈ 1.5 GB for a float64 dequantization)."""
+    """Rows of a K-wide matrix per chunk: temporaries of ≤ 16 MB (float64), never full-size ones (an 8B
+    layer's 14336×4096 matrix dequantized in float64 in one piece is ≈ 1.5 GB of them). Not smaller: each
+    torch op is a parallel region, and on a loaded machine every region waits for all its threads to be
+    scheduled — at 2^18 weights per chunk, SmolLM2's RTN took 4–10× longer than in one piece (load 7)."""
     return max(1, ROW_CHUNK // max(k, 1))
 
 

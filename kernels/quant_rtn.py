@@ -111,7 +111,7 @@ def quantize_rtn(w: Tensor, bits: int, group_size: int | None, symmetric: bool =
     `dequantize(qw, torch.float64)` reads back (integers times the stored scale).
 
     Contiguous groups go through W in chunks of rows (every group lies in one row): the float64
-    temporaries are a chunk's, not the matrix's (`rows_per_chunk`; 6× less CPU than whole)."""
+    temporaries are a chunk's, not the matrix's (`rows_per_chunk`)."""
     n, k = w.shape
     dtype = scale_dtype or w.dtype
     if g_idx is not None:
