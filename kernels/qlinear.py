@@ -254,7 +254,7 @@ def _plan_one(qw: QuantWeight, k_start: int, compute_dtype: torch.dtype | None, 
     qw = _to(qw, device)
     k_range = (k_start, k_start + qw.in_features)
     fast = device.type == "cpu" and compute_dtype is not None
-    if fast and cpp and qlinear_cpu.eligible(qw) and qlinear_cpu.available():
+    if fast and cpp and qlinear_cpu.eligible(qw) and qlinear_cpu.usable():
         perm, tensors, attrs = qlinear_cpu.repack(qw)
         return perm, QLinearCall(torch.ops.spinfx.qlinear_cpu.default, {**tensors, "bias": bias}, attrs, *k_range)
     int4_group = int4pack_group_size(qw) if fast else None
@@ -450,19 +450,26 @@ class QLinearSlice(nn.Module):
 # aten._convert_weight_to_int4pack_for_cpu's layout is blocked along N: the repack of concatenated codes is
 # not the parts' repacks stacked. It is compared through the kernel instead (`_concatenates`' probe).
 _REPACKED = ("weight_int4pack", "q4_weight", "q4_scales", "q4_zeros")  # qlinear_cpu's: blocked, N padded
+_N_ATTRS = ("out_features",)  # int args that grow with N: the fused call's is the parts' sum
 
 
 def _concatenates(fused: QLinear, parts: list[QLinear]) -> bool:
-    """The fused plan is the parts' plans stacked along N: same ops/attrs/K-ranges; each runtime tensor
-    equals the parts' tensors concatenated along one dim (or equals each of them: shared, such as an
-    act-order permutation); and, for the repacked int4 layout, the kernel run on the identity (each
-    output row one weight row, as the kernel dequantizes it) gives the parts' rows stacked."""
+    """The fused plan is the parts' plans stacked along N: same ops/attrs/K-ranges (an N-sized attr, such
+    as qlinear_cpu's out_features, is the parts' sum); each runtime tensor equals the parts' tensors
+    concatenated along one dim (or equals each of them: shared, such as an act-order permutation); and,
+    for the repacked layouts, the kernel run on the identity (each output row one weight row, as the
+    kernel dequantizes it) gives the parts' rows stacked."""
     if any(len(p.calls) != len(fused.calls) for p in parts):
         return False
     for i, c in enumerate(fused.calls):
-        if any((pc.op, pc.attrs, pc.k_start, pc.k_end, tuple(pc.tensors)) != (c.op, c.attrs, c.k_start, c.k_end,
-                                                                               tuple(c.tensors))
-               for pc in (p.calls[i] for p in parts)):
+        pcs = [p.calls[i] for p in parts]
+
+        def key(call: QLinearCall) -> tuple:
+            attrs = {k: v for k, v in call.attrs.items() if k not in _N_ATTRS}
+            return call.op, attrs, call.k_start, call.k_end, tuple(call.tensors)
+
+        if any(key(pc) != key(c) for pc in pcs) or any(
+                c.attrs[k] != sum(pc.attrs[k] for pc in pcs) for k in _N_ATTRS if k in c.attrs):
             return False
     if any(list(p._buffers) != list(fused._buffers) for p in parts):  # None buffers included
         return False

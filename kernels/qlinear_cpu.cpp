@@ -14,7 +14,7 @@
 // (group sum, zero term, scaled sum, bias): |y - y_exact| <= γ_(group_size+G+2)·(|x|·|W|ᵀ + |b|), the
 // bound tests/test_qlinear_cpu.py checks (|W| -> (|c| + |z|)·s with zeros).
 // M > 1 runs tiles of up to 4 (AVX2) / 8 (AVX-512) rows of x per pass over a weight block: one unpack
-// feeds 2·4 / 8 FMAs, a GEMM micro-kernel; measured at or below fp32 at::mm up to M = 128 (bench/README.md),
+// feeds 4 / 8 FMAs, a GEMM micro-kernel; measured at or below fp32 at::mm up to M = 128 (bench/README.md),
 // so there is no dequantize + mm path for fp32. x in bf16/fp16 is widened to fp32 (exact) and y rounded
 // back once. Any other dtype (fp64): W is dequantized once in it, w = (c + z)·s, and multiplied by at::mm.
 //
@@ -40,121 +40,116 @@ constexpr int64_t R = 16;  // rows per block
 #define SPX_AVX2 __attribute__((target("avx2,fma")))
 #define SPX_AVX512 __attribute__((target("avx512f,avx2,fma")))
 
-// Accumulator chains: NA interleaved partial sums per (m, vector), so that >= 8 FMA chains are in flight.
+// One micro-kernel call: MT rows of x times NBLK consecutive blocks (16 rows each) of W. Every output lane
+// runs the same sequence whatever MT, NBLK and the vector width: acc = 0; acc = fma(c_k, x_k, acc) for k
+// of the group in order; acc = fma(z, Σx, acc); tot = fma(acc, s, tot) — so a row's result does not
+// depend on the batch (M), on N, on the thread split, or on AVX2 vs AVX-512 (bitwise). Latency is hidden
+// by MT·NBLK (·2 halves on AVX2) independent chains instead of split sums.
 // ---------------------------------------------------------------------------------------------- AVX2
-template <int MT, int NA>
-SPX_AVX2 void gemv_avx2(const int32_t* q, const float* s, const float* z, const float* x, int64_t K,
-                        const float* xs, int64_t G, int64_t cpg, float* out) {
-  __m256 tot[MT][2];
-  for (int m = 0; m < MT; ++m) tot[m][0] = tot[m][1] = _mm256_setzero_ps();
+template <int MT, int NBLK>
+SPX_AVX2 void gemv_avx2(const int32_t* q, int64_t qstride, const float* s, const float* z, int64_t sstride,
+                        const float* x, int64_t K, const float* xs, int64_t G, int64_t cpg, float* out) {
+  __m256 tot[MT][NBLK][2];
+  for (int m = 0; m < MT; ++m)
+    for (int bb = 0; bb < NBLK; ++bb) tot[m][bb][0] = tot[m][bb][1] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    __m256 acc[NA][MT][2];
-    for (int a = 0; a < NA; ++a)
-      for (int m = 0; m < MT; ++m) acc[a][m][0] = acc[a][m][1] = _mm256_setzero_ps();
-    const int32_t* qg = q + g * cpg * R;
-    const float* xg = x + g * cpg * 8;
-    for (int64_t c = 0; c < cpg; ++c) {
-      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg + c * R));
-      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg + c * R + 8));
-      const float* xc = xg + c * 8;
-#define SPX_STEP2(j)                                                                                     \
-  {                                                                                                      \
-    const __m256 v0 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(w0, 28 - 4 * (j)), 28));    \
-    const __m256 v1 = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(w1, 28 - 4 * (j)), 28));    \
-    for (int m = 0; m < MT; ++m) {                                                                       \
-      const __m256 xb = _mm256_broadcast_ss(xc + m * K + (j));                                           \
-      acc[(j) % NA][m][0] = _mm256_fmadd_ps(v0, xb, acc[(j) % NA][m][0]);                                \
-      acc[(j) % NA][m][1] = _mm256_fmadd_ps(v1, xb, acc[(j) % NA][m][1]);                                \
-    }                                                                                                    \
+    __m256 acc[MT][NBLK][2];
+    for (int m = 0; m < MT; ++m)
+      for (int bb = 0; bb < NBLK; ++bb) acc[m][bb][0] = acc[m][bb][1] = _mm256_setzero_ps();
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+      __m256i w[NBLK][2];
+      for (int bb = 0; bb < NBLK; ++bb) {
+        w[bb][0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + bb * qstride + c * R));
+        w[bb][1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + bb * qstride + c * R + 8));
+      }
+      const float* xc = x + c * 8;
+#define SPX_STEP2(j)                                                                                       \
+  {                                                                                                        \
+    __m256 xb[MT];                                                                                         \
+    for (int m = 0; m < MT; ++m) xb[m] = _mm256_broadcast_ss(xc + m * K + (j));                            \
+    for (int bb = 0; bb < NBLK; ++bb)                                                                      \
+      for (int h = 0; h < 2; ++h) {                                                                        \
+        const __m256 v = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(w[bb][h], 28 - 4 * (j)), 28)); \
+        for (int m = 0; m < MT; ++m) acc[m][bb][h] = _mm256_fmadd_ps(v, xb[m], acc[m][bb][h]);             \
+      }                                                                                                    \
   }
       SPX_STEP2(0) SPX_STEP2(1) SPX_STEP2(2) SPX_STEP2(3) SPX_STEP2(4) SPX_STEP2(5) SPX_STEP2(6) SPX_STEP2(7)
 #undef SPX_STEP2
     }
-    for (int a = 1; a < NA; ++a)
-      for (int m = 0; m < MT; ++m)
-        for (int h = 0; h < 2; ++h) acc[0][m][h] = _mm256_add_ps(acc[0][m][h], acc[a][m][h]);
-    if (z != nullptr) {
-      const __m256 z0 = _mm256_loadu_ps(z + g * R), z1 = _mm256_loadu_ps(z + g * R + 8);
-      for (int m = 0; m < MT; ++m) {
-        const __m256 xb = _mm256_broadcast_ss(xs + m * G + g);
-        acc[0][m][0] = _mm256_fmadd_ps(z0, xb, acc[0][m][0]);
-        acc[0][m][1] = _mm256_fmadd_ps(z1, xb, acc[0][m][1]);
+    for (int bb = 0; bb < NBLK; ++bb)
+      for (int h = 0; h < 2; ++h) {
+        if (z != nullptr) {
+          const __m256 zv = _mm256_loadu_ps(z + bb * sstride + g * R + 8 * h);
+          for (int m = 0; m < MT; ++m)
+            acc[m][bb][h] = _mm256_fmadd_ps(zv, _mm256_broadcast_ss(xs + m * G + g), acc[m][bb][h]);
+        }
+        const __m256 sv = _mm256_loadu_ps(s + bb * sstride + g * R + 8 * h);
+        for (int m = 0; m < MT; ++m) tot[m][bb][h] = _mm256_fmadd_ps(acc[m][bb][h], sv, tot[m][bb][h]);
       }
-    }
-    const __m256 s0 = _mm256_loadu_ps(s + g * R), s1 = _mm256_loadu_ps(s + g * R + 8);
-    for (int m = 0; m < MT; ++m) {
-      tot[m][0] = _mm256_fmadd_ps(acc[0][m][0], s0, tot[m][0]);
-      tot[m][1] = _mm256_fmadd_ps(acc[0][m][1], s1, tot[m][1]);
-    }
   }
-  for (int m = 0; m < MT; ++m) {
-    _mm256_storeu_ps(out + m * R, tot[m][0]);
-    _mm256_storeu_ps(out + m * R + 8, tot[m][1]);
-  }
+  for (int m = 0; m < MT; ++m)
+    for (int bb = 0; bb < NBLK; ++bb)
+      for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + (m * NBLK + bb) * R + 8 * h, tot[m][bb][h]);
 }
 
 // -------------------------------------------------------------------------------------------- AVX-512
-template <int MT, int NA>
-SPX_AVX512 void gemv_avx512(const int32_t* q, const float* s, const float* z, const float* x, int64_t K,
-                            const float* xs, int64_t G, int64_t cpg, float* out) {
-  __m512 tot[MT];
-  for (int m = 0; m < MT; ++m) tot[m] = _mm512_setzero_ps();
+template <int MT, int NBLK>
+SPX_AVX512 void gemv_avx512(const int32_t* q, int64_t qstride, const float* s, const float* z, int64_t sstride,
+                            const float* x, int64_t K, const float* xs, int64_t G, int64_t cpg, float* out) {
+  __m512 tot[MT][NBLK];
+  for (int m = 0; m < MT; ++m)
+    for (int bb = 0; bb < NBLK; ++bb) tot[m][bb] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
-    __m512 acc[NA][MT];
-    for (int a = 0; a < NA; ++a)
-      for (int m = 0; m < MT; ++m) acc[a][m] = _mm512_setzero_ps();
-    const int32_t* qg = q + g * cpg * R;
-    const float* xg = x + g * cpg * 8;
-    for (int64_t c = 0; c < cpg; ++c) {
-      const __m512i w = _mm512_loadu_si512(qg + c * R);
-      const float* xc = xg + c * 8;
-#define SPX_STEP5(j)                                                                                     \
-  {                                                                                                      \
-    const __m512 v = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(w, 28 - 4 * (j)), 28));      \
-    for (int m = 0; m < MT; ++m)                                                                         \
-      acc[(j) % NA][m] = _mm512_fmadd_ps(v, _mm512_set1_ps(xc[m * K + (j)]), acc[(j) % NA][m]);          \
+    __m512 acc[MT][NBLK];
+    for (int m = 0; m < MT; ++m)
+      for (int bb = 0; bb < NBLK; ++bb) acc[m][bb] = _mm512_setzero_ps();
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+      __m512i w[NBLK];
+      for (int bb = 0; bb < NBLK; ++bb) w[bb] = _mm512_loadu_si512(q + bb * qstride + c * R);
+      const float* xc = x + c * 8;
+#define SPX_STEP5(j)                                                                                       \
+  {                                                                                                        \
+    __m512 xb[MT];                                                                                         \
+    for (int m = 0; m < MT; ++m) xb[m] = _mm512_set1_ps(xc[m * K + (j)]);                                  \
+    for (int bb = 0; bb < NBLK; ++bb) {                                                                    \
+      const __m512 v = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(w[bb], 28 - 4 * (j)), 28));  \
+      for (int m = 0; m < MT; ++m) acc[m][bb] = _mm512_fmadd_ps(v, xb[m], acc[m][bb]);                     \
+    }                                                                                                      \
   }
       SPX_STEP5(0) SPX_STEP5(1) SPX_STEP5(2) SPX_STEP5(3) SPX_STEP5(4) SPX_STEP5(5) SPX_STEP5(6) SPX_STEP5(7)
 #undef SPX_STEP5
     }
-    for (int a = 1; a < NA; ++a)
-      for (int m = 0; m < MT; ++m) acc[0][m] = _mm512_add_ps(acc[0][m], acc[a][m]);
-    if (z != nullptr) {
-      const __m512 zv = _mm512_loadu_ps(z + g * R);
-      for (int m = 0; m < MT; ++m) acc[0][m] = _mm512_fmadd_ps(zv, _mm512_set1_ps(xs[m * G + g]), acc[0][m]);
-    }
-    const __m512 sv = _mm512_loadu_ps(s + g * R);
-    for (int m = 0; m < MT; ++m) tot[m] = _mm512_fmadd_ps(acc[0][m], sv, tot[m]);
-  }
-  for (int m = 0; m < MT; ++m) _mm512_storeu_ps(out + m * R, tot[m]);
-}
-
-using GemvFn = void (*)(const int32_t*, const float*, const float*, const float*, int64_t, const float*, int64_t,
-                        int64_t, float*);
-
-// The body for a tile of mt rows of x (1 <= mt <= max_tile(bits)).
-GemvFn pick(int64_t vector_bits, int64_t mt) {
-  if (vector_bits == 512) {
-    switch (mt) {
-      case 1: return gemv_avx512<1, 8>;
-      case 2: return gemv_avx512<2, 4>;
-      case 3: return gemv_avx512<3, 2>;
-      case 4: return gemv_avx512<4, 2>;
-      case 5: return gemv_avx512<5, 1>;
-      case 6: return gemv_avx512<6, 1>;
-      case 7: return gemv_avx512<7, 1>;
-      default: return gemv_avx512<8, 1>;
+    for (int bb = 0; bb < NBLK; ++bb) {
+      if (z != nullptr) {
+        const __m512 zv = _mm512_loadu_ps(z + bb * sstride + g * R);
+        for (int m = 0; m < MT; ++m) acc[m][bb] = _mm512_fmadd_ps(zv, _mm512_set1_ps(xs[m * G + g]), acc[m][bb]);
+      }
+      const __m512 sv = _mm512_loadu_ps(s + bb * sstride + g * R);
+      for (int m = 0; m < MT; ++m) tot[m][bb] = _mm512_fmadd_ps(acc[m][bb], sv, tot[m][bb]);
     }
   }
-  switch (mt) {
-    case 1: return gemv_avx2<1, 4>;
-    case 2: return gemv_avx2<2, 2>;
-    case 3: return gemv_avx2<3, 1>;
-    default: return gemv_avx2<4, 1>;
-  }
+  for (int m = 0; m < MT; ++m)
+    for (int bb = 0; bb < NBLK; ++bb) _mm512_storeu_ps(out + (m * NBLK + bb) * R, tot[m][bb]);
 }
 
-int64_t max_tile(int64_t vector_bits) { return vector_bits == 512 ? 8 : 4; }
+using GemvFn = void (*)(const int32_t*, int64_t, const float*, const float*, int64_t, const float*, int64_t,
+                        const float*, int64_t, int64_t, float*);
+
+// Tiles: (rows of x, blocks of W) per call, most rows first; threads take chunks of kChunk blocks, each
+// covered by kChunk / nblk calls per tile of x rows (a chunk's weights stay in cache across the tiles),
+// a short last chunk block by block (nblk = 1). Every body does one unpack per (block, k) for mt FMAs.
+struct Tile {
+  int mt, nblk;
+  GemvFn fn, tail;
+};
+constexpr int kChunk512 = 4, kChunk256 = 2;
+const Tile kTiles512[] = {{8, 1, gemv_avx512<8, 1>, gemv_avx512<8, 1>},
+                          {4, 2, gemv_avx512<4, 2>, gemv_avx512<4, 1>},
+                          {2, 4, gemv_avx512<2, 4>, gemv_avx512<2, 1>},
+                          {1, 4, gemv_avx512<1, 4>, gemv_avx512<1, 1>}};
+const Tile kTiles256[] = {{4, 1, gemv_avx2<4, 1>, gemv_avx2<4, 1>},
+                          {2, 2, gemv_avx2<2, 2>, gemv_avx2<2, 1>},
+                          {1, 2, gemv_avx2<1, 2>, gemv_avx2<1, 1>}};
 
 // Wᵀ [K, NB·16] in T: w = fl((c + z)·s), one rounding, as the reference dequantizes.
 template <typename T>
@@ -251,18 +246,37 @@ at::Tensor qlinear_cpu(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   const int32_t* qp = q.data_ptr<int32_t>();
   const float* sp = scales.data_ptr<float>();
   const float* xsp = has_z ? xsum.data() : nullptr;
-  const int64_t cpk = K / 8, cpg = group_size / 8, tile = max_tile(vector_bits);
-  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
-    float tmp[8 * R];
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t rows = std::min<int64_t>(R, n - b * R);
-      for (int64_t m0 = 0; m0 < M; m0 += tile) {
-        const int64_t mt = std::min(tile, M - m0);
-        pick(vector_bits, mt)(qp + b * cpk * R, sp + b * G * R, zp == nullptr ? nullptr : zp + b * G * R,
-                              xp + m0 * K, K, xsp == nullptr ? nullptr : xsp + m0 * G, G, cpg, tmp);
-        for (int64_t m = 0; m < mt; ++m)
-          for (int64_t r = 0; r < rows; ++r)
-            yp[(m0 + m) * n + b * R + r] = bp == nullptr ? tmp[m * R + r] : tmp[m * R + r] + bp[b * R + r];
+  const int64_t cpk = K / 8, cpg = group_size / 8;
+  const bool wide = vector_bits == 512;
+  const Tile* tiles = wide ? kTiles512 : kTiles256;
+  const int ntiles = wide ? 4 : 3;
+  const int64_t chunk = wide ? kChunk512 : kChunk256, nchunks = (nb + chunk - 1) / chunk;
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    float tmp[8 * R];  // mt·nblk <= 8
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      const int64_t b_begin = ch * chunk, b_end = std::min(nb, b_begin + chunk);
+      int64_t m0 = 0;
+      for (int t = 0; t < ntiles; ++t) {
+        const Tile& tl = tiles[t];
+        for (; M - m0 >= tl.mt; m0 += tl.mt) {
+          for (int64_t b = b_begin; b < b_end;) {
+            const bool full = b + tl.nblk <= b_end;
+            const int nblk = full ? tl.nblk : 1;
+            (full ? tl.fn : tl.tail)(qp + b * cpk * R, cpk * R, sp + b * G * R, zp == nullptr ? nullptr : zp + b * G * R,
+                                     G * R, xp + m0 * K, K, xsp == nullptr ? nullptr : xsp + m0 * G, G, cpg, tmp);
+            const int64_t rows = std::min<int64_t>(nblk * R, n - b * R);
+            for (int m = 0; m < tl.mt; ++m) {
+              float* yrow = yp + (m0 + m) * n + b * R;
+              const float* trow = tmp + m * nblk * R;
+              if (bp == nullptr) {
+                std::copy(trow, trow + rows, yrow);
+              } else {
+                for (int64_t r = 0; r < rows; ++r) yrow[r] = trow[r] + bp[b * R + r];
+              }
+            }
+            b += nblk;
+          }
+        }
       }
     }
   });

@@ -12,10 +12,12 @@ reference does, dequantize + mm in fp64. The body is
 kernels/qlinear_cpu.cpp, built on first use by torch's cpp extension loader into its cache
 (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions; one build per torch version and source
 hash). Where no compiler or no AVX2 is found, or the build fails, `available()` is False after one
-warning line, and plans take the aten paths (kernels/qlinear.py).
+warning line, and plans take the aten paths (kernels/qlinear.py); so they do with `SPINFX_CPP_KERNELS=0`
+or inside `disabled()`.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
@@ -47,10 +49,30 @@ def vector_bits() -> int | None:
     return {"AVX512": 512, "AVX2": 256}.get(torch.backends.cpu.get_cpu_capability())
 
 
+_enabled = os.environ.get("SPINFX_CPP_KERNELS", "1") != "0"
+
+
+@contextlib.contextmanager
+def disabled():
+    """Plans made inside take the aten paths (benchmarks compare both; `SPINFX_CPP_KERNELS=0` for a
+    whole process)."""
+    global _enabled
+    before, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
+def usable() -> bool:
+    """Enabled and `available`."""
+    return _enabled and available()
+
+
 @functools.cache
 def available() -> bool:
-    """Build (first call in a fresh cache: ≈ 20 s) and load the extension; False, with one warning, when
-    that fails or the CPU has no AVX2."""
+    """Build (first call in a fresh cache: ≈ 10–20 s) and load the extension; False, with one warning,
+    when that fails or the CPU has no AVX2."""
     if vector_bits() is None:
         return False
     try:

@@ -98,6 +98,19 @@ def test_matches_reference(case, vector_bits):
 
 
 @needs_kernel
+def test_rows_are_independent_of_batch_and_vector_width():
+    # every output lane runs the same FMA sequence whatever the tile (M), N or body: a row of x gives the
+    # same bits alone or in a batch (decode == prefill), and the AVX2 body the AVX-512 body's bits
+    qw = _weight(40, 128, 4, 32, False, False, True)
+    _, tensors, attrs = qlinear_cpu.repack(qw)
+    x = torch.randn(19, 128, generator=torch.Generator().manual_seed(2))
+    y = OP(x, **tensors, bias=qw.bias, **attrs)
+    assert all(torch.equal(y[i:i + 1], OP(x[i:i + 1], **tensors, bias=qw.bias, **attrs)) for i in range(19))
+    if qlinear_cpu.vector_bits() == 512:
+        assert torch.equal(y, OP(x, **tensors, bias=qw.bias, **{**attrs, "vector_bits": 256}))
+
+
+@needs_kernel
 def test_layout_details():
     # asymmetric 4-bit codes beyond [-8, 7] run as c = u - 8 with integer zeros; the rest without zeros
     assert qlinear_cpu.repack(_weight(*CASES[1]))[1]["q4_zeros"] is not None
