@@ -64,7 +64,7 @@ def assert_within_bound(y: torch.Tensor, x: torch.Tensor, qw: QuantWeight) -> No
 # per-channel, 2/3/4 bits, asymmetric 4 bits whose codes leave [-8, 7] (the zeros tensor)
 CASES = [(37, 256, 4, 64, True, False, True), (5, 384, 4, 128, False, False, False),
          (48, 96, 3, 32, False, True, True), (1, 200, 2, None, True, False, False),
-         (20, 128, 4, 32, False, True, False), (576, 1536, 4, 64, True, False, False)]
+         (20, 128, 4, 32, False, True, False), (100, 512, 4, 64, True, False, False)]  # 7 blocks: chunk tails
 
 
 def _weight(n, k, bits, group_size, symmetric, act_order, bias, seed=0):
@@ -134,13 +134,11 @@ def test_plan_prefers_the_kernel():
 
 
 @needs_kernel
-def test_opcheck_and_compile():
+def test_opcheck():  # Inductor runs it as an extern call: test_qlinear.py::test_torch_compile_inductor_keeps_ops_visible
     qw = _weight(20, 128, 4, 32, False, False, True)
     _, tensors, attrs = qlinear_cpu.repack(qw)
-    torch.library.opcheck(OP.default, (torch.randn(2, 3, 128), *tensors.values(), qw.bias, *attrs.values()))
-    torch._dynamo.reset()
-    mod, x = QLinear(qw), torch.randn(3, 128)
-    assert torch.equal(torch.compile(mod, backend="inductor", fullgraph=True)(x), mod(x))  # an extern call
+    torch.library.opcheck(OP.default, (torch.randn(2, 3, 128), *tensors.values(), qw.bias, *attrs.values()),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 @pytest.mark.skipif(qlinear_cpu.vector_bits() is None, reason="no AVX2: the kernel is never tried")
