@@ -131,9 +131,10 @@ def test_plan_prefers_the_kernel():
     assert plan_qlinear(quantize_rtn(w, 4, None), cpu_compute_dtype=None).calls[0].op is torch.ops.spinfx.qlinear.default
     assert plan_qlinear(quantize_rtn(w[:, :192], 8, None)).calls[0].op is torch.ops.spinfx.qlinear_int8pack.default
     assert not qlinear_cpu.eligible(quantize_rtn(w[:, :196], 4, None))  # K % 8
+    qw = quantize_rtn(w[:32, :192], 4, 64)  # N % 16 == 0: aten's int4 path takes it too
     with qlinear_cpu.disabled():  # what SPINFX_CPP_KERNELS=0 does for a whole process
-        assert plan_qlinear(quantize_rtn(w[:, :192], 4, 64)).calls[0].op is torch.ops.spinfx.qlinear_int4pack.default
-    assert plan_qlinear(quantize_rtn(w[:, :192], 4, 64)).calls[0].op is OP.default
+        assert plan_qlinear(qw).calls[0].op is torch.ops.spinfx.qlinear_int4pack.default
+    assert plan_qlinear(qw).calls[0].op is OP.default
 
 
 @needs_kernel
