@@ -13,7 +13,8 @@ Hadamards re-attached as hooks, quantized linears as QLinear — then torch.comp
 the entry point that keeps `generate` and the KV cache (the traced `Result.module` is one shape, no
 cache). The online R3+R4 share is (spinquant − rotate) / spinquant: same weights, plus the online ops.
 `spinfx.load` fuses sibling quantized linears (q/k/v, gate/up) by default; the `spinquant-w4a16-unfused-*`
-variants load the same checkpoint with `fuse=False`, and the `*-eager` ones skip torch.compile:
+variants load the same checkpoint with `fuse=False`, the `spinquant-w4a16-aten-*` ones without the C++
+kernel (aten's bf16 int4 path, as before it), and the `*-eager` ones skip torch.compile:
 
     .venv/bin/python bench/bench_decode.py --only spinquant-w4a16-eager,spinquant-w4a16-unfused-eager,\
         spinquant-w4a16-compiled,spinquant-w4a16-unfused-compiled --threads 2
@@ -24,6 +25,7 @@ variants load the same checkpoint with `fuse=False`, and the `*-eager` ones skip
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -39,20 +41,25 @@ import spinfx
 import spinfx.backend
 from spinfx.cli import decode_step_ms, dir_mb
 from spinfx.hf import load_model, smollm2_dir
+from spinfx.kernels import qlinear_cpu
 
 PROMPT = 128
 RECIPES = ("rotate", "spinquant", "w4a16", "spinquant-w4a16")
 # spinfx.load fused (the default) vs unfused, eager vs compiled, on the default checkpoint
-LOAD_VARIANTS = ("spinquant-w4a16-eager", "spinquant-w4a16-unfused-eager", "spinquant-w4a16-unfused-compiled")
+# -aten: the quantized linears planned without the C++ kernel (spinfx::qlinear_cpu), on aten's int4 path
+LOAD_VARIANTS = ("spinquant-w4a16-eager", "spinquant-w4a16-unfused-eager", "spinquant-w4a16-unfused-compiled",
+                 "spinquant-w4a16-aten-eager", "spinquant-w4a16-aten-compiled")
 
 
-def spinfx_variant(variant: str) -> tuple[str, bool, bool] | None:
-    """(recipe, fuse, compiled) of a spinfx checkpoint variant, None for the others."""
+def spinfx_variant(variant: str) -> tuple[str, bool, bool, bool] | None:
+    """(recipe, fuse, compiled, cpp) of a spinfx checkpoint variant, None for the others."""
     compiled = variant.endswith("-compiled")
     rest = variant.removesuffix("-compiled").removesuffix("-eager")
+    cpp = not rest.endswith("-aten")
+    rest = rest.removesuffix("-aten")
     fuse = not rest.endswith("-unfused")
     recipe = rest.removesuffix("-unfused")
-    return (recipe, fuse, compiled) if recipe in RECIPES else None
+    return (recipe, fuse, compiled, cpp) if recipe in RECIPES else None
 
 
 def log(msg: str) -> None:
@@ -93,8 +100,10 @@ def build(variant: str, checkpoints: dict[str, Path]):
         quantize_(model, Int4WeightOnlyConfig(group_size=32, layout=Int4CPULayout(), version=1))
         size = sum(t.numel() * t.element_size() for t in _tensors(model)) / 1e6
         return model, size, True
-    recipe, fuse, compiled = spinfx_variant(variant)
-    return spinfx.load(checkpoints[recipe], fuse=fuse), dir_mb(checkpoints[recipe]), compiled
+    recipe, fuse, compiled, cpp = spinfx_variant(variant)
+    with contextlib.nullcontext() if cpp else qlinear_cpu.disabled():
+        model = spinfx.load(checkpoints[recipe], fuse=fuse)
+    return model, dir_mb(checkpoints[recipe]), compiled
 
 
 def _tensors(model):

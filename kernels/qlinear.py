@@ -1,6 +1,6 @@
 """Quantized linear ops: y = x @ dequantize(W)ᵀ (+ bias) over any leading dims of x, in x's dtype.
 
-Three custom ops, all visible as single nodes in FX/Inductor graphs (tensors for data, ints for metadata):
+Four custom ops, all visible as single nodes in FX/Inductor graphs (tensors for data, ints for metadata):
 
   spinfx::qlinear(Tensor x, Tensor weight_packed, Tensor weight_scale, Tensor? weight_zero_point,
                   Tensor? weight_g_idx, Tensor? bias, int bits, int group_size) -> Tensor
@@ -8,6 +8,10 @@ Three custom ops, all visible as single nodes in FX/Inductor graphs (tensors for
       tensors as stored. CPU (and any non-CUDA device): unpack + dequantize + linear in plain torch
       ops (`dequant_linear`); `qlinear_decompositions()` lets Inductor trace those ops and fuse them.
       CUDA: the fused Triton dequant-GEMM (`qlinear_triton`).
+  spinfx::qlinear_cpu(Tensor x, Tensor q4_weight, Tensor q4_scales, Tensor? q4_zeros, Tensor? bias,
+                      int out_features, int group_size, int vector_bits) -> Tensor
+      The CPU path for <= 4-bit layouts when its C++ body builds (kernels/qlinear_cpu.py): AVX2 /
+      AVX-512, float32 math on x as given, weights exact; decode GEMV and prefill GEMM in one body.
   spinfx::qlinear_int4pack(Tensor x, Tensor weight_int4pack, Tensor scale_and_zeros, Tensor? bias,
                            int group_size) -> Tensor
       CPU fast path for every <= 4-bit layout with N % 16 == 0 and groups of 32..256 (or per-channel):
@@ -16,10 +20,11 @@ Three custom ops, all visible as single nodes in FX/Inductor graphs (tensors for
   spinfx::qlinear_int8pack(Tensor x, Tensor weight_int8, Tensor weight_scale, Tensor? bias) -> Tensor
       CPU int8 symmetric per-channel fast path: aten._weight_int8pack_mm, w = q · scale[n].
 
-The two CPU fast paths compute in the dtype of their scale tensor: x is cast to it and y back to x's
+The two aten CPU fast paths compute in the dtype of their scale tensor: x is cast to it and y back to x's
 dtype. Plans store those scales in bfloat16, because in torch 2.13 only the bf16 variants of both aten
 kernels are fast (4096×4096, M=1, one thread: int4 1.1 ms in bf16 vs 71 ms in fp32 and 82 ms in fp16;
 int8 1.1 vs 31 ms) — so fp32 activations are rounded to bf16 on the way in (the "a16" of w4a16).
+qlinear_cpu, preferred where it builds, has no such cast: one compute dtype (fp32) end to end.
 
 Sibling linears that read one input (q/k/v, gate/up) run as one `FusedQLinear` (their codes and scales
 concatenated along N, one op call, its output split); see that class.
@@ -36,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from spinfx.kernels import qlinear_cpu
 from spinfx.kernels.quant_pack import rows_per_chunk, unpack_int32
 from spinfx.kernels.quant_rtn import quantize_rtn
 from spinfx.kernels.quant_weight import MixedQuantWeight, QuantWeight
@@ -268,11 +274,14 @@ def generic_attrs(qw: QuantWeight) -> dict[str, int]:
 
 
 def _plan_one(qw: QuantWeight, k_start: int, compute_dtype: torch.dtype | None, device: torch.device,
-              bias: Tensor | None) -> tuple[Tensor | None, QLinearCall]:
+              bias: Tensor | None, cpp: bool = True) -> tuple[Tensor | None, QLinearCall]:
     """(input permutation or None, call) for one uniform-width matrix covering K-range k_start.."""
     qw = _to(qw, device)
     k_range = (k_start, k_start + qw.in_features)
     fast = device.type == "cpu" and compute_dtype is not None
+    if fast and cpp and qlinear_cpu.eligible(qw) and qlinear_cpu.usable():
+        perm, tensors, attrs = qlinear_cpu.repack(qw)
+        return perm, QLinearCall(torch.ops.spinfx.qlinear_cpu.default, {**tensors, "bias": bias}, attrs, *k_range)
     int4_group = int4pack_group_size(qw) if fast else None
     if int4_group is not None:
         perm, tensors = _int4pack_args(qw, int4_group, compute_dtype)
@@ -287,13 +296,18 @@ def _plan_one(qw: QuantWeight, k_start: int, compute_dtype: torch.dtype | None, 
 
 
 def plan_qlinear(qw: QuantWeight | MixedQuantWeight, *, device: torch.device | str = "cpu",
-                 cpu_compute_dtype: torch.dtype | None = torch.bfloat16) -> QLinearPlan:
+                 cpu_compute_dtype: torch.dtype | None = torch.bfloat16, cpp: bool = True) -> QLinearPlan:
     """Choose ops and prepack for `device` (tensors are moved there); plans work for any activation dtype.
 
-    CPU: 2/3/4 bits with N % 16 == 0, group 32..256 or per-channel -> qlinear_int4pack (act-order as
-    an input permutation; see `int4pack_group_size`); int8 symmetric per-channel with K % 16 == 0 ->
-    qlinear_int8pack; both compute in `cpu_compute_dtype` (None: no fast paths, e.g. for exact float64
-    checks). Everything else -> qlinear, exact in the activation dtype.
+    CPU, unless `cpu_compute_dtype` is None (no fast paths, e.g. for exact float64 checks):
+    - 2/3/4 bits, K % 8 == 0, groups of a multiple of 8 (or per-channel) -> qlinear_cpu, the C++
+      kernel (kernels/qlinear_cpu.py), when it builds and `cpp`: float32 math on x as given (no bf16
+      rounding; `cpu_compute_dtype` does not apply), exact weights; faster than the aten int4 kernel
+      at every shape measured (bench/README.md "qlinear"), so it is preferred;
+    - otherwise 2/3/4 bits with N % 16 == 0, group 32..256 or per-channel -> qlinear_int4pack
+      (act-order as an input permutation; see `int4pack_group_size`); int8 symmetric per-channel with
+      K % 16 == 0 -> qlinear_int8pack; both compute in `cpu_compute_dtype`.
+    Everything else -> qlinear, exact in the activation dtype.
     CUDA: qlinear (Triton). A MixedQuantWeight is its permutation plus one call per segment, each chosen
     the same way.
     """
@@ -301,12 +315,12 @@ def plan_qlinear(qw: QuantWeight | MixedQuantWeight, *, device: torch.device | s
     n, k = qw.weight_shape
     bias = None if qw.bias is None else qw.bias.to(device)
     if isinstance(qw, QuantWeight):
-        perm, call = _plan_one(qw, 0, cpu_compute_dtype, device, bias)
+        perm, call = _plan_one(qw, 0, cpu_compute_dtype, device, bias, cpp)
         return QLinearPlan(perm, (call,), k, n)
     calls, start = [], 0
     for i, seg in enumerate(qw.segments):
         # segments have contiguous groups (no g_idx), so they never add a permutation of their own
-        calls.append(_plan_one(seg, start, cpu_compute_dtype, device, bias if i == 0 else None)[1])
+        calls.append(_plan_one(seg, start, cpu_compute_dtype, device, bias if i == 0 else None, cpp)[1])
         start += seg.in_features
     return QLinearPlan(qw.perm.to(device), tuple(calls), k, n)
 
@@ -460,20 +474,27 @@ class QLinearSlice(nn.Module):
 
 # aten._convert_weight_to_int4pack_for_cpu's layout is blocked along N: the repack of concatenated codes is
 # not the parts' repacks stacked. It is compared through the kernel instead (`_concatenates`' probe).
-_REPACKED = ("weight_int4pack",)
+_REPACKED = ("weight_int4pack", "q4_weight", "q4_scales", "q4_zeros")  # qlinear_cpu's: blocked, N padded
+_N_ATTRS = ("out_features",)  # int args that grow with N: the fused call's is the parts' sum
 
 
 def _concatenates(fused: QLinear, parts: list[QLinear]) -> bool:
-    """The fused plan is the parts' plans stacked along N: same ops/attrs/K-ranges; each runtime tensor
-    equals the parts' tensors concatenated along one dim (or equals each of them: shared, such as an
-    act-order permutation); and, for the repacked int4 layout, the kernel run on the identity (each
-    output row one weight row, as the kernel dequantizes it) gives the parts' rows stacked."""
+    """The fused plan is the parts' plans stacked along N: same ops/attrs/K-ranges (an N-sized attr, such
+    as qlinear_cpu's out_features, is the parts' sum); each runtime tensor equals the parts' tensors
+    concatenated along one dim (or equals each of them: shared, such as an act-order permutation); and,
+    for the repacked layouts, the kernel run on the identity (each output row one weight row, as the
+    kernel dequantizes it) gives the parts' rows stacked."""
     if any(len(p.calls) != len(fused.calls) for p in parts):
         return False
     for i, c in enumerate(fused.calls):
-        if any((pc.op, pc.attrs, pc.k_start, pc.k_end, tuple(pc.tensors)) != (c.op, c.attrs, c.k_start, c.k_end,
-                                                                               tuple(c.tensors))
-               for pc in (p.calls[i] for p in parts)):
+        pcs = [p.calls[i] for p in parts]
+
+        def key(call: QLinearCall) -> tuple:
+            attrs = {k: v for k, v in call.attrs.items() if k not in _N_ATTRS}
+            return call.op, attrs, call.k_start, call.k_end, tuple(call.tensors)
+
+        if any(key(pc) != key(c) for pc in pcs) or any(
+                c.attrs[k] != sum(pc.attrs[k] for pc in pcs) for k in _N_ATTRS if k in c.attrs):
             return False
     if any(list(p._buffers) != list(fused._buffers) for p in parts):  # None buffers included
         return False

@@ -718,9 +718,10 @@ def _gptq_one(prog: Program, run: Program, l: _Layer, h: torch.Tensor) -> tuple[
 @dataclass(frozen=True)
 class LowerQLinear(Pass):
     """lower-qlinear: each generic spinfx.qlinear becomes its CPU fast path (`kernels.qlinear.plan_qlinear`):
+    spinfx.qlinear_cpu (≤ 4 bits, the C++ kernel, float32 math, where it builds), else
     spinfx.qlinear_int4pack (≤ 4 bits, N % 16 == 0, groups 32..256; act-order as one input
     index_select) or spinfx.qlinear_int8pack (8-bit symmetric per channel), over tensors repacked once
-    and named `<module>.<role>`. Layouts without a fast path keep the generic op. Run it last: the fast
+    and named `<module>.<role>`. Layouts without a fast path keep the generic op. Run it last: the aten
     kernels compute in `compute_dtype` (bfloat16: the only fast variant in torch 2.13), so the result is
     checked in the model's dtype against the generic graph with the declared `tolerance` (relative max
     |Δ| of the outputs), not in float64. Checkpoints still come from `quantized_layers(prog)`."""
@@ -766,8 +767,8 @@ def _lower_one(prog: Program, node: fx.Node, module: str, perm: torch.Tensor | N
             x.meta = {**node.meta, "val": x_val}
     kwargs = {}
     for role, t in call.tensors.items():
-        if role == "bias":
-            kwargs[role] = bias
+        if role == "bias" or t is None:  # an absent optional tensor (qlinear_cpu's zeros) stays None
+            kwargs[role] = bias if role == "bias" else None
             continue
         fqn = f"{module}.{role}"
         if t.is_floating_point():
@@ -796,7 +797,7 @@ def _check_native(before: Program, after: Program, tol: float, what: str) -> dic
     max_abs = max((x.double() - y.double()).abs().max().item() for x, y in zip(ob, oa))
     ref = max(x.double().abs().max().item() for x in ob)
     cert = {"max_abs": max_abs, "rel": max_abs / ref, "tolerance": tol, "seeds": [0],
-            "dtype": f"{ob[0].dtype} (model dtype; fast kernels compute in bfloat16)",
+            "dtype": f"{ob[0].dtype} (model dtype; the aten fast kernels compute in bfloat16)",
             "reference": "the generic spinfx.qlinear graph"}
     if not cert["rel"] <= tol:
         raise CertificateError(f"{what} changed the outputs by {cert['rel']:.3e} relative > tolerance {tol:.0e}")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from spinfx.kernels.gptq import HessianAccumulator, gptq_quantize
+from spinfx.kernels import qlinear_cpu
 from spinfx.kernels.qlinear import plan_qlinear
 from spinfx.kernels.quant_rtn import quantize_rtn
 from spinfx.kernels.quant_weight import dequantize
@@ -60,10 +61,12 @@ def test_act_order_layout(layer):
     order = torch.argsort(h.diagonal(), descending=True, stable=True)
     assert torch.equal(qw.weight_g_idx[order].long(), torch.arange(256) // 64)
     assert torch.equal(torch.bincount(qw.weight_g_idx.long()), torch.full((4,), 64))
-    # the CPU int4 kernel takes it through an input permutation (computing in fp32 here, to check exactly)
-    plan = plan_qlinear(qw, cpu_compute_dtype=torch.float32)
-    assert plan.perm is not None and plan.calls[0].op.name() == "spinfx::qlinear_int4pack"
-    torch.testing.assert_close(plan(x[:8]), x[:8] @ dequantize(qw).T, rtol=1e-5, atol=1e-4)
+    # the CPU int4 kernels take it through an input permutation (computing in fp32 here, to check exactly)
+    for cpp in (True, False):  # spinfx::qlinear_cpu where it builds, aten's int4 kernel
+        plan = plan_qlinear(qw, cpu_compute_dtype=torch.float32, cpp=cpp)
+        op = "spinfx::qlinear_cpu" if cpp and qlinear_cpu.usable() else "spinfx::qlinear_int4pack"
+        assert plan.perm is not None and plan.calls[0].op.name() == op
+        torch.testing.assert_close(plan(x[:8]), x[:8] @ dequantize(qw).T, rtol=1e-5, atol=1e-4)
 
 
 def test_dead_columns(layer):

@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import spinfx
 from spinfx import zoo
+from spinfx.kernels import qlinear_cpu
 from spinfx.kernels.qlinear import FusedQLinear, QLinear, QLinearSlice
 from spinfx.recipe import PRESETS
 
@@ -92,7 +93,8 @@ def test_qkv_and_gate_up_fuse_bit_identically(sq4):
     packs = [m for m in attn.modules() if isinstance(m, FusedQLinear)]
     assert len(packs) == 1 and packs[0].sizes == (64, 32, 32)
     assert attn.k_proj.fused is packs[0] and attn.k_proj.out_features == 32
-    assert [c.op.name() for c in packs[0].linear.calls] == ["spinfx::qlinear_int4pack"]
+    int4 = "spinfx::qlinear_cpu" if qlinear_cpu.usable() else "spinfx::qlinear_int4pack"
+    assert [c.op.name() for c in packs[0].linear.calls] == [int4]
     ids = zm.example_inputs["input_ids"]
     # the same codes and scales, stacked along N, through the same kernel: bitwise equal here
     assert torch.equal(_logits(fused, ids), _logits(separate, ids))
@@ -103,7 +105,7 @@ def test_qkv_and_gate_up_fuse_bit_identically(sq4):
     stored = load_file(ckpt / "model.safetensors")
     assert {f"model.layers.0.self_attn.{p}_proj.weight_packed" for p in "qkv"} <= set(stored)
     ref = _logits(r.module, ids)
-    assert (_logits(fused, ids) - ref).abs().max() <= 2e-2 * ref.abs().max()  # bf16 activations (QLinear)
+    assert (_logits(fused, ids) - ref).abs().max() <= 2e-2 * ref.abs().max()  # bf16 activations (int4pack)
 
 
 def test_fusion_refused_where_schemes_differ(w8):
@@ -154,7 +156,8 @@ def test_compiled_fused_model_one_packed_op_per_group(sq4):
     assert torch.equal(_logits(torch.compile(fused, backend=capture, fullgraph=True), ids), eager)
     ops = Counter(str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function")
     # per layer: packed q/k/v, o_proj, packed gate/up (int4 fast path); down_proj (K = 96, group 32)
-    assert ops["spinfx.qlinear_int4pack.default"] == 4 * LAYERS
+    int4 = "spinfx.qlinear_cpu.default" if qlinear_cpu.usable() else "spinfx.qlinear_int4pack.default"
+    assert ops[int4] == 4 * LAYERS
     torch._dynamo.reset()
     torch.testing.assert_close(_logits(torch.compile(fused), ids), eager, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
@@ -163,7 +166,11 @@ def test_compiled_fused_model_one_packed_op_per_group(sq4):
 @pytest.mark.parametrize("cache", ["static"])  # a DynamicCache traces the same way (and recompiles per length)
 def test_compiled_decode_with_a_cache_is_one_graph(sq4, cache):
     """Prefill then decode steps through torch.compile(fullgraph=True): the cache wrapper that rotates
-    keys on write and the fused siblings' memo trace without a graph break; logits bitwise eager's."""
+    keys on write and the fused siblings' memo trace without a graph break; logits eager's up to fp32
+    rounding. Not bitwise: at the decode steps the captured graph's attention output comes out with other
+    strides than eager's (another SDPA path, another summation order: ≈ 1e-6 apart); that was hidden
+    while the int4 kernel rounded every linear's input to bf16, and shows with fp32 linears (the C++
+    kernel, or the generic op: `cpu_compute_dtype=None`)."""
     from transformers import DynamicCache, StaticCache
 
     from spinfx.hf import cache_kwarg
@@ -182,7 +189,8 @@ def test_compiled_decode_with_a_cache_is_one_graph(sq4, cache):
         return torch.cat(out, 1)
 
     torch._dynamo.reset()
-    assert torch.equal(run(torch.compile(model, backend=lambda gm, ex: gm.forward, fullgraph=True)), run(model))
+    compiled = run(torch.compile(model, backend=lambda gm, ex: gm.forward, fullgraph=True))
+    torch.testing.assert_close(compiled, run(model), rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
 
 

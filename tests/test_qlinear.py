@@ -10,6 +10,7 @@ to bf16, 2^-9 relative each).
 """
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -20,12 +21,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from spinfx.kernels import qlinear_cpu
 from spinfx.kernels.qlinear import QLinear, generic_attrs, generic_tensors, plan_qlinear, qlinear_decompositions
 from spinfx.kernels.quant_pack import pack_int32, packed_width, unpack_int32
 from spinfx.kernels.quant_rtn import quantize_rtn, quantize_rtn_mixed
 from spinfx.kernels.quant_weight import MixedQuantWeight, QuantWeight, dequantize
 
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+aten_plan = functools.partial(plan_qlinear, cpp=False)  # the aten CPU paths, without the C++ kernel
 FAST_PATHS = ("spinfx::qlinear_int4pack", "spinfx::qlinear_int8pack")
 OPS = torch.ops.spinfx
 SETTINGS = settings(max_examples=40, deadline=None)
@@ -218,21 +221,22 @@ def test_bits_per_weight_w4_g64(scale_dtype, expected):
 
 @pytest.mark.parametrize("act_order", [False, True])
 def test_layout_to_op_choice(act_order):
+    # the aten paths (cpp=False); where the C++ kernel builds it takes <= 4 bits first: test_qlinear_cpu.py
     w = torch.randn(64, 256)
     g_idx = (torch.randperm(256) // 64).to(torch.int32) if act_order else None
     for bits, symmetric in ((4, True), (4, False), (3, False), (2, True)):
-        plan = plan_qlinear(quantize_rtn(w, bits, 64, symmetric, g_idx=g_idx))
+        plan = aten_plan(quantize_rtn(w, bits, 64, symmetric, g_idx=g_idx))
         assert op_names(plan) == ["spinfx::qlinear_int4pack"] and (plan.perm is not None) == act_order
-    per_channel = plan_qlinear(quantize_rtn(w, 3, None))
+    per_channel = aten_plan(quantize_rtn(w, 3, None))
     assert op_names(per_channel) == ["spinfx::qlinear_int4pack"] and per_channel.calls[0].attrs["group_size"] == 256
-    assert op_names(plan_qlinear(quantize_rtn(w, 8, None))) == ["spinfx::qlinear_int8pack"]
+    assert op_names(aten_plan(quantize_rtn(w, 8, None))) == ["spinfx::qlinear_int8pack"]
     for qw in (quantize_rtn(w[:40], 4, 64),  # N % 16 != 0
                quantize_rtn(w[:, :200], 4, None),  # per-channel, K = 200 has no group size 32..256
                quantize_rtn(w, 4, 64, g_idx=torch.randint(0, 4, (256,), dtype=torch.int32)),  # unequal groups
                quantize_rtn(w, 8, 64), quantize_rtn(w, 8, None, symmetric=False), quantize_rtn(w[:, :200], 8, None)):
-        assert op_names(plan_qlinear(qw)) == ["spinfx::qlinear"]
-    assert op_names(plan_qlinear(quantize_rtn(w, 4, 64), cpu_compute_dtype=None)) == ["spinfx::qlinear"]
-    mixed = plan_qlinear(quantize_rtn_mixed(w, [2, 4, 3, 8], 64))  # stored widest first: 8, 4, 3, 2
+        assert op_names(aten_plan(qw)) == ["spinfx::qlinear"]
+    assert op_names(aten_plan(quantize_rtn(w, 4, 64), cpu_compute_dtype=None)) == ["spinfx::qlinear"]
+    mixed = aten_plan(quantize_rtn_mixed(w, [2, 4, 3, 8], 64))  # stored widest first: 8, 4, 3, 2
     assert op_names(mixed) == ["spinfx::qlinear"] + ["spinfx::qlinear_int4pack"] * 3
 
 
@@ -240,21 +244,21 @@ def test_int4pack_runs_low_bit_codes_exactly():
     # 2/3-bit and symmetric 4-bit codes are re-based into [0, 15] with zero 0: exact in fp32 compute
     w = torch.randn(32, 128)
     for qw in (quantize_rtn(w, 3, 32, symmetric=False), quantize_rtn(w, 2, None), quantize_rtn(w, 4, 64)):
-        plan = plan_qlinear(qw, cpu_compute_dtype=torch.float32)
+        plan = aten_plan(qw, cpu_compute_dtype=torch.float32)
         assert not plan.calls[0].tensors["scale_and_zeros"][..., 1].any()
         x = torch.randn(3, 128)
         assert_kernel_close(plan(x), x, qw)
     # asymmetric 4-bit codes may span [-15, 15]: stored u with a float zero (8 - zu)·s
     w[:, 0] = 5.0  # a row range that is all positive pushes zu to qmin
     qw = quantize_rtn(w.abs(), 4, 64, symmetric=False)
-    assert plan_qlinear(qw).calls[0].tensors["scale_and_zeros"][..., 1].any()
+    assert aten_plan(qw).calls[0].tensors["scale_and_zeros"][..., 1].any()
 
 
 def test_int4_int8_fast_paths_bf16():
     w, b = torch.randn(48, 256), torch.randn(48)
     for qw in (quantize_rtn(w, 4, 128, bias=b), quantize_rtn(w, 4, 64, symmetric=False),
                quantize_rtn(w, 4, 32, g_idx=(torch.randperm(256) // 32).to(torch.int32)), quantize_rtn(w, 8, None)):
-        plan = plan_qlinear(qw)
+        plan = aten_plan(qw)
         assert op_names(plan)[0] in FAST_PATHS
         for dtype in (torch.bfloat16, torch.float32):
             x = torch.randn(2, 5, 256, dtype=dtype)
@@ -327,7 +331,7 @@ def _op_cases():
     for qw, fast in ((quantize_rtn(w, 3, 64, symmetric=False, bias=b), False),
                      (quantize_rtn(w, 2, 32, g_idx=act_order), False),
                      (quantize_rtn(w, 4, 64, symmetric=False, bias=b), True), (quantize_rtn(w, 8, None), True)):
-        c = plan_qlinear(qw, cpu_compute_dtype=torch.bfloat16 if fast else None).calls[0]
+        c = plan_qlinear(qw, cpu_compute_dtype=torch.bfloat16 if fast else None, cpp=False).calls[0]
         yield c.op, (x, *c.tensors.values(), *c.attrs.values())
 
 
@@ -352,7 +356,8 @@ def test_torch_compile_inductor_keeps_ops_visible():
 
     x = torch.randn(3, 192)
     torch.compile(f, backend=spy, fullgraph=True)(x)
-    assert "spinfx.qlinear_int4pack.default" in seen and "spinfx.qlinear.default" in seen
+    int4 = "spinfx.qlinear_cpu.default" if qlinear_cpu.available() else "spinfx.qlinear_int4pack.default"
+    assert int4 in seen and "spinfx.qlinear.default" in seen
     compiled = torch.compile(f, backend="inductor", fullgraph=True)
     torch.testing.assert_close(compiled(x), f(x), rtol=1e-5, atol=1e-5)
 
