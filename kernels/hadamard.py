@@ -20,6 +20,7 @@ import functools
 
 import torch
 
+from spinfx.kernels.quant_pack import rows_per_chunk
 from spinfx.kernels.hadamard_matrices import (
     FACTORS,
     MAX_FACTOR,
@@ -129,9 +130,18 @@ class HadamardRotation:
         return cls(plan(n, block), random_signs(n, seed))
 
     def __rmatmul__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.signs is not None:
-            x = x * self.signs.to(x.dtype)
-        return hadamard_by_gemm(x, list(self.plan.ks), self.plan.block)
+        def rows(xs: torch.Tensor) -> torch.Tensor:
+            if self.signs is not None:
+                xs = xs * self.signs.to(xs.dtype)
+            return hadamard_by_gemm(xs, list(self.plan.ks), self.plan.block)
+
+        if x.dim() != 2:
+            return rows(x)
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)  # a few rows at a time: bounded temporaries
+        step = rows_per_chunk(x.shape[1])
+        for r in range(0, x.shape[0], step):
+            out[r:r + step] = rows(x[r:r + step])
+        return out
 
     @property
     def T(self) -> "_TransposedRotation":
@@ -147,11 +157,21 @@ class _TransposedRotation:
         self.r = r
 
     def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.r.signs is not None:
-            x = x * self.r.signs.to(x.dtype)[:, None]
-        # contiguous both ways: a transposed view would reach the GEMMs with stride n (≈ 50× slower)
-        xt = x.transpose(-1, -2).contiguous()
-        return hadamard_by_gemm(xt, list(self.r.plan.ks), self.r.plan.block).transpose(-1, -2).contiguous()
+        """Rᵀ @ X over dim -2; a 2-D X a few columns at a time (bounded temporaries on an 8B layer's matrices)."""
+        def cols(xs: torch.Tensor) -> torch.Tensor:
+            if self.r.signs is not None:
+                xs = xs * self.r.signs.to(xs.dtype)[:, None]
+            # contiguous both ways: a transposed view would reach the GEMMs with stride n (≈ 50× slower)
+            xt = xs.transpose(-1, -2).contiguous()
+            return hadamard_by_gemm(xt, list(self.r.plan.ks), self.r.plan.block).transpose(-1, -2)
+
+        if x.dim() != 2:
+            return cols(x).contiguous()
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        step = rows_per_chunk(x.shape[0])
+        for c in range(0, x.shape[1], step):
+            out[:, c:c + step] = cols(x[:, c:c + step])
+        return out
 
 
 def hadamard_dense_reference(x: torch.Tensor, plan: HadamardPlan, transpose: bool = False) -> torch.Tensor:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -77,14 +78,26 @@ def available() -> bool:
         return False
     try:
         t = time.perf_counter()
+        fresh = not _built()
+        if fresh:  # a first build is seconds of silence otherwise
+            print("[spinfx] building the C++ CPU qlinear kernel (once per machine) …", file=sys.stderr)
         _build()
-        if os.environ.get("SPINFX_TRACE"):
-            print(f"spinfx: qlinear_cpu extension ready in {time.perf_counter() - t:.1f}s")
+        if fresh or os.environ.get("SPINFX_TRACE"):
+            print(f"[spinfx] qlinear_cpu extension ready in {time.perf_counter() - t:.1f} s", file=sys.stderr)
         return True
     except Exception as e:  # noqa: BLE001 — any failure means: use the aten paths
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         warnings.warn(f"spinfx: the C++ CPU qlinear kernel is unavailable ({type(e).__name__}: {first[:200]}); "
                       f"using the aten int4 path", RuntimeWarning, stacklevel=2)
+        return False
+
+
+def _built() -> bool:
+    from torch.utils.cpp_extension import _get_build_directory
+
+    try:
+        return (Path(_get_build_directory("spinfx_qlinear_cpu", verbose=False)) / "spinfx_qlinear_cpu.so").is_file()
+    except Exception:  # noqa: BLE001 — only decides whether to say "building"
         return False
 
 

@@ -155,6 +155,28 @@ def test_random_rotations_are_orthonormal_and_seeded():
     assert torch.allclose(r, r.triu(), rtol=0, atol=1e-12) and (r.diagonal() > 0).all()
 
 
+def test_rotation_operator_on_weights_in_chunks_is_the_dense_product():
+    # W @ R and Rᵀ @ W go through a weight a few rows / columns at a time (bounded temporaries): the same
+    # products as the dense R, on matrices cut into several uneven chunks, 2-D and 3-D (R2's per-head view)
+    import spinfx.kernels.quant_pack as pack
+    from spinfx.kernels.hadamard import HadamardRotation
+
+    r = HadamardRotation.randomized(172, 3)
+    dense = r.dense()
+    g = torch.Generator().manual_seed(0)
+    w, wt = torch.randn(37, 172, generator=g, dtype=torch.float64), torch.randn(172, 29, generator=g, dtype=torch.float64)
+    whole = pack.ROW_CHUNK
+    try:
+        pack.ROW_CHUNK = 5 * 172  # 5 rows / columns per chunk
+        got, got_t = w @ r, r.T @ wt
+    finally:
+        pack.ROW_CHUNK = whole
+    torch.testing.assert_close(got, w @ dense, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got_t, dense.T @ wt, rtol=0, atol=1e-12)
+    torch.testing.assert_close(r.T @ wt.reshape(172, 1, 29).expand(172, 2, 29).transpose(0, 1),
+                               (dense.T @ wt).expand(2, 172, 29), rtol=0, atol=1e-12)
+
+
 # --- the op ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n", [64, 576, 1536, 1040, 2080, 11008])
