@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spinfx.kernels import qlinear_cpu
-from spinfx.kernels.quant_pack import rows_per_chunk, unpack_int32
+from spinfx.kernels.quant_pack import rows_per_chunk, unpack_bytes, unpack_int32
 from spinfx.kernels.quant_rtn import quantize_rtn
 from spinfx.kernels.quant_weight import MixedQuantWeight, QuantWeight
 
@@ -59,7 +59,7 @@ def dequant_weight(weight_packed: Tensor, weight_scale: Tensor, weight_zero_poin
     `inplace=False`: functional ops only (the Inductor decomposition: decompositions run after
     functionalization); `inplace=True` (eager): one float temporary, edited in place — the same values."""
     n = weight_packed.shape[0]
-    u = unpack_int32(weight_packed, bits, k)
+    u = (unpack_bytes if inplace else unpack_int32)(weight_packed, bits, k)
     mid = 1 << (bits - 1)
     zu = mid if weight_zero_point is None else weight_zero_point.to(torch.int32) + mid
     if weight_g_idx is None:  # contiguous groups: broadcast [N, G, 1] over [N, G, group_size]
@@ -70,7 +70,7 @@ def dequant_weight(weight_packed: Tensor, weight_scale: Tensor, weight_zero_poin
             return u.view(n, g, group_size).to(dt).sub_(zu).mul_(scale).view(n, k)
         return ((u.view(n, g, group_size) - zu).to(dt) * scale).view(n, k)
     gi = weight_g_idx.long()
-    return (u - (zu if weight_zero_point is None else zu[:, gi])).to(dt) * weight_scale.to(dt)[:, gi]
+    return (u.to(torch.int32) - (zu if weight_zero_point is None else zu[:, gi])).to(dt) * weight_scale.to(dt)[:, gi]
 
 
 def dequant_linear(x: Tensor, weight_packed: Tensor, weight_scale: Tensor, weight_zero_point: Tensor | None,

@@ -76,3 +76,16 @@ def unpack_int32(packed: Tensor, bits: int, cols: int) -> Tensor:
     # arithmetic >> sign-extends negative words; the mask drops those bits
     u = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     return u.reshape(packed.shape[0], -1)[:, :cols]
+
+
+def unpack_bytes(packed: Tensor, bits: int, cols: int) -> Tensor:
+    """The same values as `unpack_int32`, as uint8, for eager callers: where codes fill whole bytes
+    (2/4/8 bits, little-endian words) the words are read as bytes, a quarter of the int32 path's traffic."""
+    if 8 % bits or not LITTLE:
+        return unpack_int32(packed, bits, cols)
+    b = packed.contiguous().view(torch.uint8)
+    per = 8 // bits
+    if per > 1:
+        mask = (1 << bits) - 1
+        b = torch.stack([(b >> (i * bits)) & mask for i in range(per)], -1).view(packed.shape[0], -1)
+    return b[:, :cols]
