@@ -1,6 +1,6 @@
 """Tensor parallel on CPU with gloo: per-rank forward time and the share spent in communication.
 
-SmolLM2-135M (float32, no recipe), T = 1 vs T = 2 ranks as processes (spinfx.tp.run_ranks). SmolLM2 has
+SmolLM2-135M (float32, no recipe), T = 1 vs T = 2 ranks as processes (spinfx.dist.tp.run_ranks). SmolLM2 has
 9 attention heads, which 2 does not divide, so at T = 2 attention is replicated (`attention: replicate`)
 and the 30 MLPs are split (1536 → 768 per rank): 30 all_reduces per forward. Each rank times its
 rewritten program (median of reps) and the same program with the all_reduces replaced by identity
@@ -36,7 +36,7 @@ def _times(fns, reps: int) -> list[float]:
 
 
 def _no_comm(prog):
-    from spinfx import tp
+    from spinfx.dist import tp
 
     p = prog.clone()
     for n in p.graph.nodes:
@@ -54,10 +54,10 @@ def bench_rank(rank: int, T: int, seqs: list[int], reps: int) -> dict:
     import torch.distributed as dist
 
     from spinfx.api import default_inputs, rewrite
-    from spinfx.hf import load_model
+    from spinfx.checkpoint.hf import load_model
     from spinfx.passes.shard import Shard
     from spinfx.recipe import Recipe
-    from spinfx import tp
+    from spinfx.dist import tp
 
     torch.set_num_threads(1)
     model, _ = load_model("smollm2")
@@ -85,7 +85,7 @@ def bench_rank(rank: int, T: int, seqs: list[int], reps: int) -> dict:
 
 
 def main() -> None:
-    from spinfx import tp
+    from spinfx.dist import tp
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=10)

@@ -39,14 +39,14 @@ from fractions import Fraction
 import torch
 import torch.fx as fx
 
-from spinfx.errors import BadInput, Unsupported
-from spinfx.graph import Program, add_const, drop_const, infer_meta
+from spinfx.engine.errors import BadInput, Unsupported
+from spinfx.engine.graph import Program, add_const, drop_const, infer_meta
 from spinfx.kernels import tp_specs as specs
-from spinfx.match import describe, find_all
+from spinfx.engine.match import describe, find_all
 from spinfx.passes.options import check_fields
 from spinfx.patterns.attention import ATTENTION, output_projection
 from spinfx.patterns.common import ALL_REDUCE, CASTS, HEAD_LAYOUT, VIEWS, WAIT_TENSOR
-from spinfx.pipeline import Context, Pass, PassResult
+from spinfx.engine.pipeline import Context, Pass, PassResult
 
 aten = torch.ops.aten
 Seg = tuple[tuple[int, int], ...]          # (global, local) lengths of consecutive parts of one axis

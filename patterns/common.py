@@ -5,7 +5,7 @@ import operator
 
 import torch
 
-from spinfx.pattern import Chain, Op, Opt, Var, is_const, is_number
+from spinfx.engine.pattern import Chain, Op, Opt, Var, is_const, is_number
 
 aten = torch.ops.aten
 

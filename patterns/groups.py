@@ -11,7 +11,7 @@ import operator
 
 import torch
 
-from spinfx.pattern import Op, Siblings, Var, is_const
+from spinfx.engine.pattern import Op, Siblings, Var, is_const
 
 from spinfx.patterns.common import CASTS, VIEWS, linear_of
 from spinfx.patterns.norms import NORM

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from spinfx.match import Match, describe, match_at
+from spinfx.engine.match import Match, describe, match_at
 
 from spinfx.patterns.common import CASTS, VIEWS
 from spinfx.patterns.norms import NORM, RMSNORM_PLAIN

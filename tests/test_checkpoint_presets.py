@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import spinfx
-from spinfx import zoo
+from spinfx.testing import zoo
 from spinfx.recipe import PRESETS
 
 
@@ -189,7 +189,7 @@ def test_fake_quantization_alone_is_guarded_and_unknown_schemes_are_refused(save
 
     import transformers
 
-    from spinfx.errors import BadInput
+    from spinfx.engine.errors import BadInput
 
     # no rotation, no online transform: the guard comes from the activation quantizer alone
     (tmp_path / "a8.yaml").write_text("passes:\n  - quantize: {weights: {bits: 4, group_size: 16}, "

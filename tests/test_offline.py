@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import spinfx
-from spinfx import offline, zoo
-from spinfx.errors import BadInput, Unsupported
+from spinfx.checkpoint import offline
+from spinfx.testing import zoo
+from spinfx.engine.errors import BadInput, Unsupported
 
 
 def logits(model, zm):

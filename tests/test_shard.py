@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import spinfx
-from spinfx import tp, zoo
+from spinfx.dist import tp
+from spinfx.testing import zoo
 from spinfx.kernels import tp_specs as specs
 from spinfx.kernels.quant_rtn import quantize_rtn
 from spinfx.kernels.quant_weight import QuantWeight, dequantize
@@ -289,7 +290,7 @@ def test_sharded_files_consolidate_without_a_process_group(tmp_path):
 
 
 def test_cli_rewrite_tp_then_consolidate_is_the_unsharded_checkpoint(tmp_path):
-    from spinfx.cli import main
+    from spinfx.tools.cli import main
 
     zm = zoo.build("qwen2", layers=1)
     zm.model.save_pretrained(tmp_path / "src")

@@ -13,7 +13,7 @@ One spawn per T runs all of its jobs (process start-up dominates on this 2-core 
 import pytest
 import torch
 
-from spinfx import tp
+from spinfx.dist import tp
 from spinfx.passes import FoldNorms, Rotate
 from spinfx.recipe import load_recipe
 

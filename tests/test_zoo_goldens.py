@@ -6,7 +6,7 @@ import functools
 import pytest
 
 import spinfx
-from spinfx import zoo
+from spinfx.testing import zoo
 from spinfx.testing import graph_text
 
 

@@ -10,7 +10,7 @@ process, and the shard pass's certificate, are spinfx.passes.shard_ranks.)
 
 A user's command (two ranks on CPU; see README "Tensor parallel"):
 
-    torchrun --nproc-per-node 2 -m spinfx.tp smollm2 --recipe w4a16 --prompt "To be, or not"
+    torchrun --nproc-per-node 2 -m spinfx.dist.tp smollm2 --recipe w4a16 --prompt "To be, or not"
 """
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ from typing import Any, Callable
 
 import torch
 
-from spinfx.errors import BadInput, SpinfxError, Unsupported
-from spinfx.graph import Program
-from spinfx.offline import check_writable, read_safetensors, save_tensors, staged_dir, write_safetensors
+from spinfx.engine.errors import BadInput, SpinfxError, Unsupported
+from spinfx.engine.graph import Program
+from spinfx.checkpoint.offline import check_writable, read_safetensors, save_tensors, staged_dir, write_safetensors
 from spinfx.patterns.common import ALL_REDUCE
 
 META = "spinfx_tp.json"
@@ -253,7 +253,7 @@ def zoo_jobs(rank: int, tp: int, jobs: list[dict]) -> list[dict]:
     `passes` + the shard pass for this rank (+ `after`), run on the zoo's example input (eager, or
     torch.compile(backend="spinfx")): {"logits": ...}; rank 0 also runs the unsharded rewrite the same
     way ({"reference": ...}) after its sharded run."""
-    from spinfx import zoo
+    from spinfx.testing import zoo
     from spinfx.passes.shard import Shard
     from spinfx.recipe import Recipe
 
@@ -277,7 +277,7 @@ def _smollm2(dtype: torch.dtype, seq: int, layers: int | None = None):
     from types import SimpleNamespace
 
     from spinfx.api import default_inputs
-    from spinfx.hf import load_model
+    from spinfx.checkpoint.hf import load_model
 
     model, _ = load_model("smollm2")
     if layers is not None:
@@ -306,7 +306,7 @@ def _run_zoo(zm, recipe, job) -> tuple[dict, int]:
             return {"model": logits}, sum(p.findings.get("counts", {}).get("row", 0) for p in shards)
         r = rewrite(zm.model, recipe, zm.example_inputs, certify=job.get("certify", False))
         reduces = sum(n.target is ALL_REDUCE for n in r.program.graph.nodes)
-        from spinfx.certify import as_fp64
+        from spinfx.engine.certify import as_fp64
 
         # and in float64 semantics: HF's float32 casts around norms promoted (as certificates run)
         fp64 = as_fp64(r.program)(**zm.example_inputs).logits
@@ -321,8 +321,8 @@ def cmd_rewrite_tp(args) -> int:
     verified as usual, into a temporary directory), then its checkpoint split by the layouts the shard
     pass reads off the rewritten graph: one safetensors file per rank + spinfx_tp.json."""
     from spinfx.api import progress
-    from spinfx.cli import rewrite_to_dir
-    from spinfx.moe import expert_linears
+    from spinfx.tools.cli import rewrite_to_dir
+    from spinfx.checkpoint.moe import expert_linears
     from spinfx.passes.shard import plan_shard
 
     out, T = Path(args.out), int(args.tp)
@@ -338,7 +338,7 @@ def cmd_rewrite_tp(args) -> int:
         result = rewrite_to_dir(args.src, args.recipe, work / "ckpt", True, getattr(args, "calib", None))
         layouts = plan_shard(result.program, T, getattr(args, "tp_attention", "shard")).by_module()
         stacked = sorted({m for m in layouts if m in expert_linears(result.source)})
-        if stacked:  # the checkpoint holds them stacked [E, …] under <experts>.<w> (spinfx.offline)
+        if stacked:  # the checkpoint holds them stacked [E, …] under <experts>.<w> (spinfx.checkpoint.offline)
             raise Unsupported(f"--tp: the rank files would split each expert's projection ({stacked[0]}, …), but "
                               f"the checkpoint stores the experts stacked; sharding stacked experts is not "
                               f"implemented (spinfx.rewrite with the shard pass does split them in the program)")
@@ -371,7 +371,7 @@ def cmd_consolidate(args) -> int:
 
 
 def generate_main(argv: list[str] | None = None) -> int:
-    """torchrun --nproc-per-node T -m spinfx.tp SRC [--recipe R] [--prompt TEXT] [--tokens N]
+    """torchrun --nproc-per-node T -m spinfx.dist.tp SRC [--recipe R] [--prompt TEXT] [--tokens N]
 
     Every rank loads SRC, rewrites it with the recipe + `shard` for its rank (one process group, gloo
     on CPU, from torchrun's environment), and decodes greedily. The program is traced once for a
@@ -382,11 +382,11 @@ def generate_main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from spinfx.api import rewrite
-    from spinfx.hf import load_model
+    from spinfx.checkpoint.hf import load_model
     from spinfx.passes.shard import Shard
     from spinfx.recipe import Recipe, load_recipe
 
-    p = argparse.ArgumentParser(prog="python -m spinfx.tp")
+    p = argparse.ArgumentParser(prog="python -m spinfx.dist.tp")
     p.add_argument("src", help="an HF model directory, or 'smollm2'")
     p.add_argument("--recipe", default=None, help="a preset or YAML recipe run before sharding (default: none)")
     p.add_argument("--prompt", default="To be, or not to be,")

@@ -25,7 +25,7 @@ A checkpoint is the source model's Hugging Face directory with the rewritten wei
   `kv_cache_scheme` (int, `group` with group_size = head_dim, dynamic: per head and token). Their
   rounding convention is spinfx's, not compressed-tensors' (`_act_args`), so the config is guarded
   (GUARD_TYPE) as for online transforms.
-* a mixture of experts (`spinfx.moe`): the program holds one matrix per expert (`<experts>.<e>.gate_up_proj`,
+* a mixture of experts (`spinfx.checkpoint.moe`): the program holds one matrix per expert (`<experts>.<e>.gate_up_proj`,
   `.down_proj`), the model class one stacked parameter per projection (`<experts>.gate_up_proj` [E, 2I, H],
   `<experts>.down_proj` [E, H, I]). Float experts are stacked again into the class's parameters (fold,
   rotate: a plain model-class checkpoint). Quantized experts keep their compressed-tensors tensors with a
@@ -54,7 +54,7 @@ filled by such a model holds rotated keys; `_KeysRotatedOnWrite`). Fake quantize
 transforms of their site, as in the program: a forward pre-hook on each linear with `input_activations`
 (after an input Hadamard; siblings fused only where they share one quantizer, which then runs once on
 their packed linear's input), and k and v in `spinfx_sdpa` (after R3, over the whole cache). An experts module
-with quantized projections or an input transform runs `spinfx.moe`'s sparse forward (transformers' eager
+with quantized projections or an input transform runs `spinfx.checkpoint.moe`'s sparse forward (transformers' eager
 loop over the chosen experts; per-expert QLinears, never fused: each expert reads its own tokens' rows; the
 transform applied inside it to each expert's input,
 so the loaded model keeps it whatever `experts_implementation` is set). It is the model class
@@ -77,7 +77,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from spinfx.errors import BadInput, Unsupported
+from spinfx.engine.errors import BadInput, Unsupported
 
 MAX_SHARD = 5 * 1024**3  # bytes per safetensors shard
 NEUTRAL = {"gamma": 1.0, "gamma1p": 0.0, "beta": 0.0}  # norm-pattern capture -> value that does nothing
@@ -105,7 +105,7 @@ class Parts:
     transforms: dict[str, dict] = field(default_factory=dict)    # transform_config config_groups
     kv_cache: dict | None = None                                 # kv_cache_scheme (QuantizationArgs)
     notes: list[str] = field(default_factory=list)
-    experts: dict[str, tuple[str, str, int]] = field(default_factory=dict)  # spinfx.moe.expert_linears
+    experts: dict[str, tuple[str, str, int]] = field(default_factory=dict)  # spinfx.checkpoint.moe.expert_linears
     expert_sites: dict[tuple, set[int]] = field(default_factory=dict)  # (transform, <experts>.<w>, location) -> e
     stacked_quantized: bool = False                              # quantized experts, stacked (spinfx's layout)
 
@@ -120,7 +120,7 @@ def checkpoint_parts(result) -> Parts:
     prog, source = result.program, result.source
     if source is None or getattr(source, "config", None) is None:
         raise BadInput("saving needs the source to be a Hugging Face model (it has no config)")
-    from spinfx.moe import expert_linears
+    from spinfx.checkpoint.moe import expert_linears
 
     parts = Parts(experts=expert_linears(source))
     live = {n.target for n in prog.graph.nodes if n.op == "get_attr"}
@@ -345,7 +345,7 @@ _PASS_THROUGH = {aten.reshape.default, aten.view.default, aten.expand.default, a
 
 def _site(n: fx.Node) -> tuple[str, str]:
     """(module, location) where the online op `n` acts, as a module-level site (or Unsupported)."""
-    from spinfx.match import describe
+    from spinfx.engine.match import describe
 
     values, todo, attention = {n}, [n], []
     while todo:  # q/k at attention: n reaches scaled_dot_product_attention's q or k through layout ops
@@ -492,7 +492,7 @@ def staged_dir(out: Path):
 
 
 def _write(result, parts: Parts, tmp: Path) -> None:
-    from spinfx.hf import copy_tokenizer_files
+    from spinfx.checkpoint.hf import copy_tokenizer_files
 
     source = result.source
     linears = sorted(name for name, m in source.named_modules() if isinstance(m, torch.nn.Linear))
@@ -557,7 +557,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dict | 
 
 
 def _write_reports(result, tmp: Path) -> None:
-    from spinfx.report_html import write_html
+    from spinfx.tools.report_html import write_html
 
     data = result.report.to_dict()
     (tmp / "spinfx_report.json").write_text(json.dumps(data, indent=1, default=str))
@@ -610,7 +610,7 @@ def load(path: str | os.PathLike, cpu_compute_dtype: torch.dtype | None | str = 
 
     `fuse`: sibling quantized linears (q/k/v, gate/up) run as one packed linear each (`fuse_siblings`),
     bit-identical to the separate ones; False keeps them separate."""
-    from spinfx.hf import _transformers, attention_impl, check_finite, load_model, resolve_source
+    from spinfx.checkpoint.hf import _transformers, attention_impl, check_finite, load_model, resolve_source
 
     path = resolve_source(path)
     config = json.loads((path / "config.json").read_text())
@@ -639,7 +639,7 @@ def load(path: str | os.PathLike, cpu_compute_dtype: torch.dtype | None | str = 
             act_quant.update(dict.fromkeys(group["targets"], fn))
     swapped = set(weights)
     from spinfx.kernels.qlinear import QLinearSlice
-    from spinfx.moe import projection_modules, stacked_projection
+    from spinfx.checkpoint.moe import projection_modules, stacked_projection
     transforms = (qc.get("transform_config") or {}).get("config_groups", {})
     matrices = {k: tensors.pop(k) for k in transforms if k in tensors}
     want = model.state_dict()
@@ -729,7 +729,7 @@ def _swap_quantized(model: torch.nn.Module, group: dict, tensors: dict,
     from spinfx.kernels.qembedding import QEmbedding
     from spinfx.kernels.qlinear import QLinear
     from spinfx.kernels.quant_weight import QuantWeight
-    from spinfx.moe import set_projections, stacked_projection
+    from spinfx.checkpoint.moe import set_projections, stacked_projection
 
     w = group["weights"]
     gs = None if w.get("strategy") == "channel" else w.get("group_size")
@@ -835,7 +835,7 @@ def attach_transforms(model: torch.nn.Module, groups: dict[str, dict], matrices:
     """Re-attach online transforms at their recorded sites (see the module docstring)."""
     import spinfx.kernels.hadamard  # noqa: F401  (registers torch.ops.spinfx.hadamard)
     from spinfx.kernels.hadamard_matrices import plan
-    from spinfx.moe import set_input_transform, stacked_projection
+    from spinfx.checkpoint.moe import set_input_transform, stacked_projection
 
     attention = False
     for key, g in groups.items():

@@ -1,0 +1,1 @@
+"""Tensor parallelism: real processes, sharded checkpoints, `spinfx rewrite --tp`, torchrun generation."""
