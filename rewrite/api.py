@@ -149,9 +149,9 @@ class Result:
     source_dir: Path | None = None         # its HF directory, when it was loaded from one (tokenizer files)
 
     def save(self, out, force: bool = False) -> Path:
-        """Write a checkpoint directory (spinfx.checkpoint.offline: safetensors, config, tokenizer, reports),
+        """Write a checkpoint directory (spinfx.checkpoint.write: safetensors, config, tokenizer, reports),
         verified by loading it back; an existing `out` is refused unless `force`."""
-        from spinfx.checkpoint.offline import save
+        from spinfx.checkpoint.write import save
 
         return save(self, out, force=force, progress=progress)
 

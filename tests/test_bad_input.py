@@ -200,7 +200,7 @@ def test_unwritable_output(tmp_path, source, capsys, monkeypatch, case, needle):
 def test_safetensors_io_errors_are_os_errors(tmp_path):
     """safetensors reports a failed write as its own error type; spinfx raises it as the OSError it is
     (what staged_dir turns into the one line naming --out)."""
-    from spinfx.checkpoint.offline import save_tensors
+    from spinfx.checkpoint.write import save_tensors
 
     with pytest.raises(FileNotFoundError):
         save_tensors({"w": torch.zeros(4)}, tmp_path / "no-such-dir" / "model.safetensors")

@@ -144,7 +144,7 @@ def test_smollm2_rewrite_then_eval_reproduces_the_in_memory_perplexity(tmp_path)
     # streamed in 3 windows of 10 layers (and a third of the vocabulary each): the very same checkpoint
     from spinfx.checkpoint import stream
     from spinfx.checkpoint.hf import smollm2_dir
-    from spinfx.checkpoint.offline import read_safetensors
+    from spinfx.checkpoint.read import read_safetensors
     from spinfx.recipe import load_recipe
 
     rec = load_recipe("spinquant-w4a16")

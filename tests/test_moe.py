@@ -9,7 +9,7 @@ import torch
 import spinfx
 from spinfx.testing import zoo
 from spinfx.checkpoint.moe import dense_experts
-from spinfx.checkpoint.offline import read_safetensors
+from spinfx.checkpoint.read import read_safetensors
 from spinfx.passes import FoldNorms, Rotate
 from spinfx.passes.quantize import Quantize, quantized_layers
 from spinfx.passes.shard import Shard

@@ -299,7 +299,7 @@ def test_a_scaled_embedding_keeps_its_scale_when_loaded(tmp_path, name):
 
 
 def test_an_embedding_that_does_more_than_scale_is_refused_at_load():
-    from spinfx.checkpoint.offline import _lookup_scale
+    from spinfx.checkpoint.read import _lookup_scale
 
     class Shifted(torch.nn.Embedding):
         def forward(self, ids):

@@ -13,7 +13,7 @@ import spinfx
 from spinfx.checkpoint import stream
 from spinfx.testing import zoo
 from spinfx.engine.errors import BadInput, Unsupported
-from spinfx.checkpoint.offline import read_safetensors
+from spinfx.checkpoint.read import read_safetensors
 from spinfx.recipe import load_recipe
 
 

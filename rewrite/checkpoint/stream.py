@@ -263,7 +263,7 @@ def _read_window(p: Plan, model: torch.nn.Module, layers: range, rows: tuple[int
 def _rewrite_window(p: Plan, recipe, w: int):
     """(checkpoint parts renamed to the whole model's names, report, matches outside the layers) of window w."""
     from spinfx.api import RewrittenModule, Result, apply_recipe, load
-    from spinfx.checkpoint.offline import checkpoint_parts
+    from spinfx.checkpoint.parts import checkpoint_parts
 
     layers, rows = p.window(w)
     model = _skeleton(_window_config(p, layers, rows[1] - rows[0]))
@@ -296,7 +296,7 @@ def _rewrite_window(p: Plan, recipe, w: int):
 
 
 def _renamed(p: Plan, parts, layers: range):
-    from spinfx.checkpoint.offline import Parts
+    from spinfx.checkpoint.parts import Parts
 
     def g(name: str) -> str:
         return _local(p, name, layers)
@@ -317,7 +317,7 @@ class _Assembly:
     """The windows' parts put back together; layer tensors are written as each window finishes."""
 
     def __init__(self, p: Plan, tmp: Path):
-        from spinfx.checkpoint.offline import Parts
+        from spinfx.checkpoint.parts import Parts
 
         self.p, self.tmp = p, tmp
         self.parts = Parts()
@@ -502,7 +502,7 @@ def rewrite(p: Plan, recipe, out: Path, force: bool = False, log: Callable[[str]
     """Rewrite plan `p`'s source window by window into the checkpoint directory `out` (staged: nothing is
     left at `out` unless every window certified and every file was written)."""
     from spinfx.checkpoint.hf import copy_tokenizer_files
-    from spinfx.checkpoint.offline import staged_dir, write_config
+    from spinfx.checkpoint.write import staged_dir, write_config
     from spinfx.tools.report_html import write_html
 
     out = Path(out).expanduser()

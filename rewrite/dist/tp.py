@@ -29,7 +29,8 @@ import torch
 
 from spinfx.engine.errors import BadInput, SpinfxError, Unsupported
 from spinfx.engine.graph import Program
-from spinfx.checkpoint.offline import check_writable, read_safetensors, save_tensors, staged_dir, write_safetensors
+from spinfx.checkpoint.read import read_safetensors
+from spinfx.checkpoint.write import check_writable, save_tensors, staged_dir, write_safetensors
 from spinfx.patterns.common import ALL_REDUCE
 
 META = "spinfx_tp.json"
@@ -338,7 +339,7 @@ def cmd_rewrite_tp(args) -> int:
         result = rewrite_to_dir(args.src, args.recipe, work / "ckpt", True, getattr(args, "calib", None))
         layouts = plan_shard(result.program, T, getattr(args, "tp_attention", "shard")).by_module()
         stacked = sorted({m for m in layouts if m in expert_linears(result.source)})
-        if stacked:  # the checkpoint holds them stacked [E, …] under <experts>.<w> (spinfx.checkpoint.offline)
+        if stacked:  # the checkpoint holds them stacked [E, …] under <experts>.<w> (spinfx.checkpoint.parts)
             raise Unsupported(f"--tp: the rank files would split each expert's projection ({stacked[0]}, …), but "
                               f"the checkpoint stores the experts stacked; sharding stacked experts is not "
                               f"implemented (spinfx.rewrite with the shard pass does split them in the program)")

@@ -1,7 +1,7 @@
 """The `spinfx` command (INTERFACE.md). Exit codes: 0 ok, 2 bad input/usage, 3 unsupported model
 structure, 1 internal error. Errors are one line on stderr; progress goes to stderr; `--json` prints
 one object on stdout. Every input is checked before long work starts, and output directories are
-written to a temporary sibling and renamed (spinfx.checkpoint.offline), so a failure leaves nothing behind."""
+written to a temporary sibling and renamed (spinfx.checkpoint.write), so a failure leaves nothing behind."""
 from __future__ import annotations
 
 import argparse
@@ -84,7 +84,7 @@ def rewrite_to_dir(src: str, recipe: str, out: Path, force: bool, calib_file: st
     from spinfx.api import CALIB_SEQ, calibrating, calibration_windows, progress, rewrite
     from spinfx.tools.data import tokenize_file
     from spinfx.checkpoint.hf import load_model, load_tokenizer, resolve_source
-    from spinfx.checkpoint.offline import check_writable
+    from spinfx.checkpoint.write import check_writable
     from spinfx.passes.calibration import check_calibration, words
     from spinfx.recipe import load_recipe
 
