@@ -168,6 +168,6 @@ def consolidate(d: str | os.PathLike, out: str | os.PathLike, force: bool = Fals
 
 def checkpoint_layouts(prog: Program, tp: int, attention: str = "shard") -> dict:
     """module -> Layout for a rewritten (unsharded) program, as its checkpoint names the modules."""
-    from spinfx.passes.shard import plan_shard
+    from spinfx.passes.shard_plan import plan_shard
 
     return plan_shard(prog, tp, attention).by_module()

@@ -33,7 +33,7 @@ def cmd_rewrite_tp(args) -> int:
     from spinfx.api import progress
     from spinfx.tools.cli import rewrite_to_dir
     from spinfx.checkpoint.moe import expert_linears
-    from spinfx.passes.shard import plan_shard
+    from spinfx.passes.shard_plan import plan_shard
 
     out, T = Path(args.out), int(args.tp)
     if T < 1:
