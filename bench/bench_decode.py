@@ -1,7 +1,7 @@
 """SmolLM2-135M decode speed with a KV cache, side by side in one run (bench/README.md "## Decode").
 
 For each variant: one decode step (batch 1, 128 tokens prefilled, then 1 token at a time with a
-static KV cache — `spinfx.cli.decode_step_ms`, the same shapes every step, as HF recommends for
+static KV cache — `spinfx.tools.cli.decode_step_ms`, the same shapes every step, as HF recommends for
 torch.compile) and a 128-token prefill (no cache reuse), medians over `--reps`; the first timed round of
 a compiled variant is its compile time.
 
@@ -39,8 +39,8 @@ import torch
 
 import spinfx
 import spinfx.backend
-from spinfx.cli import decode_step_ms, dir_mb
-from spinfx.hf import load_model, smollm2_dir
+from spinfx.tools.cli import decode_step_ms, dir_mb
+from spinfx.checkpoint.hf import load_model, smollm2_dir
 from spinfx.kernels import qlinear_cpu
 
 PROMPT = 128

@@ -228,7 +228,7 @@ def speed(args):
 def product(args):
     import spinfx
     import spinfx.backend
-    from spinfx import zoo
+    from spinfx.testing import zoo
 
     out = {}
     dev = args.device
@@ -290,7 +290,7 @@ def _decode_ms(model, vocab: int, dev: str, prompt: int = 128, steps: int = 32) 
     """(median ms of one decode step, ms of the `prompt`-token prefill): batch 1, a static cache."""
     from transformers import StaticCache
 
-    from spinfx.hf import cache_kwarg
+    from spinfx.checkpoint.hf import cache_kwarg
 
     ids = torch.randint(0, vocab, (1, prompt + steps + 2), device=dev)
     cache = StaticCache(config=model.config, max_cache_len=prompt + steps + 2)

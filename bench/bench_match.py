@@ -14,10 +14,10 @@ import time
 import torch
 
 import spinfx
-from spinfx import zoo
+from spinfx.testing import zoo
 from spinfx.patterns import STRUCTURE
 from spinfx.patterns.residual import residual_stream
-from spinfx.rule import find
+from spinfx.engine.rule import find
 
 
 def measure(layers: int, repeats: int) -> tuple[int, float]:

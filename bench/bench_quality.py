@@ -5,7 +5,7 @@
     .venv/bin/python bench/bench_quality.py --weights-only        # the weight-grid analysis alone
 
 Evaluation: Hamlet, ctx 512, the first `--windows` non-overlapping windows. GPTQ calibration: 128
-windows of 512 tokens from other plays (`spinfx.evaluate.calibration_tokens`: texts in name order,
+windows of 512 tokens from other plays (`spinfx.tools.evaluate.calibration_tokens`: texts in name order,
 Hamlet excluded), so calibration and evaluation never overlap. Weights: symmetric, group 64 (128 does
 not divide SmolLM2's 576), RTN or GPTQ; lm_head kept in float. Activations: per-token symmetric
 fake-quant; KV: per-head asymmetric fake-quant. The rewrites run with certify=False for fold/rotate
@@ -25,8 +25,8 @@ import time
 import torch
 
 from spinfx.api import rewrite
-from spinfx.evaluate import calibration_tokens, evaluate
-from spinfx.hf import load_model
+from spinfx.tools.evaluate import calibration_tokens, evaluate
+from spinfx.checkpoint.hf import load_model
 from spinfx.api import calibration_windows
 from spinfx.passes import FoldNorms, Quantize, Rotate
 from spinfx.recipe import Recipe, load_recipe
@@ -211,7 +211,7 @@ def compare_codes(peer_dir: str) -> dict:
     toward zero: our scale is rounded up to fp32, theirs down)."""
     from safetensors.torch import load_file
 
-    from spinfx.hf import smollm2_dir
+    from spinfx.checkpoint.hf import smollm2_dir
     from spinfx.kernels.quant_rtn import quantize_rtn
     from spinfx.kernels.quant_weight import dequantize
 

@@ -44,7 +44,7 @@ SHARD_BYTES = 2 << 30
 
 
 def cache() -> Path:
-    from spinfx.hf import cache_root
+    from spinfx.checkpoint.hf import cache_root
 
     return cache_root() / "scale"
 

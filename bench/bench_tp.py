@@ -1,6 +1,6 @@
 """Tensor parallel on CPU with gloo: per-rank forward time and the share spent in communication.
 
-SmolLM2-135M (float32, no recipe), T = 1 vs T = 2 ranks as processes (spinfx.tp.run_ranks). SmolLM2 has
+SmolLM2-135M (float32, no recipe), T = 1 vs T = 2 ranks as processes (spinfx.dist.ranks.run_ranks). SmolLM2 has
 9 attention heads, which 2 does not divide, so at T = 2 attention is replicated (`attention: replicate`)
 and the 30 MLPs are split (1536 → 768 per rank): 30 all_reduces per forward. Each rank times its
 rewritten program (median of reps) and the same program with the all_reduces replaced by identity
@@ -36,11 +36,11 @@ def _times(fns, reps: int) -> list[float]:
 
 
 def _no_comm(prog):
-    from spinfx import tp
+    from spinfx.patterns.common import ALL_REDUCE
 
     p = prog.clone()
     for n in p.graph.nodes:
-        if n.target is tp.ALL_REDUCE:
+        if n.target is ALL_REDUCE:
             n.target = _identity
     p.gm.recompile()
     return p
@@ -54,10 +54,10 @@ def bench_rank(rank: int, T: int, seqs: list[int], reps: int) -> dict:
     import torch.distributed as dist
 
     from spinfx.api import default_inputs, rewrite
-    from spinfx.hf import load_model
+    from spinfx.checkpoint.hf import load_model
     from spinfx.passes.shard import Shard
     from spinfx.recipe import Recipe
-    from spinfx import tp
+    from spinfx.patterns.common import ALL_REDUCE
 
     torch.set_num_threads(1)
     model, _ = load_model("smollm2")
@@ -68,7 +68,7 @@ def bench_rank(rank: int, T: int, seqs: list[int], reps: int) -> dict:
         r = rewrite(model, Recipe(f"tp{T}", passes), ((), inputs), certify=False)
         prog = r.program
         xs = prog.flat_inputs(**inputs)
-        reduces = [n for n in prog.graph.nodes if n.target is tp.ALL_REDUCE]
+        reduces = [n for n in prog.graph.nodes if n.target is ALL_REDUCE]
         with torch.no_grad():
             local = _no_comm(prog)
             if T > 1:
@@ -85,7 +85,7 @@ def bench_rank(rank: int, T: int, seqs: list[int], reps: int) -> dict:
 
 
 def main() -> None:
-    from spinfx import tp
+    from spinfx.dist import ranks
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=10)
@@ -94,7 +94,7 @@ def main() -> None:
     seqs = [int(s) for s in args.seqs.split(",")]
     # T = 1 before and after the T = 2 run: this machine is shared, so both are shown
     one = bench_rank(0, 1, seqs, args.reps)
-    two = tp.run_ranks(bench_rank, 2, seqs, args.reps, timeout=1800)
+    two = ranks.run_ranks(bench_rank, 2, seqs, args.reps, timeout=1800)
     again = bench_rank(0, 1, seqs, args.reps)
     print(f"SmolLM2-135M float32, eager, CPU, {one['threads']} thread per process, gloo; best of {args.reps}")
     print(f"{'S':>4} {'T':>2} {'rank':>4} {'total ms':>9} {'compute ms':>10} {'comm share':>10} {'all_reduces':>11} "

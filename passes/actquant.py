@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from spinfx.errors import BadInput
-from spinfx.graph import Program
+from spinfx.engine.errors import BadInput
+from spinfx.engine.graph import Program
 from spinfx.kernels.fake_quant import fake_quant as kernel_fake_quant
-from spinfx.match import find_all
-from spinfx.pattern import ANY, Op, Var
+from spinfx.engine.match import find_all
+from spinfx.engine.pattern import ANY, Op, Var
 from spinfx.patterns.attention import SDPA, _repeat_kv
 
 

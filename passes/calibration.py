@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from spinfx.errors import BadInput
-from spinfx.graph import Program
+from spinfx.engine.errors import BadInput
+from spinfx.engine.graph import Program
 
 
 def words(p) -> tuple[str, str]:

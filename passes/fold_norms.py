@@ -23,16 +23,16 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from spinfx.errors import BadInput, Unsupported
-from spinfx.graph import Program, add_const
-from spinfx.match import arg, describe, find_all
+from spinfx.engine.errors import BadInput, Unsupported
+from spinfx.engine.graph import Program, add_const
+from spinfx.engine.match import arg, describe, find_all
 from spinfx.passes.options import check_fields
-from spinfx.pattern import Siblings, Var
+from spinfx.engine.pattern import Siblings, Var
 from spinfx.patterns.common import CASTS, LINEAR_OPS, VIEWS, linear_node, linear_of
 from spinfx.patterns.norms import LAYERNORM, RMSNORM, RMSNORM_1P, RMSNORM_ATEN
 from spinfx.patterns.residual import residual_stream
-from spinfx.pipeline import Context, Pass, PassResult
-from spinfx.rule import Rule, apply_rules
+from spinfx.engine.pipeline import Context, Pass, PassResult
+from spinfx.engine.rule import Rule, apply_rules
 
 aten = torch.ops.aten
 

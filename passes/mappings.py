@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from spinfx.errors import Unsupported
-from spinfx.graph import Program
-from spinfx.match import find_all
+from spinfx.engine.errors import Unsupported
+from spinfx.engine.graph import Program
+from spinfx.engine.match import find_all
 from spinfx.patterns.attention import QKV, qkv_linears
 from spinfx.patterns.common import LINEAR_OPS
 from spinfx.patterns.groups import GATE_UP, NORM_LINEARS
 from spinfx.patterns.residual import residual_stream
-from spinfx.pipeline import Context, Pass, PassResult
+from spinfx.engine.pipeline import Context, Pass, PassResult
 
 aten = torch.ops.aten
 

@@ -9,7 +9,7 @@ import types
 import typing
 from typing import Any
 
-from spinfx.errors import BadInput
+from spinfx.engine.errors import BadInput
 
 
 @functools.cache

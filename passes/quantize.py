@@ -56,8 +56,8 @@ from typing import Callable, ClassVar
 import torch
 import torch.fx as fx
 
-from spinfx.errors import BadInput, Unsupported
-from spinfx.graph import Program, add_const, drop_const
+from spinfx.engine.errors import BadInput, Unsupported
+from spinfx.engine.graph import Program, add_const, drop_const
 from spinfx.kernels.gptq import gptq_quantize
 from spinfx.kernels.hadamard import hadamard_by_gemm
 import spinfx.kernels.qembedding  # noqa: F401  (registers spinfx::qembedding)
@@ -65,16 +65,16 @@ from spinfx.kernels.qlinear import generic_attrs, generic_tensors, plan_qlinear 
 from spinfx.kernels.quant_pack import SUPPORTED_BITS, rows_per_chunk
 from spinfx.kernels.quant_rtn import CLIPS, group_for, quantize_rtn
 from spinfx.kernels.quant_weight import QuantWeight, dequantize
-from spinfx.match import describe
+from spinfx.engine.match import describe
 from spinfx.passes.actquant import check_bits, quantize_inputs, quantize_kv
 from spinfx.passes.options import check_fields
-from spinfx.pattern import Var
+from spinfx.engine.pattern import Var
 from spinfx.patterns.common import linear_node, linear_of
 from spinfx.patterns.moe import routers
 from spinfx.patterns.residual import output_linear, token_embedding
 from spinfx.passes.calibration import check_calibration, token_batches
-from spinfx.pipeline import Context, Pass, PassResult
-from spinfx.rule import Rule, find
+from spinfx.engine.pipeline import Context, Pass, PassResult
+from spinfx.engine.rule import Rule, find
 
 LINEARS = Rule("linear", linear_of(Var("x")))
 EXACT = 1e-10
@@ -205,7 +205,7 @@ class _Layer:
     def storage_dtype(self, prog: Program) -> torch.dtype:
         """The weight's dtype in the model; a constant a pass added (fold-norms' untied lm_head) has none
         recorded and takes the model's dtype, as `finalize` gives it — not its float64 master's."""
-        from spinfx.certify import model_dtype
+        from spinfx.engine.certify import model_dtype
 
         dtypes = prog.meta.get("dtypes", {})
         if self.weight in dtypes:
@@ -266,7 +266,7 @@ class Quantize(Pass):
         return not self.calibration_windows()  # RTN: per group of one row of one tensor
 
     def run(self, prog: Program, ctx: Context) -> PassResult:
-        from spinfx.certify import certify_equal
+        from spinfx.engine.certify import certify_equal
 
         res = PassResult(self.name, self.options())
         stats = find(prog.gm, [LINEARS])[f"{LINEARS.where}:{LINEARS.name}"]
@@ -412,7 +412,7 @@ class Quantize(Pass):
             sizes = quantize_kv(prog, kv_bits, symmetric)
             res.findings["kv_cache"] = {"bits": kv_bits, "attention_sites": len(sizes) // 2,
                                         "scheme": f"per head and token, {'symmetric' if symmetric else 'asymmetric'}"}
-            # for checkpoints (spinfx.offline): the scheme and the sizes it quantizes over (head_dim)
+            # for checkpoints (spinfx.checkpoint.parts): the scheme and the sizes it quantizes over (head_dim)
             prog.meta["kv_cache"] = {"bits": kv_bits, "symmetric": symmetric, "head_dims": sorted(set(sizes))}
         if self.activations is not None or self.kv_cache is not None:
             res.notes.append("activations/KV are fake-quantized (rounded to the integer grid and scaled back "
@@ -634,7 +634,7 @@ def _calibrate(prog: Program, layers: list[_Layer], batches: list[list], progres
     stream and a layer's input) — never the activations of the whole model. The lm_head and anything
     after the last quantized linear never run.
     """
-    from spinfx.certify import finalize
+    from spinfx.engine.certify import finalize
 
     t0 = time.perf_counter()
     hadamard_op = getattr(getattr(torch.ops, "spinfx", None), "hadamard", None)
@@ -785,7 +785,7 @@ def _check_native(before: Program, after: Program, tol: float, what: str) -> dic
     """Relative max |Δ| of the outputs, both programs in their final dtypes, on seeded random inputs."""
     from torch.utils import _pytree as pytree
 
-    from spinfx.certify import CertificateError, finalize, random_inputs
+    from spinfx.engine.certify import CertificateError, finalize, random_inputs
 
     b, a = before.clone(), after.clone()
     finalize(b)

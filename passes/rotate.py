@@ -24,19 +24,19 @@ from typing import ClassVar
 import torch
 import torch.fx as fx
 
-from spinfx.errors import BadInput, Unsupported
-from spinfx.graph import Program, add_const
+from spinfx.engine.errors import BadInput, Unsupported
+from spinfx.engine.graph import Program, add_const
 from spinfx.kernels.hadamard import HadamardRotation
 from spinfx.kernels.quant_pack import SUPPORTED_BITS
-from spinfx.match import describe, find_all
+from spinfx.engine.match import describe, find_all
 from spinfx.passes.options import check_fields
-from spinfx.pattern import Siblings, Var
+from spinfx.engine.pattern import Siblings, Var
 from spinfx.patterns.attention import ATTENTION, QKV, ROPE_SITE, output_projection, qkv_linears
-from spinfx.patterns.common import CASTS, HEAD_LAYOUT, LINEAR_OPS as LINEARS, VIEWS, linear_of
+from spinfx.patterns.common import CASTS, HEAD_LAYOUT, LINEAR_OPS as LINEARS, VIEWS, is_linear, linear_of
 from spinfx.patterns.norms import NORM, RMSNORM_PLAIN, norm_kind
 from spinfx.patterns.residual import residual_stream
-from spinfx.pipeline import Context, Pass, PassResult
-from spinfx.rule import RuleStats
+from spinfx.engine.pipeline import Context, Pass, PassResult
+from spinfx.engine.rule import RuleStats
 
 aten = torch.ops.aten
 
@@ -165,7 +165,7 @@ def _online_embedding(prog: Program, stream, R, res: PassResult) -> None:
 
 
 def _o_proj(attn: fx.Node) -> fx.Node:
-    o, why = output_projection(attn, lambda u: u.op == "call_function" and u.target in LINEARS)
+    o, why = output_projection(attn, is_linear)
     if o is None:
         raise Unsupported(f"R2: {why}; o_proj must read it through head-layout ops only (they keep heads apart)")
     return o

@@ -33,15 +33,15 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from spinfx.errors import BadInput, Unsupported
-from spinfx.graph import Program
+from spinfx.engine.errors import BadInput, Unsupported
+from spinfx.engine.graph import Program
 from spinfx.kernels.quant_rtn import fake_quantize, group_for
 from spinfx.passes.rotate import LEARN_WEIGHTS, LEARNED, _Weights, fixed_r2, make_rotation, place
 from spinfx.patterns.common import is_linear, linear_weight
 from spinfx.patterns.moe import routers
 from spinfx.patterns.residual import output_linear, residual_stream
 from spinfx.passes.calibration import check_calibration, token_batches
-from spinfx.pipeline import Context, PassResult
+from spinfx.engine.pipeline import Context, PassResult
 
 aten = torch.ops.aten
 
@@ -135,7 +135,7 @@ class Learned:
 
 def learn(opts, prog: Program, ctx: Context, res: PassResult) -> Learned:
     """Train the learned rotations of `opts` (a Rotate pass) on `ctx.calib`; record what happened in `res`."""
-    from spinfx.certify import model_dtype
+    from spinfx.engine.certify import model_dtype
 
     t0 = time.perf_counter()
     batches, ids = _windows(opts, prog, ctx)

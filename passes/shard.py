@@ -1,18 +1,6 @@
 """shard: tensor parallelism (tp = T, rank = r) decided from the graph, certified in float64.
 
-Classification, from structure alone:
-  column-parallel  the linears that make attention's q, k, v (separate or one fused projection) and the
-                   MLP's inner activations (gate/up, a fused gate_up, or a plain fc1): their outputs are
-                   consumed per head or elementwise, so each rank computes its slice of output features;
-  row-parallel     the linears that read those slices back (o_proj after attention, down_proj after the
-                   MLP's activation): each rank multiplies its slice of input features and an
-                   `all_reduce` (functional collective) sums the partial products; the bias is added by
-                   rank 0 only, so exactly once;
-  replicated       everything else (embeddings, lm_head, norms): every rank computes it whole.
-
-Layouts follow vLLM (spinfx.kernels.tp_specs): q heads split evenly; kv heads KV/T per rank when T ≤ KV,
-else rank r holds kv head r // (T/KV), replicated, with exactly the query heads that use it; merged /
-fused projections split part by part ([q_r; k_r; v_r], [gate_r; up_r]), never by a naive chunk.
+Which linears are column- or row-parallel, and their layouts: spinfx.passes.shard_plan.
 
 The rank-local graph: every value between a column-parallel linear and its row-parallel reader carries a
 sharded axis, followed op by op (reshape/view, transpose, expand, slice/split of fused outputs, rope,
@@ -33,232 +21,34 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
 import torch.fx as fx
 
-from spinfx.errors import BadInput, Unsupported
-from spinfx.graph import Program, add_const, drop_const, infer_meta
+from spinfx.engine.errors import BadInput, Unsupported
+from spinfx.engine.graph import Program, add_const, drop_const, infer_meta
+from spinfx.engine.match import describe
+from spinfx.engine.pipeline import Context, Pass, PassResult
 from spinfx.kernels import tp_specs as specs
-from spinfx.match import describe, find_all
 from spinfx.passes.options import check_fields
-from spinfx.patterns.attention import ATTENTION, output_projection
-from spinfx.patterns.common import ALL_REDUCE, CASTS, HEAD_LAYOUT, VIEWS, WAIT_TENSOR
-from spinfx.pipeline import Context, Pass, PassResult
+from spinfx.passes.shard_plan import (Ann, Seg, ShardPlan, hadamard_op, module_of_linear, plan_shard, qlinear_op, shape_of,
+                                      shardable_linear)
+from spinfx.patterns.common import ACTIVATIONS, ALL_REDUCE, WAIT_TENSOR
 
 aten = torch.ops.aten
-Seg = tuple[tuple[int, int], ...]          # (global, local) lengths of consecutive parts of one axis
-Ann = dict[int, Seg]                       # axis -> segments
-
-ACTS = (aten.silu.default, aten.gelu.default, aten.relu.default, aten.tanh.default, aten.sigmoid.default)
 UNARY = {aten.neg.default, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.contiguous.default,
-         aten.clone.default, aten.alias.default, aten.silu.default, aten.gelu.default, aten.relu.default,
-         aten.tanh.default, aten.sigmoid.default, aten.exp.default, aten.pow.Tensor_Scalar,
-         aten.mul.Scalar, aten.div.Scalar, aten.add.Scalar, aten.rsqrt.default, aten.sqrt.default}
+         aten.clone.default, aten.alias.default, aten.exp.default, aten.pow.Tensor_Scalar,
+         aten.mul.Scalar, aten.div.Scalar, aten.add.Scalar, aten.rsqrt.default, aten.sqrt.default,
+         *ACTIVATIONS}
 BINARY = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.where.self}
 REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default}  # (x, dims, keepdim): per-head norms
-
-
-def _hadamard_op():
-    import spinfx.kernels.hadamard  # noqa: F401  (registers spinfx::hadamard)
-
-    return torch.ops.spinfx.hadamard.default
-
-
-def _qlinear_op():
-    import spinfx.kernels.qlinear  # noqa: F401
-
-    return torch.ops.spinfx.qlinear.default
-
-
-def is_linear(n: fx.Node) -> bool:
-    """A linear with a constant weight: aten.linear or spinfx::qlinear (x is args[0] for both)."""
-    return n.op == "call_function" and (
-        (n.target is aten.linear.default and n.args[1].op == "get_attr") or n.target is _qlinear_op())
-
-
-def module_of_linear(n: fx.Node) -> str:
-    return n.args[1].target.rsplit(".", 1)[0]
 
 
 def _val(n):
     return n.meta.get("val") if isinstance(n, fx.Node) else None
 
-
-def _shape(n: fx.Node) -> list[int]:
-    return [int(s) for s in n.meta["val"].shape]
-
-
-def _k(n: fx.Node) -> int:
-    return _shape(n.args[0])[-1]
-
-
-def _n(n: fx.Node) -> int:
-    return _shape(n)[-1]
-
-
-def _through(n: fx.Node, ops) -> fx.Node:
-    while n.op == "call_function" and n.target in ops:
-        n = n.args[0]
-    return n
-
-
-def _producers(start: fx.Node) -> list[fx.Node]:
-    """The nearest linears above `start` (backwards, not through linears)."""
-    seen, stack, out = set(), [start], []
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if is_linear(n):
-            out.append(n)
-            continue
-        if n.op == "call_function" and n.target is aten.addmm.default:
-            raise Unsupported(f"shard: {describe(n)} is a Conv1D-style addmm linear; shard splits aten.linear "
-                              f"and spinfx.qlinear only")
-        stack.extend(n.all_input_nodes)
-    return sorted(out, key=lambda x: x.name)
-
-
-# ---- classification --------------------------------------------------------------------------------
-
-
-@dataclass
-class Site:
-    kind: str                  # "attention" | "mlp"
-    column: list[fx.Node]
-    row: fx.Node
-    info: dict = field(default_factory=dict)
-
-
-@dataclass
-class ShardPlan:
-    tp: int
-    sites: list[Site]
-    layouts: dict[fx.Node, specs.Layout]      # linear node -> its layout (column / row)
-    seeds: dict[fx.Node, Ann]                 # column linear -> annotation of its output
-
-    def by_module(self) -> dict[str, specs.Layout]:
-        return {module_of_linear(n): lay for n, lay in self.layouts.items()}
-
-
-def _o_proj(attn: fx.Node) -> fx.Node:
-    o, why = output_projection(attn, is_linear, HEAD_LAYOUT + CASTS)
-    if o is None:
-        raise Unsupported(f"shard: {why}")
-    return o
-
-
-def _unlift(e, where: str) -> Unsupported:
-    return Unsupported(f"shard: {e} ({where})")
-
-
-def _quant(lin: fx.Node, lay: specs.Layout) -> specs.Layout:
-    if lin.target is not _qlinear_op():
-        return lay
-    bits, group = int(lin.args[6]), int(lin.args[7])
-    act_order = lin.args[4] is not None
-    per_channel = _shape(lin.args[2])[1] == 1 and group == _k(lin) and not act_order
-    return lay.with_quant(bits, None if per_channel else group, act_order)
-
-
-def plan_shard(prog: Program, tp: int, attention: str = "shard") -> ShardPlan:
-    """Which linears are column-/row-parallel and how (no edits). Raises Unsupported with the numbers.
-    attention="replicate": attention blocks stay whole on every rank (only MLPs are split) — for models
-    whose head count T does not divide (SmolLM2: 9 heads at T = 2)."""
-    if attention not in ("shard", "replicate"):
-        raise Unsupported(f"shard: attention must be 'shard' or 'replicate', not {attention!r}")
-    g = prog.graph
-    sites: list[Site] = []
-    layouts: dict[fx.Node, specs.Layout] = {}
-    seeds: dict[fx.Node, Ann] = {}
-    for m in (find_all(ATTENTION, g)[0] if attention == "shard" else []):
-        attn = m.root
-        q_in, k_in, v_in = m["q_in"], m["k_in"], m["v_in"]
-        h, hd = _shape(q_in)[1], _shape(q_in)[-1]
-        prods = {role: _producers(x) for role, x in (("q", q_in), ("k", k_in), ("v", v_in))}
-        o = _o_proj(attn)
-        where = f"attention {describe(attn)}"
-        try:
-            if all(len(p) == 1 for p in prods.values()) and len({p[0] for p in prods.values()}) == 3:
-                q, k, v = (prods[r][0] for r in "qkv")
-                kv = _n(k) // hd
-                if _n(q) != h * hd or _n(v) != kv * hd:
-                    raise Unsupported(f"shard: q/k/v widths {_n(q)}/{_n(k)}/{_n(v)} do not match {h} heads × "
-                                      f"{hd} at {where}")
-                qr, kr = specs.heads(h, kv, tp, where)
-                for lin, name, heads, ranges in ((q, "q", h, qr), (k, "k", kv, kr), (v, "v", kv, kr)):
-                    lay = specs.column([(name, heads * hd, [(a * hd, b * hd) for a, b in ranges])], tp, _k(lin))
-                    layouts[lin] = _quant(lin, lay)
-                    seeds[lin] = {len(_shape(lin)) - 1: lay.segments()}
-                cols = [q, k, v]
-            elif all(len(p) == 1 for p in prods.values()) and len({p[0] for p in prods.values()}) == 1:
-                qkv = prods["q"][0]
-                kv2 = _n(qkv) // hd - h
-                if kv2 <= 0 or kv2 % 2 or _n(qkv) % hd:
-                    raise Unsupported(f"shard: fused projection {describe(qkv)} of width {_n(qkv)} is not "
-                                      f"{h} q heads + 2·KV heads of {hd}")
-                kv = kv2 // 2
-                qr, kr = specs.heads(h, kv, tp, where)
-                lay = specs.column([("q", h * hd, [(a * hd, b * hd) for a, b in qr]),
-                                    ("k", kv * hd, [(a * hd, b * hd) for a, b in kr]),
-                                    ("v", kv * hd, [(a * hd, b * hd) for a, b in kr])], tp, _k(qkv))
-                layouts[qkv] = _quant(qkv, lay)
-                seeds[qkv] = {len(_shape(qkv)) - 1: lay.segments()}
-                cols = [qkv]
-            else:
-                raise Unsupported(f"shard: {where}: q, k, v come from {', '.join(describe(p) for ps in prods.values() for p in ps)}; "
-                                  f"expected one linear each or one fused projection")
-            layouts[o] = _quant(o, specs.row(_n(o), _k(o), tp, f"{module_of_linear(o)} input features (heads × head_dim)"))
-        except specs.LayoutError as e:
-            raise _unlift(f"{e}; attention: replicate keeps attention whole", where) from None
-        sites.append(Site("attention", cols, o, {"heads": h, "kv_heads": kv, "head_dim": hd}))
-    skip = CASTS + VIEWS + (_hadamard_op(),)
-    for d in [n for n in g.nodes if is_linear(n)]:
-        x = _through(d.args[0], skip)
-        if x.op != "call_function":
-            continue
-        where = f"MLP {describe(d)}"
-        if x.target is aten.mul.Tensor and any(isinstance(a, fx.Node) and _through(a, CASTS).op == "call_function"
-                                               and _through(a, CASTS).target in ACTS for a in x.args[:2]):
-            cols = _producers(x)
-        elif x.target in ACTS and is_linear(_through(x.args[0], CASTS)):
-            cols = [_through(x.args[0], CASTS)]
-        else:
-            continue
-        if d in layouts or any(c in layouts for c in cols):
-            continue
-        inter = _k(d)
-        try:
-            if len(cols) == 1 and _n(cols[0]) == 2 * inter:  # fused gate_up: [gate; up]
-                per = specs.split_even(inter, tp, f"{module_of_linear(d)} intermediate size")
-                rng = [(r * per, (r + 1) * per) for r in range(tp)]
-                lay = specs.column([("gate", inter, rng), ("up", inter, rng)], tp, _k(cols[0]))
-                layouts[cols[0]] = _quant(cols[0], lay)
-                seeds[cols[0]] = {len(_shape(cols[0])) - 1: lay.segments()}
-            elif all(_n(c) == inter for c in cols):
-                for c in cols:
-                    lay = specs.even_column(inter, tp, _k(c), f"{module_of_linear(d)} intermediate size")
-                    layouts[c] = _quant(c, lay)
-                    seeds[c] = {len(_shape(c)) - 1: lay.segments()}
-            else:
-                raise Unsupported(f"shard: {where}: inner linears {', '.join(describe(c) for c in cols)} "
-                                  f"do not produce the {inter} features it reads")
-            layouts[d] = _quant(d, specs.row(_n(d), inter, tp, f"{module_of_linear(d)} input features (intermediate size)"))
-        except specs.LayoutError as e:
-            raise _unlift(e, where) from None
-        sites.append(Site("mlp", cols, d, {"intermediate": inter}))
-    if not sites:
-        raise Unsupported("shard: no attention or MLP block with column- and row-parallel linears was found")
-    for lin in layouts:
-        w = lin.args[1]
-        if len([u for u in w.users]) > 1:
-            raise Unsupported(f"shard: the weight {describe(w)} of {describe(lin)} is read elsewhere too; "
-                              f"it cannot be split for one reader")
-    return ShardPlan(tp, sites, layouts, seeds)
 
 
 # ---- the rank-local graph: follow the sharded axis ------------------------------------------------
@@ -311,7 +101,7 @@ class _Follower:
         for s in stops:
             a = self.ann.get(s.args[0])
             lay = self.plan.layouts[s]
-            want = {len(_shape(s.args[0])) - 1: ((lay.k, lay.local_k()),)}
+            want = {len(shape_of(s.args[0])) - 1: ((lay.k, lay.local_k()),)}
             if a is None or not isinstance(a, dict) or {ax: ((_G(sg), _L(sg)),) for ax, sg in a.items()} != want:
                 raise Unsupported(f"shard: {describe(s)} reads {describe(s.args[0])}, which is not split by its "
                                   f"input features as a row-parallel layer needs (K = {lay.k}, T = {self.tp})")
@@ -330,21 +120,21 @@ class _Follower:
             self._fail(n, "returns a value that is split across ranks")
         if n.op != "call_function":
             self._fail(n, "is not an op the shard pass knows")
-        if is_linear(n) or t is aten.addmm.default:
+        if shardable_linear(n) or t is aten.addmm.default:
             self._fail(n, "reads a split value but is neither column- nor row-parallel")
         a0 = self._get(n.args[0]) if n.args else None
         if t is aten.reshape.default or t is aten.view.default:
             self.ann[n] = self._reshape(n, a0)
         elif t is aten.transpose.int:
-            nd = len(_shape(n))
+            nd = len(shape_of(n))
             d0, d1 = (d % nd for d in n.args[1:3])
             sw = {d0: d1, d1: d0}
             self.ann[n] = {sw.get(ax, ax): s for ax, s in a0.items()}
         elif t is aten.permute.default:
-            perm = [d % len(_shape(n)) for d in n.args[1]]
+            perm = [d % len(shape_of(n)) for d in n.args[1]]
             self.ann[n] = {perm.index(ax): s for ax, s in a0.items()}
         elif t is aten.unsqueeze.default:
-            d = n.args[1] % len(_shape(n))
+            d = n.args[1] % len(shape_of(n))
             self.ann[n] = {(ax + 1 if ax >= d else ax): s for ax, s in a0.items()}
         elif t is aten.expand.default:
             self.ann[n] = self._expand(n, a0)
@@ -368,19 +158,19 @@ class _Follower:
         elif t is aten.matmul.default:
             self.ann[n] = self._matmul(n)
         elif t in REDUCTIONS:
-            nd = len(_shape(n.args[0]))
+            nd = len(shape_of(n.args[0]))
             dims = sorted(d % nd for d in n.args[1])
             if any(d in a0 for d in dims):
                 self._fail(n, "reduces over the split axis")
             keep = len(n.args) > 2 and n.args[2]
             self.ann[n] = dict(a0) if keep else {ax - sum(d < ax for d in dims): sg for ax, sg in a0.items()}
         elif t in (aten.softmax.int, aten._softmax.default):
-            dim = n.args[1] % len(_shape(n))
+            dim = n.args[1] % len(shape_of(n))
             if dim in a0:
                 self._fail(n, "normalizes over the split axis")
             self.ann[n] = dict(a0)
-        elif t is _hadamard_op():
-            last = len(_shape(n)) - 1
+        elif t is hadamard_op():
+            last = len(shape_of(n)) - 1
             if last in a0:
                 seg = a0[last]
                 block = int(n.args[2])
@@ -393,7 +183,7 @@ class _Follower:
 
     # -- rules ---------------------------------------------------------------------------------------
     def _reshape(self, n: fx.Node, a: Ann) -> Ann:
-        ins, outs = _shape(n.args[0]), _shape(n)
+        ins, outs = shape_of(n.args[0]), shape_of(n)
         blocks, i, j = [], 0, 0
         while i < len(ins) or j < len(outs):
             bi, bo, pi, po = [], [], 1, 1
@@ -436,7 +226,7 @@ class _Follower:
         return out
 
     def _expand(self, n: fx.Node, a: Ann) -> Ann:
-        ins, sizes = _shape(n.args[0]), list(n.args[1])
+        ins, sizes = shape_of(n.args[0]), list(n.args[1])
         off = len(sizes) - len(ins)
         out: Ann = {}
         for ax, seg in a.items():
@@ -458,7 +248,7 @@ class _Follower:
         return out
 
     def _slice(self, n: fx.Node, a: Ann) -> Ann:
-        nd = len(_shape(n))
+        nd = len(shape_of(n))
         args = list(n.args) + [None] * (5 - len(n.args))
         dim = (args[1] if args[1] is not None else 0) % nd
         if dim not in a:
@@ -475,7 +265,7 @@ class _Follower:
         return {**a, dim: seg[i:j]}
 
     def _split(self, n: fx.Node, a: Ann) -> list:
-        nd = len(_shape(n.args[0]))
+        nd = len(shape_of(n.args[0]))
         dim = (n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)) % nd
         pieces = [int(v.shape[dim]) for v in n.meta["val"]]
         if dim not in a:
@@ -499,7 +289,7 @@ class _Follower:
 
     def _cat(self, n: fx.Node) -> Ann:
         items = n.args[0]
-        dim = (n.args[1] if len(n.args) > 1 else 0) % len(_shape(n))
+        dim = (n.args[1] if len(n.args) > 1 else 0) % len(shape_of(n))
         anns = [self._get(x) for x in items]
         if any(x is None for x in anns):
             self._fail(n, "concatenates a split value with a whole one")
@@ -508,20 +298,20 @@ class _Follower:
         return dict(anns[0])
 
     def _binary(self, n: fx.Node) -> Ann:
-        nd = len(_shape(n))
+        nd = len(shape_of(n))
         out: Ann = {}
         for x in n.args[:3]:
             a = self._get(x)
             if a is None:
                 continue
-            off = nd - len(_shape(x))
+            off = nd - len(shape_of(x))
             for ax, s in a.items():
                 if out.get(ax + off, s) != s:
                     self._fail(n, "combines values split in different ways")
                 out[ax + off] = s
         for x in n.args[:3]:
             if isinstance(x, fx.Node) and self._get(x) is None and isinstance(_val(x), torch.Tensor):
-                shp = _shape(x)
+                shp = shape_of(x)
                 off = nd - len(shp)
                 for ax in out:
                     if ax - off >= 0 and shp[ax - off] != 1:
@@ -537,18 +327,18 @@ class _Follower:
         if kl != ql and not (gqa and ql % kl == 0):
             self._fail(n, f"pairs {ql} local query heads with {kl} local kv heads")
         mask = n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask")
-        if isinstance(mask, fx.Node) and len(_shape(mask)) == 4 and _shape(mask)[1] != 1:
+        if isinstance(mask, fx.Node) and len(shape_of(mask)) == 4 and shape_of(mask)[1] != 1:
             self._fail(n, f"uses a per-head mask {describe(mask)}")
         return {1: q[1]}
 
     def _matmul(self, n: fx.Node) -> Ann:
         a, b = self._get(n.args[0]), self._get(n.args[1])
-        nd = len(_shape(n))
+        nd = len(shape_of(n))
         out: Ann = {}
         for x, ann in ((n.args[0], a), (n.args[1], b)):
             if ann is None:
                 self._fail(n, "multiplies a split value with a whole one")
-            off = nd - len(_shape(x))
+            off = nd - len(shape_of(x))
             for ax, s in ann.items():
                 if ax + off >= nd - 2:
                     self._fail(n, "contracts or indexes the split axis")
@@ -567,7 +357,7 @@ _QROLES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx")
 def _shard_linear(prog: Program, lin: fx.Node, lay: specs.Layout, rank: int) -> dict | None:
     """Replace the constants of one linear by rank `rank`'s shard; returns the new QuantWeight fields."""
     args = list(lin.args)
-    quant = lin.target is _qlinear_op()
+    quant = lin.target is qlinear_op()
     slots = {"weight_packed": 1, "weight_scale": 2, "weight_zero_point": 3, "weight_g_idx": 4, "bias": 5} if quant \
         else {"weight": 1, "bias": 2}
     tensors = {kind: prog.const(args[i].target) for kind, i in slots.items()
@@ -654,7 +444,7 @@ def _update_quant_meta(prog: Program, new_quant: dict) -> None:
         rec = quant.get(module)
         if rec is None or not isinstance(getattr(rec, "weight", None), QuantWeight):
             continue
-        k = _shape(lin.args[0])[-1]
+        k = shape_of(lin.args[0])[-1]
         gs, g_idx, scale = rec.weight.group_size, local.get("weight_g_idx"), local["weight_scale"]
         if gs is not None and g_idx is None and scale.shape[1] * gs != k:
             gs = k  # a group as wide as K (K = group) split by a row layout: one group per local row

@@ -1,7 +1,7 @@
 """The T rank programs of the shard pass run together in one process: threads, one per rank, whose
 `all_reduce` sums the ranks' partial products in rank order. The shard pass's float64 certificate
 (every rank's outputs equal the unsharded program's) and the tests' simulated ranks use it; real
-processes are the tp driver's business (spinfx.tp).
+processes are the tp driver's business (spinfx.dist.tp).
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from spinfx.certify import CertificateError, as_fp64, random_inputs
-from spinfx.graph import Program
+from spinfx.engine.certify import CertificateError, as_fp64, random_inputs
+from spinfx.engine.graph import Program
 from spinfx.passes.shard import shard_program
 from spinfx.patterns.common import ALL_REDUCE, WAIT_TENSOR
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from spinfx.graph import Program
+from spinfx.engine.graph import Program
 from spinfx.patterns import STRUCTURE
 from spinfx.patterns.moe import expert_groups
 from spinfx.patterns.residual import Stream, residual_stream
-from spinfx.pipeline import Context, Pass, PassResult
-from spinfx.rule import find
+from spinfx.engine.pipeline import Context, Pass, PassResult
+from spinfx.engine.rule import find
 
 
 @dataclass

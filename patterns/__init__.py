@@ -4,7 +4,7 @@ The structure finders that `spinfx inspect` runs and the passes build on, in one
 """
 from __future__ import annotations
 
-from spinfx.rule import Rule
+from spinfx.engine.rule import Rule
 
 from spinfx.patterns.attention import ATTENTION, QKV, ROPE_SITE
 from spinfx.patterns.groups import GATE_UP, NORM_LINEARS

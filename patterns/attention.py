@@ -18,8 +18,8 @@ import operator
 import torch
 import torch.fx as fx
 
-from spinfx.match import describe
-from spinfx.pattern import ANY, Chain, Op, Opt, Var, is_const, is_number
+from spinfx.engine.match import describe
+from spinfx.engine.pattern import ANY, Chain, Op, Opt, Var, is_const, is_number
 
 from spinfx.patterns.common import CASTS, HEAD_LAYOUT, VIEWS, linear_of, soft_cap
 

@@ -5,7 +5,7 @@ import operator
 
 import torch
 
-from spinfx.pattern import Chain, Op, Opt, Var, is_const, is_number
+from spinfx.engine.pattern import Chain, Op, Opt, Var, is_const, is_number
 
 aten = torch.ops.aten
 
@@ -16,6 +16,8 @@ VIEWS = (aten.view.default, aten.reshape.default)
 # per-head layout ops on an attention input
 HEAD_LAYOUT = (aten.view.default, aten.reshape.default, aten.transpose.int, aten.permute.default,
                aten.contiguous.default)
+# the elementwise activations of an MLP (act(gate)·up, act(fc1)); the one definition
+ACTIVATIONS = (aten.silu.default, aten.gelu.default, aten.relu.default, aten.tanh.default, aten.sigmoid.default)
 # the functional collectives the shard pass inserts (and the simulated ranks answer)
 ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
 WAIT_TENSOR = torch.ops._c10d_functional.wait_tensor.default
@@ -76,5 +78,5 @@ def linear_node(m, name: str = "linear"):
     return m.captures[name + "_t"], True
 
 
-__all__ = ["CASTS", "VIEWS", "HEAD_LAYOUT", "SPLITS", "LINEAR_OPS", "is_linear", "linear_input_arg", "linear_weight",
-           "reads_graph_input", "ALL_REDUCE", "WAIT_TENSOR", "linear_of", "linear_node", "soft_cap", "Opt", "Chain"]
+__all__ = ["CASTS", "VIEWS", "HEAD_LAYOUT", "SPLITS", "ACTIVATIONS", "LINEAR_OPS", "is_linear", "linear_input_arg",
+           "linear_weight", "reads_graph_input", "ALL_REDUCE", "WAIT_TENSOR", "linear_of", "linear_node", "soft_cap", "Opt", "Chain"]

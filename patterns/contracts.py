@@ -2,7 +2,7 @@
 mixture of experts, E (experts per layer; `EL` is E·L).
 
 A broken contract is an error that names what is missing and the nearest miss of that finder. The
-engine evaluates these (spinfx.report.check_contract); the family knowledge lives only here.
+engine evaluates these (spinfx.engine.report.check_contract); the family knowledge lives only here.
 """
 from __future__ import annotations
 

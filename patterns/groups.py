@@ -11,9 +11,9 @@ import operator
 
 import torch
 
-from spinfx.pattern import Op, Siblings, Var, is_const
+from spinfx.engine.pattern import Op, Siblings, Var, is_const
 
-from spinfx.patterns.common import CASTS, VIEWS, linear_of
+from spinfx.patterns.common import ACTIVATIONS, CASTS, VIEWS, linear_of
 from spinfx.patterns.norms import NORM
 
 aten = torch.ops.aten
@@ -21,13 +21,11 @@ aten = torch.ops.aten
 NORM_LINEARS = Siblings(NORM, linear_of(Var("normout")), bind="normout", min=1, all_users=True,
                         through=CASTS + VIEWS, name="linears")
 
-ACTS = (aten.silu.default, aten.gelu.default, aten.relu.default)
-
 _gate = Op(aten.linear.default, Var("x"), Var("w_gate", where=is_const), Var("b_gate"), name="gate")
 _up = Op(aten.linear.default, Var("x"), Var("w_up", where=is_const), Var("b_up"), name="up")
 _fused = Op(aten.split.Tensor, Op(aten.linear.default, Var("x"), Var("w_gate_up", where=is_const),
                                   Var("b_gate_up"), name="gate_up"), Var("split"), -1)
 
-GATE_UP = (Op(aten.mul.Tensor, Op(ACTS, _gate, name="act"), _up, name="glu")
-           | Op(aten.mul.Tensor, Op(ACTS, Op(operator.getitem, _fused, 0), name="act"),
+GATE_UP = (Op(aten.mul.Tensor, Op(ACTIVATIONS, _gate, name="act"), _up, name="glu")
+           | Op(aten.mul.Tensor, Op(ACTIVATIONS, Op(operator.getitem, _fused, 0), name="act"),
                 Op(operator.getitem, _fused, 1), name="glu"))

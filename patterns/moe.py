@@ -8,7 +8,7 @@ expert_groups every router with its experts: the fused gate/up MLPs (`GATE_UP`, 
               its product. Router and experts are siblings: they read one value (the post-attention
               norm's output), so folding γ, R1 and centering act on all of them alike.
 
-The dense form the drivers trace (spinfx.moe) writes Σ_e w_e ⊙ down_e(…) into the residual stream; the
+The dense form the drivers trace (spinfx.checkpoint.moe) writes Σ_e w_e ⊙ down_e(…) into the residual stream; the
 per-token weight w_e is a row scale that `patterns.residual` accepts on a stream writer.
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from spinfx.match import find_all
-from spinfx.pattern import Op, Opt, Var
+from spinfx.engine.match import find_all
+from spinfx.engine.pattern import Op, Opt, Var
 
 from spinfx.patterns.common import CASTS, VIEWS, is_linear, linear_of
 from spinfx.patterns.groups import GATE_UP

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from spinfx.pattern import Op, Opt, Var, is_const, is_last_dim, is_number
+from spinfx.engine.pattern import Op, Opt, Var, is_const, is_last_dim, is_number
 
 from spinfx.patterns.common import CASTS
 

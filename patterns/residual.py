@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from spinfx.match import Match, describe, match_at
+from spinfx.engine.match import Match, describe, match_at
 
-from spinfx.patterns.common import CASTS, VIEWS
+from spinfx.patterns.common import CASTS, VIEWS, is_linear
 from spinfx.patterns.norms import NORM, RMSNORM_PLAIN
 
 aten = torch.ops.aten
@@ -60,10 +60,8 @@ def _writer(v: fx.Node) -> Writer | None:
     src = _through(v, VIEWS + CASTS)
     if src.op != "call_function":
         return None
-    if src.target is aten.linear.default and src.args[1].op == "get_attr":
-        return Writer("linear", src, None)
-    if src.target is aten.addmm.default and src.args[2].op == "get_attr":
-        return Writer("linear_t", src, None)
+    if is_linear(src):
+        return Writer("linear" if src.target is aten.linear.default else "linear_t", src, None)
     if src.target is aten.embedding.default and src.args[0].op == "get_attr":
         return Writer("embedding", src, None)
     return None

@@ -1,5 +1,5 @@
 """spinfx: a declarative graph-rewrite compiler for PyTorch transformers."""
-from spinfx.errors import BadInput, SpinfxError, Unsupported
+from spinfx.engine.errors import BadInput, SpinfxError, Unsupported
 
 __version__ = "0.1.0"
 
@@ -23,9 +23,9 @@ def rewrite(model, recipe=recipe.DEFAULT_RECIPE, example_inputs=None, calib=None
 def load(path, **options):
     """A checkpoint directory written by `Result.save` / `spinfx rewrite` (or any HF model directory)
     as a runnable model: the model class, online rotations and activation/KV fake quantization
-    re-attached; `generate` works. Options: see `spinfx.offline.load` (cpu_compute_dtype; fuse: sibling
+    re-attached; `generate` works. Options: see `spinfx.checkpoint.read.load` (cpu_compute_dtype; fuse: sibling
     quantized linears (q/k/v, gate/up) run as one packed linear each, bit-identical to separate ones)."""
-    from spinfx.offline import load as _load
+    from spinfx.checkpoint.read import load as _load
 
     return _load(path, **options)
 

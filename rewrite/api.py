@@ -12,12 +12,12 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from spinfx.certify import CertificateError
-from spinfx.errors import BadInput, SpinfxError
-from spinfx.graph import Program, from_module
-from spinfx.pipeline import Context, run_pipeline
-from spinfx.printer import print_graph
-from spinfx.report import Report, check_contract
+from spinfx.engine.certify import CertificateError
+from spinfx.engine.errors import BadInput, SpinfxError
+from spinfx.engine.graph import Program, from_module
+from spinfx.engine.pipeline import Context, run_pipeline
+from spinfx.engine.printer import print_graph
+from spinfx.engine.report import Report, check_contract
 from spinfx.recipe import DEFAULT_RECIPE
 
 
@@ -79,18 +79,18 @@ def _without_cache(model: torch.nn.Module):
 def load(model: torch.nn.Module | str | Path, example_inputs=None) -> tuple[Program, torch.nn.Module]:
     """Trace a module (or an HF dir / "smollm2") into the canonical program."""
     if isinstance(model, (str, Path)):
-        from spinfx.hf import load_model
+        from spinfx.checkpoint.hf import load_model
 
         model, _ = load_model(model)  # checks what it loaded (hf.check_loaded)
     elif isinstance(model, torch.nn.Module):
-        from spinfx.hf import check_finite
+        from spinfx.checkpoint.hf import check_finite
 
         check_finite(model)
     if not isinstance(model, torch.nn.Module):
         raise BadInput(f"expected an nn.Module or a model directory, got {type(model).__name__}")
     model.eval()
     args, kwargs = default_inputs(model) if example_inputs is None else _as_inputs(example_inputs)
-    from spinfx.moe import dense_experts
+    from spinfx.checkpoint.moe import dense_experts
 
     try:
         with _without_cache(model), dense_experts(model):
@@ -149,9 +149,9 @@ class Result:
     source_dir: Path | None = None         # its HF directory, when it was loaded from one (tokenizer files)
 
     def save(self, out, force: bool = False) -> Path:
-        """Write a checkpoint directory (spinfx.offline: safetensors, config, tokenizer, reports),
+        """Write a checkpoint directory (spinfx.checkpoint.write: safetensors, config, tokenizer, reports),
         verified by loading it back; an existing `out` is refused unless `force`."""
-        from spinfx.offline import save
+        from spinfx.checkpoint.write import save
 
         return save(self, out, force=force, progress=progress)
 
@@ -176,7 +176,7 @@ def rewrite(model, recipe=DEFAULT_RECIPE, example_inputs=None, calib=None, certi
         # traced for windows of real context: GPTQ's Hessians are taken on [1, CALIB_SEQ] windows of
         # `calib` (the default 16-token trace would cut it into snippets)
         if isinstance(model, (str, Path)):
-            from spinfx.hf import load_model
+            from spinfx.checkpoint.hf import load_model
 
             model, _ = load_model(model)
         example_inputs = default_inputs(model, seq=CALIB_SEQ)
@@ -184,7 +184,7 @@ def rewrite(model, recipe=DEFAULT_RECIPE, example_inputs=None, calib=None, certi
     rep = apply_recipe(prog, rec, calib, certify)
     source_dir = None
     if isinstance(src, (str, Path)):
-        from spinfx.hf import resolve_source
+        from spinfx.checkpoint.hf import resolve_source
 
         source_dir = resolve_source(src)
     return Result(RewrittenModule(prog), rep, prog, module, source_dir)
@@ -214,10 +214,10 @@ def token_window(example_inputs) -> int:
 def apply_recipe(prog: Program, recipe, calib=None, certify: bool = True, site_base: int = 0) -> Report:
     """Run `recipe` on `prog` in place and return the report: float64 master weights, the passes
     (certified), weights back to their dtypes. Shared by `rewrite` and the torch.compile backend."""
-    from spinfx.certify import finalize, to_master
+    from spinfx.engine.certify import finalize, to_master
     from spinfx.recipe import load_recipe
     from spinfx.passes.calibration import token_batches
-    from spinfx.stats import compare_stats, linear_input_stats
+    from spinfx.tools.stats import compare_stats, linear_input_stats
 
     rec = load_recipe(recipe)
     batches = token_batches(prog, calib, limit=16) if calib is not None else None
@@ -285,7 +285,7 @@ def check_changed(prog: Program, rec, before: dict[str, tuple[str, weakref.ref]]
     One exception, said in the report: a graph whose every linear reads the graph's own inputs (a
     fragment of a model cut by a graph break, e.g. an lm_head alone) holds no structure around its
     linears for the recipe to act on."""
-    from spinfx.errors import Unsupported
+    from spinfx.engine.errors import Unsupported
     from spinfx.patterns.common import reads_graph_input
 
     if not rec.changes_weights:
@@ -323,7 +323,7 @@ def note_untouched(prog: Program, rec, rep: Report) -> None:
     """Weights of 3+ dimensions that no linear reads (a mixture's stacked experts as transformers runs them,
     grouped_mm / bmm over [E, N, K]: what Dynamo hands the torch.compile backend) are outside every
     rule's reach: the report names them (`linears.untouched`) so that "certified" is not read as "every
-    weight rewritten". `spinfx.rewrite` traces such experts as per-expert linears (spinfx.moe) instead."""
+    weight rewritten". `spinfx.rewrite` traces such experts as per-expert linears (spinfx.checkpoint.moe) instead."""
     from spinfx.patterns.common import is_linear
 
     if not rec.changes_weights:

@@ -57,8 +57,8 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from spinfx.certify import CertificateError
-from spinfx.errors import BadInput, SpinfxError, Unsupported
+from spinfx.engine.certify import CertificateError
+from spinfx.engine.errors import BadInput, SpinfxError, Unsupported
 from spinfx.recipe import DEFAULT_RECIPE
 
 _MANY_SHAPES = 8  # warn once a graph has been specialized for this many input shapes
@@ -158,7 +158,7 @@ class _Graph:
     """One Dynamo graph and its specializations (one per set of concrete input shapes)."""
 
     def __init__(self, gm: fx.GraphModule, example_inputs: list, recipe, opts: Options, index: int):
-        from spinfx.graph import dynamo_inputs
+        from spinfx.engine.graph import dynamo_inputs
 
         self.gm, self.recipe, self.opts, self.index = gm, recipe, opts, index
         self.functional, self.mutated = functionalize_inputs(gm)
@@ -234,7 +234,7 @@ class _Graph:
 
     def _lower_rewritten(self, users: list, record: GraphRecord) -> Callable:
         from spinfx.api import apply_recipe
-        from spinfx.graph import from_dynamo
+        from spinfx.engine.graph import from_dynamo
 
         examples = [t for _, t in self.weights]
         flat = _merge(self.user_pos, users, examples)
@@ -389,15 +389,16 @@ _POOL: dict[tuple, list[torch.Tensor]] = {}
 
 @functools.cache
 def sources_fingerprint() -> str:
-    """sha256 over every spinfx source file (engine, passes, patterns, kernels): the rules' code."""
+    """sha256 over every spinfx source file (rewrite/ with its sub-packages, passes, patterns, kernels): the
+    rules' code."""
     import spinfx
 
     h = hashlib.sha256()
     # a package's folder from __path__: spinfx.kernels is a namespace package (no __init__.py, no __file__)
     roots = {Path(next(iter(m.__path__))).resolve() for m in _spinfx_packages(spinfx)}
     for root in sorted(roots):
-        for f in sorted(root.glob("*.py")):
-            h.update(f.name.encode())
+        for f in sorted(root.rglob("*.py")):  # spinfx's sub-packages (engine, checkpoint, ...) too
+            h.update(str(f.relative_to(root)).encode())
             h.update(f.read_bytes())
     return h.hexdigest()
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spinfx.errors import BadInput
-from spinfx.pipeline import Pass
+from spinfx.engine.errors import BadInput
+from spinfx.engine.pipeline import Pass
 
 DEFAULT_RECIPE = "spinquant-w4a16"  # what spinfx.rewrite, the backend and the CLI use when not told
 
@@ -51,7 +51,7 @@ class Recipe:
 
     @property
     def streams(self) -> bool:
-        """Can the recipe run window by window (spinfx.stream)? Every pass must say so (Pass.streams)."""
+        """Can the recipe run window by window (spinfx.checkpoint.stream)? Every pass must say so (Pass.streams)."""
         return all(p.streams() for p in self.passes)
 
     def to_dict(self) -> dict:

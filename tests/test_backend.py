@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import spinfx
-from spinfx import backend, zoo
-from spinfx.errors import BadInput
+from spinfx import backend
+from spinfx.testing import zoo
+from spinfx.engine.errors import BadInput
 
 
 def compiled(model, recipe, **options):
@@ -208,7 +209,7 @@ def test_smollm2_spinquant_w4a16_in_a_fresh_process_equals_offline(tmp_path):
         assert err < 1e-4, err
         print("ok", err)
     """)
-    from spinfx.hf import smollm2_dir
+    from spinfx.checkpoint.hf import smollm2_dir
 
     out = subprocess.run([sys.executable, "-c", code, str(smollm2_dir())], cwd=tmp_path, capture_output=True,
                          text=True)

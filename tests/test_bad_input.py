@@ -2,7 +2,7 @@
 NaN/Inf or integer weights, truncated or missing shards, an output location that cannot be written,
 a recipe with unknown keys or wrong types, calibration text too short for the recipe. Each is one
 line on stderr naming the tensor / key / file, exit code 2 (INTERFACE.md), nothing left at --out,
-the source untouched — through `spinfx rewrite|inspect|eval` (run in-process: `spinfx.cli.main`)
+the source untouched — through `spinfx rewrite|inspect|eval` (run in-process: `spinfx.tools.cli.main`)
 and as `spinfx.BadInput` through the Python API."""
 import errno
 import hashlib
@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import spinfx
-from spinfx import zoo
-from spinfx.cli import main
+from spinfx.testing import zoo
+from spinfx.tools.cli import main
 
 
 def _byte_tokenizer():
@@ -200,7 +200,7 @@ def test_unwritable_output(tmp_path, source, capsys, monkeypatch, case, needle):
 def test_safetensors_io_errors_are_os_errors(tmp_path):
     """safetensors reports a failed write as its own error type; spinfx raises it as the OSError it is
     (what staged_dir turns into the one line naming --out)."""
-    from spinfx.offline import save_tensors
+    from spinfx.checkpoint.write import save_tensors
 
     with pytest.raises(FileNotFoundError):
         save_tensors({"w": torch.zeros(4)}, tmp_path / "no-such-dir" / "model.safetensors")

@@ -5,7 +5,7 @@ Bit for bit, not within a tolerance: loaded with `cpu_compute_dtype=None`, the m
 ATen ops on the same stored tensors as the program (quantized linears in the generic `spinfx::qlinear`,
 fake quantizers from `spinfx.kernels.fake_quant`), and a 4-bit quantizer that rounds one value
 differently moves it a whole grid step, which a tolerance would have to admit. (The default load of a
-weight-only checkpoint computes its linears in bf16; `save` verifies that within 2e-2, see offline.verify.)
+weight-only checkpoint computes its linears in bf16; `save` verifies that within 2e-2, see spinfx.checkpoint.write.verify.)
 
 spinquant-w4a4kv4 also writes its activation / KV fake quantization in compressed-tensors' schema, which
 compressed-tensors' own parser reads, and the loaded model applies the KV quantizer to the whole cache
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import spinfx
-from spinfx import zoo
+from spinfx.testing import zoo
 from spinfx.recipe import PRESETS
 
 
@@ -189,7 +189,7 @@ def test_fake_quantization_alone_is_guarded_and_unknown_schemes_are_refused(save
 
     import transformers
 
-    from spinfx.errors import BadInput
+    from spinfx.engine.errors import BadInput
 
     # no rotation, no online transform: the guard comes from the activation quantizer alone
     (tmp_path / "a8.yaml").write_text("passes:\n  - quantize: {weights: {bits: 4, group_size: 16}, "

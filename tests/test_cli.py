@@ -6,11 +6,11 @@ import sys
 
 import pytest
 
-from spinfx import zoo
+from spinfx.testing import zoo
 
 
 def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "spinfx.cli", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "spinfx.tools.cli", *args], capture_output=True, text=True, cwd=cwd)
 
 
 def one_error_line(out) -> str:
@@ -125,8 +125,8 @@ def test_smollm2_rewrite_then_eval_reproduces_the_in_memory_perplexity(tmp_path)
     import torch
 
     from spinfx.api import rewrite
-    from spinfx.evaluate import evaluate
-    from spinfx.hf import load_model
+    from spinfx.tools.evaluate import evaluate
+    from spinfx.checkpoint.hf import load_model
 
     out = tmp_path / "sq"
     res = cli("rewrite", "smollm2", "--recipe", "spinquant-w4a16", "--out", str(out))
@@ -142,9 +142,9 @@ def test_smollm2_rewrite_then_eval_reproduces_the_in_memory_perplexity(tmp_path)
     assert from_disk == pytest.approx(in_memory, rel=5e-3), (from_disk, in_memory)
     assert abs(from_disk - in_memory) < 0.1 * abs(in_memory - fp32), (from_disk, in_memory, fp32)
     # streamed in 3 windows of 10 layers (and a third of the vocabulary each): the very same checkpoint
-    from spinfx import stream
-    from spinfx.hf import smollm2_dir
-    from spinfx.offline import read_safetensors
+    from spinfx.checkpoint import stream
+    from spinfx.checkpoint.hf import smollm2_dir
+    from spinfx.checkpoint.read import read_safetensors
     from spinfx.recipe import load_recipe
 
     rec = load_recipe("spinquant-w4a16")
@@ -160,7 +160,7 @@ def test_decode_step_uses_the_current_cache_keyword():
     # FutureWarning in the middle of `spinfx demo`'s output); 5.23 only knows `past_key_values`
     import warnings
 
-    from spinfx.cli import decode_step_ms
+    from spinfx.tools.cli import decode_step_ms
 
     zm = zoo.build("llama")
     with warnings.catch_warnings():

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import spinfx
-from spinfx import zoo
+from spinfx.testing import zoo
 from spinfx.api import apply_recipe, load
 
 RECIPES = ("fold", "rotate", "spinquant", "w4a16")
@@ -24,7 +24,7 @@ POST_NORM = "R1: the residual stream could not be followed: … a post-norm writ
 NEOX_QKV = "R2: no attention with q/k/v projections"
 
 # model -> (what is special about it, {recipe: OK or the refusal}); a refusal is the message's text,
-# " … " standing for anything. Zoo models (spinfx.zoo, with goldens in test_zoo_goldens.py) first.
+# " … " standing for anything. Zoo models (spinfx.testing.zoo, with goldens in test_zoo_goldens.py) first.
 OUTCOMES = {
     "llama": ("Llama (tied embedding, GQA)", {}),
     "llama_untied": ("Llama, untied lm_head", {}),
@@ -63,7 +63,7 @@ SIZE = dict(vocab_size=zoo.VOCAB, hidden_size=64, intermediate_size=96, num_hidd
 def _config(family: str):
     import transformers as tf
 
-    moe = dict(num_experts_per_tok=2, intermediate_size=40)  # 4 experts, top-2, traced densely (spinfx.moe)
+    moe = dict(num_experts_per_tok=2, intermediate_size=40)  # 4 experts, top-2, traced densely (spinfx.checkpoint.moe)
     if family == "olmoe":
         return tf.OlmoeConfig(**SIZE | moe, num_key_value_heads=2, num_experts=4)
     if family == "granitemoe":
@@ -181,7 +181,7 @@ def tokenizer_dir(tmp_path_factory):
 
 
 def _cli(capsys, *argv) -> tuple[int, str, str]:
-    from spinfx.cli import main
+    from spinfx.tools.cli import main
 
     code = main([str(a) for a in argv])
     out = capsys.readouterr()
@@ -193,7 +193,7 @@ def test_cli_inspect_rewrite_eval_load(name, tmp_path, tokenizer_dir, capsys, mo
     # in-process through the CLI's main() (tests/test_cli.py runs it as a subprocess): every model of
     # the table saved as a user's HF directory with a tokenizer, then inspect → rewrite with CLI_RECIPE
     # (its cell of the table; the first refused preset, if any, exits 3 with one line) → eval → spinfx.load
-    from spinfx import cli
+    from spinfx.tools import cli
 
     model, _ = _model(name)
     src, out = tmp_path / "src", tmp_path / "out"

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import spinfx
-from spinfx import zoo
-from spinfx.data import perplexity, text_path, tokenize_file, windows
-from spinfx.errors import BadInput
-from spinfx.evaluate import calibration_tokens, cmd_eval, evaluate, resolve_text
+from spinfx.testing import zoo
+from spinfx.tools.data import perplexity, text_path, tokenize_file, windows
+from spinfx.engine.errors import BadInput
+from spinfx.tools.evaluate import calibration_tokens, cmd_eval, evaluate, resolve_text
 
 
 class CharTokenizer:

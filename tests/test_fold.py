@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import spinfx
-from spinfx import zoo
-from spinfx.certify import compare
-from spinfx.errors import SpinfxError
-from spinfx.match import find_all
+from spinfx.testing import zoo
+from spinfx.engine.certify import compare
+from spinfx.engine.errors import SpinfxError
+from spinfx.engine.match import find_all
 from spinfx.patterns.norms import NORM, norm_kind
 
 

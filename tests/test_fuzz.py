@@ -1,4 +1,4 @@
-"""The fuzz campaign's short run (spinfx.fuzz; the long run is bench/fuzz_long.py): random small
+"""The fuzz campaign's short run (spinfx.testing.fuzz; the long run is bench/fuzz_long.py): random small
 configs of every family, each of fold / rotate / spinquant / w4a16 certified against the HF model in
 float64 or refused with `spinfx.Unsupported` — never another exception, never a wrong model.
 Deterministic: hypothesis derandomized, no example database."""
@@ -9,8 +9,8 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import spinfx
-from spinfx import fuzz
-from spinfx.pipeline import Pass, PassResult
+from spinfx.testing import fuzz
+from spinfx.engine.pipeline import Pass, PassResult
 from spinfx.recipe import Recipe
 
 PER_FAMILY = 3  # 17 families · 3 = 51 cases, 204 rewrites (≥ 50; 3, not 4: the four MoE families cost no CI time)

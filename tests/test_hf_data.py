@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from spinfx.data import perplexity, text_names, text_path, tokenize_file, windows
-from spinfx.errors import BadInput
-from spinfx import hf
-from spinfx.hf import build_once, cache_root, copy_tokenizer_files, load_model, resolve_source
-from spinfx.zoo import build
+from spinfx.tools.data import perplexity, text_names, text_path, tokenize_file, windows
+from spinfx.engine.errors import BadInput
+from spinfx.checkpoint import hf
+from spinfx.checkpoint.hf import build_once, cache_root, copy_tokenizer_files, load_model, resolve_source
+from spinfx.testing.zoo import build
 
 
 def _bad(src) -> str:

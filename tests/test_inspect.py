@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import spinfx
-from spinfx import zoo
-from spinfx.graph import from_dynamo
+from spinfx.testing import zoo
+from spinfx.engine.graph import from_dynamo
 from spinfx.testing import graph_text
 
 
@@ -85,7 +85,7 @@ return [v3]
 
 
 def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "spinfx.cli", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "spinfx.tools.cli", *args], capture_output=True, text=True, cwd=cwd)
 
 
 def test_cli_inspect_json_on_a_model_dir(tmp_path):

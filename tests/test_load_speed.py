@@ -12,7 +12,7 @@ import yaml
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import spinfx
-from spinfx import zoo
+from spinfx.testing import zoo
 from spinfx.kernels import qlinear_cpu
 from spinfx.kernels.qlinear import FusedQLinear, QLinear, QLinearSlice
 from spinfx.recipe import PRESETS
@@ -173,7 +173,7 @@ def test_compiled_decode_with_a_cache_is_one_graph(sq4, cache):
     kernel, or the generic op: `cpu_compute_dtype=None`)."""
     from transformers import DynamicCache, StaticCache
 
-    from spinfx.hf import cache_kwarg
+    from spinfx.checkpoint.hf import cache_kwarg
 
     zm, _, ckpt = sq4
     model = spinfx.load(ckpt)
@@ -223,7 +223,7 @@ def test_r3_rotates_keys_once_as_they_enter_the_cache(sq4, cache):
     decode step are the step's own — the rotated sizes no longer grow with the cache."""
     from transformers import DynamicCache, StaticCache
 
-    from spinfx.hf import cache_kwarg
+    from spinfx.checkpoint.hf import cache_kwarg
 
     zm, _, ckpt = sq4
     new, old = spinfx.load(ckpt), _unrotated_cache(spinfx.load(ckpt))

@@ -2,7 +2,7 @@
 import pytest
 
 import spinfx
-from spinfx import zoo
+from spinfx.testing import zoo
 from spinfx.passes import CheckMappings, FoldNorms, Rotate
 from spinfx.recipe import Recipe
 

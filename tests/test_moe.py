@@ -1,4 +1,4 @@
-"""Mixture of experts: traced in a dense form (spinfx.moe), router + experts as sibling groups of one input,
+"""Mixture of experts: traced in a dense form (spinfx.checkpoint.moe), router + experts as sibling groups of one input,
 fold / R1 / R4 / quantize / tensor parallel acting on every expert — certified, or refused with a reason."""
 import functools
 import json
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import spinfx
-from spinfx import zoo
-from spinfx.moe import dense_experts
-from spinfx.offline import read_safetensors
+from spinfx.testing import zoo
+from spinfx.checkpoint.moe import dense_experts
+from spinfx.checkpoint.read import read_safetensors
 from spinfx.passes import FoldNorms, Rotate
 from spinfx.passes.quantize import Quantize, quantized_layers
 from spinfx.passes.shard import Shard
@@ -37,7 +37,7 @@ def _saved(r, path):
 
 
 def test_fold_puts_gamma_into_router_and_every_expert_and_saves_a_plain_checkpoint(tmp_path):
-    # before spinfx.moe: "Could not guard on data-dependent expression" (the loop over the chosen experts)
+    # before spinfx.checkpoint.moe: "Could not guard on data-dependent expression" (the loop over the chosen experts)
     zm = _zoo("mixtral")
     before = dict(zm.model.state_dict())
     r = spinfx.rewrite(zm.model, "fold", zm.example_inputs)
@@ -179,7 +179,7 @@ def test_experts_layout_without_a_dense_form_is_refused():
 
 
 def test_cli_rewrites_a_mixture_directory(tmp_path, capsys):
-    from spinfx.cli import main
+    from spinfx.tools.cli import main
 
     zoo.build("qwen3_moe").model.save_pretrained(tmp_path / "src")
     assert main(["rewrite", str(tmp_path / "src"), "--recipe", "fold", "--out", str(tmp_path / "out")]) == 0

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import spinfx
-from spinfx import offline, zoo
-from spinfx.errors import BadInput, Unsupported
+from spinfx.checkpoint import read, write
+from spinfx.testing import zoo
+from spinfx.engine.errors import BadInput, Unsupported
 
 
 def logits(model, zm):
@@ -122,8 +123,8 @@ def test_decode_with_a_kv_cache_after_r3_matches_prefill(tmp_path, cache):
 def test_quantized_linears_are_compressed_tensors_pack_quantized(tmp_path, monkeypatch):
     zm = zoo.build("llama_untied")
     r = spinfx.rewrite(zm.model, quant_recipe(tmp_path, "spinquant"), zm.example_inputs)
-    loads, load = [], offline.load
-    monkeypatch.setattr(offline, "load", lambda *a, **k: loads.append(k) or load(*a, **k))
+    loads, load = [], read.load
+    monkeypatch.setattr(read, "load", lambda *a, **k: loads.append(k) or load(*a, **k))
     out = r.save(tmp_path / "q")
     # save verifies the checkpoint in the program's dtype, not through the bf16 CPU kernels (whose rounding
     # put SmolLM2's logits 2.2 % off under a data-free W4 recipe and flipped a mixture's routing)
@@ -194,9 +195,9 @@ def test_inexpressible_rewrite_is_refused_and_nothing_written(tmp_path):
 def test_sharded_write_reads_back(tmp_path):
     zm = zoo.build("llama")
     tensors = {k: v.clone() for k, v in zm.model.state_dict().items()}
-    files = offline.write_safetensors(tensors, tmp_path, max_shard=40_000)
+    files = write.write_safetensors(tensors, tmp_path, max_shard=40_000)
     assert len(files) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
-    back = offline.read_safetensors(tmp_path)
+    back = read.read_safetensors(tmp_path)
     assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
 
 

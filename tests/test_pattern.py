@@ -3,10 +3,10 @@ import pytest
 import torch
 
 import spinfx
-from spinfx.match import Index, find_all, match_at, Match
-from spinfx.pattern import ANY, Op, Opt, Siblings, Var, is_const, is_number
-from spinfx.rule import Rule, apply_rules, find
-from spinfx.errors import SpinfxError
+from spinfx.engine.match import Index, find_all, match_at, Match
+from spinfx.engine.pattern import ANY, Op, Opt, Siblings, Var, is_const, is_number
+from spinfx.engine.rule import Rule, apply_rules, find
+from spinfx.engine.errors import SpinfxError
 
 aten = torch.ops.aten
 

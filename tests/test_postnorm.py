@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import spinfx
-from spinfx.certify import CertificateError
-from spinfx.pipeline import Pass, PassResult
-from spinfx.zoo import _randomize, hf_config
+from spinfx.engine.certify import CertificateError
+from spinfx.engine.pipeline import Pass, PassResult
+from spinfx.testing.zoo import _randomize, hf_config
 
 
 def olmo2(dtype=torch.float32):
@@ -66,7 +66,7 @@ def test_spinquant_is_refused_for_r1_and_r4_alone_says_where_the_stream_stopped(
 def test_r2_and_r3_alone_are_certified_on_post_norm_models(name):
     # R2 (v/o per head) and R3 (q, k after RoPE) never touch the stream: with r1: none they apply
     # through OLMo-2's q/k norms over the whole projection and Gemma-2's soft-capped eager attention
-    from spinfx import zoo
+    from spinfx.testing import zoo
     from spinfx.passes import FoldNorms, Rotate
 
     zm = zoo.build(name, dtype=torch.float64)
@@ -76,7 +76,7 @@ def test_r2_and_r3_alone_are_certified_on_post_norm_models(name):
     assert rot.certificate["rel"] <= 1e-10
     assert rot.findings["r2"]["sites"] == rot.findings["r3"]["sites"] == zm.expect.layers
     # HF norms compute in float32 even in a float64 model: compare in float64 semantics, on fresh inputs
-    from spinfx.certify import compare
+    from spinfx.engine.certify import compare
 
     assert compare(spinfx.trace(zm.model, zm.example_inputs), r.program, seeds=(7,))["max_abs"] <= 1e-9
 

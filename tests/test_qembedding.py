@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import spinfx
-from spinfx import zoo
-from spinfx.certify import compare
-from spinfx.errors import BadInput, Unsupported
+from spinfx.testing import zoo
+from spinfx.engine.certify import compare
+from spinfx.engine.errors import BadInput, Unsupported
 from spinfx.kernels.qembedding import QEmbedding, dequant_embedding, qembedding_decompositions
 from spinfx.kernels.qlinear import qlinear_decompositions
 from spinfx.kernels.quant_rtn import quantize_rtn
@@ -299,7 +299,7 @@ def test_a_scaled_embedding_keeps_its_scale_when_loaded(tmp_path, name):
 
 
 def test_an_embedding_that_does_more_than_scale_is_refused_at_load():
-    from spinfx.offline import _lookup_scale
+    from spinfx.checkpoint.read import _lookup_scale
 
     class Shifted(torch.nn.Embedding):
         def forward(self, ids):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import spinfx
-from spinfx import zoo
-from spinfx.errors import BadInput
+from spinfx.testing import zoo
+from spinfx.engine.errors import BadInput
 from spinfx.kernels import qlinear_cpu
 from spinfx.kernels.quant_weight import QuantWeight, dequantize
 from spinfx.passes import LowerQLinear, Quantize
@@ -214,7 +214,7 @@ def test_activation_and_kv_quantization():
 
 
 def test_fake_quant_values():
-    from spinfx.graph import from_module
+    from spinfx.engine.graph import from_module
     from spinfx.passes.actquant import fake_quant
 
     class Plus(torch.nn.Module):
@@ -296,7 +296,7 @@ def test_presets():
 @pytest.mark.smollm2
 def test_smollm2_w4_g64_size_and_group_fallback():
     # one rewrite (min/max RTN: the preset's MSE clipping search is measured in bench/README, not here)
-    from spinfx.hf import load_model
+    from spinfx.checkpoint.hf import load_model
 
     model, _ = load_model("smollm2")
     r = spinfx.rewrite(model, Recipe("w4-g128", [Quantize(weights={"bits": 4, "group_size": 128})]))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import spinfx
-from spinfx import zoo
+from spinfx.testing import zoo
 from spinfx.passes import FoldNorms, Rotate
 from spinfx.recipe import Recipe
 
@@ -56,7 +56,7 @@ def test_stage_is_exact(name, tie, stage):
 def test_float64_logits_match_to_1e9(name):
     # HF norms upcast to float32 even in a float64 model; in float64 *semantics* (every cast promoted,
     # as the certificate runs) the rewritten model must equal the original to 1e-9, on fresh inputs
-    from spinfx.certify import compare
+    from spinfx.engine.certify import compare
 
     zm = zoo.build(name, dtype=torch.float64)
     original = spinfx.trace(zm.model, zm.example_inputs)
@@ -283,7 +283,7 @@ def test_learned_rotation_options_are_checked(opts, match):
 
 def test_learned_rotations_refuse_what_they_cannot_do():
     from spinfx.api import calibration_windows
-    from spinfx.pipeline import Context, run_pipeline
+    from spinfx.engine.pipeline import Context, run_pipeline
 
     zm = zoo.build("llama")  # tied embedding
     t = zm.example_inputs["input_ids"].numel()

@@ -7,7 +7,10 @@ import pytest
 import torch
 
 import spinfx
-from spinfx import tp, zoo
+from spinfx.checkpoint.read import read_safetensors
+from spinfx.checkpoint.write import write_safetensors
+from spinfx.dist import sharded
+from spinfx.testing import zoo
 from spinfx.kernels import tp_specs as specs
 from spinfx.kernels.quant_rtn import quantize_rtn
 from spinfx.kernels.quant_weight import QuantWeight, dequantize
@@ -241,8 +244,8 @@ def test_consolidate_shard_is_bit_exact_for_every_tensor_kind(T):
         tensors[f"{mod}.bias"] = torch.randn(n, dtype=torch.float64).to(torch.float16)
     tensors["m.embed.weight"] = torch.randn(10, K).to(torch.bfloat16)  # replicated
     assert any(l.synth_g_idx for l in layouts.values())                 # 736/T is not a multiple of 32 for any T
-    ranks = tp.shard_tensors_by_layout(tensors, layouts, T)
-    back = tp.consolidate_tensors(ranks, layouts)
+    ranks = sharded.shard_tensors_by_layout(tensors, layouts, T)
+    back = sharded.consolidate_tensors(ranks, layouts)
     assert set(back) == set(tensors)
     for name, t in tensors.items():
         assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
@@ -273,23 +276,23 @@ def test_sharded_files_consolidate_without_a_process_group(tmp_path):
                "norm.weight": torch.randn(K).half()}
     src = tmp_path / "src"
     src.mkdir()
-    tp.write_safetensors(tensors, src)
+    write_safetensors(tensors, src)
     (src / "config.json").write_text("{}")
-    out = tp.shard_checkpoint(src, tmp_path / "tp4", 4, lay)
+    out = sharded.shard_checkpoint(src, tmp_path / "tp4", 4, lay)
     files = sorted(p.name for p in out.glob("*.safetensors"))
     assert files == [f"model.rank0{r}-of-04.safetensors" for r in range(4)]
-    assert (out / "config.json").is_file() and (out / tp.META).is_file()
-    back = tp.consolidate(out, tmp_path / "back")
-    got = tp.read_safetensors(back)
+    assert (out / "config.json").is_file() and (out / sharded.META).is_file()
+    back = sharded.consolidate(out, tmp_path / "back")
+    got = read_safetensors(back)
     assert set(got) == set(tensors)
     for k, v in tensors.items():
         assert got[k].dtype == v.dtype and torch.equal(got[k], v)
     with pytest.raises(spinfx.BadInput, match="exists"):
-        tp.consolidate(out, tmp_path / "back")
+        sharded.consolidate(out, tmp_path / "back")
 
 
 def test_cli_rewrite_tp_then_consolidate_is_the_unsharded_checkpoint(tmp_path):
-    from spinfx.cli import main
+    from spinfx.tools.cli import main
 
     zm = zoo.build("qwen2", layers=1)
     zm.model.save_pretrained(tmp_path / "src")
@@ -299,7 +302,7 @@ def test_cli_rewrite_tp_then_consolidate_is_the_unsharded_checkpoint(tmp_path):
     assert main(["consolidate", str(tmp_path / "tp4"), "--out", str(tmp_path / "back")]) == 0
     ranks = sorted(p.name for p in (tmp_path / "tp4").glob("*.safetensors"))
     assert ranks == [f"model.rank0{r}-of-04.safetensors" for r in range(4)]
-    one, back = tp.read_safetensors(tmp_path / "one"), tp.read_safetensors(tmp_path / "back")
+    one, back = read_safetensors(tmp_path / "one"), read_safetensors(tmp_path / "back")
     assert set(one) == set(back) and any(k.endswith("weight_packed") for k in one)
     for k, v in one.items():
         assert back[k].dtype == v.dtype and torch.equal(back[k], v), k

@@ -10,8 +10,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.smollm2]
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from spinfx.data import text_path, tokenize_file
-    from spinfx.hf import load_model
+    from spinfx.tools.data import text_path, tokenize_file
+    from spinfx.checkpoint.hf import load_model
 
     model, tok = load_model("smollm2")
     tokens = tokenize_file(tok, text_path("hamlet"))

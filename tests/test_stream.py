@@ -1,4 +1,4 @@
-"""spinfx.stream: a checkpoint rewritten window by window (a few decoder layers and some vocabulary rows at a
+"""spinfx.checkpoint.stream: a checkpoint rewritten window by window (a few decoder layers and some vocabulary rows at a
 time) is bit for bit the checkpoint of the in-memory rewrite; each window is certified; progress on stderr;
 bad tensors are refused in one line before anything is written."""
 import json
@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import spinfx
-from spinfx import stream, zoo
-from spinfx.errors import BadInput, Unsupported
-from spinfx.offline import read_safetensors
+from spinfx.checkpoint import stream
+from spinfx.testing import zoo
+from spinfx.engine.errors import BadInput, Unsupported
+from spinfx.checkpoint.read import read_safetensors
 from spinfx.recipe import load_recipe
 
 
@@ -116,7 +117,7 @@ def test_cli_streams_a_model_larger_than_a_window(tmp_path):
     """`spinfx rewrite` streams when the model is larger than one window (here: a window of 40 kB),
     shows layer i/N with a rate and an ETA on stderr, and prints one JSON object on stdout."""
     _, src = _source(tmp_path, "llama")
-    code = ("import sys; from spinfx import stream, cli; stream.WINDOW_BYTES = 40_000; "
+    code = ("import sys; from spinfx.checkpoint import stream; from spinfx.tools import cli; stream.WINDOW_BYTES = 40_000; "
             "sys.exit(cli.main(sys.argv[1:]))")
     out = subprocess.run([sys.executable, "-c", code, "rewrite", str(src), "--recipe", "fold", "--out",
                           str(tmp_path / "out"), "--json"], capture_output=True, text=True)

@@ -13,7 +13,7 @@ One spawn per T runs all of its jobs (process start-up dominates on this 2-core 
 import pytest
 import torch
 
-from spinfx import tp
+from spinfx.dist import ranks
 from spinfx.passes import FoldNorms, Rotate
 from spinfx.recipe import load_recipe
 
@@ -55,7 +55,7 @@ _cache: dict = {}
 def _run(T, jobs: dict) -> dict:
     key = (T, tuple(jobs))
     if key not in _cache:
-        outs = tp.run_ranks(tp.zoo_jobs, int(str(T).rstrip("+")), list(jobs.values()))
+        outs = ranks.run_ranks(ranks.zoo_jobs, int(str(T).rstrip("+")), list(jobs.values()))
         _cache[key] = {name: [o[i] for o in outs] for i, name in enumerate(jobs)}
     return _cache[key]
 
@@ -86,4 +86,4 @@ def test_ranks_equal_unsharded_slow(T, job):
 @pytest.mark.slow
 def test_a_failing_rank_is_reported_not_hung():
     with pytest.raises(Exception, match="rank"):
-        tp.run_ranks(tp.zoo_jobs, 2, [{"name": "llama", "passes": [], "attention": "bogus"}])
+        ranks.run_ranks(ranks.zoo_jobs, 2, [{"name": "llama", "passes": [], "attention": "bogus"}])

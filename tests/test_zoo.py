@@ -3,9 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-from spinfx.errors import BadInput
-from spinfx.moe import dense_experts
-from spinfx.zoo import ZOO, build, random_llama, tied
+from spinfx.engine.errors import BadInput
+from spinfx.checkpoint.moe import dense_experts
+from spinfx.testing.zoo import ZOO, build, random_llama, tied
 
 
 def _blocks(model: nn.Module) -> nn.ModuleList:
@@ -34,7 +34,7 @@ def test_export_matches_eager(name):
     assert eager.shape == (1, 8, z.expect.vocab)
     assert torch.isfinite(eager).all()
     assert eager.std() > 0.1, "logits nearly constant: the random model is too weak to detect bad rewrites"
-    with dense_experts(z.model):  # a mixture of experts traces in its dense form (spinfx.moe); others as they are
+    with dense_experts(z.model):  # a mixture of experts traces in its dense form (spinfx.checkpoint.moe); others as they are
         exported = torch.export.export(z.model, (), z.example_inputs, strict=False)
     out = exported.module()(**z.example_inputs)
     torch.testing.assert_close(out.logits, eager, rtol=1e-5, atol=1e-5)

@@ -6,7 +6,7 @@ import functools
 import pytest
 
 import spinfx
-from spinfx import zoo
+from spinfx.testing import zoo
 from spinfx.testing import graph_text
 
 
@@ -568,7 +568,7 @@ spinfx report: opt
   norm                   5 matches
   norm-linears           5 matches
   qkv                    2 matches
-  gate-up                0 matches  nearest miss: 0.25: expected aten.silu|aten.gelu|aten.relu (trying at mul_tensor_1 [aten.mul.Tensor in model.decoder.layers.0.self_attn])
+  gate-up                0 matches  nearest miss: 0.25: expected aten.silu|aten.gelu|aten.relu|aten.tanh|aten.sigmoid (trying at mul_tensor_1 [aten.mul.Tensor in model.decoder.layers.0.self_attn])
   rope                   0 matches  nearest miss: transpose_int [aten.transpose.int in model.decoder.layers.0.self_attn]: expected aten.cat (trying at scaled_dot_product_attention_default [aten.scaled_dot_product_attention in model.decoder.layers.0.self_attn])
   attention              2 matches
 
@@ -633,7 +633,7 @@ spinfx report: gpt2
   norm                   5 matches
   norm-linears           5 matches
   qkv                    2 matches
-  gate-up                0 matches  nearest miss: reshape_default_9 [aten.reshape in transformer.h.0.mlp.c_fc]: expected aten.silu|aten.gelu|aten.relu (trying at mul_tensor [aten.mul.Tensor in transformer.h.0.mlp.act])
+  gate-up                0 matches  nearest miss: reshape_default_9 [aten.reshape in transformer.h.0.mlp.c_fc]: expected aten.silu|aten.gelu|aten.relu|aten.tanh|aten.sigmoid (trying at mul_tensor [aten.mul.Tensor in transformer.h.0.mlp.act])
   rope                   0 matches  nearest miss: transpose_int_2 [aten.transpose.int in transformer.h.0.attn]: expected aten.cat (trying at scaled_dot_product_attention_default [aten.scaled_dot_product_attention in transformer.h.0.attn])
   attention              2 matches
 
@@ -1346,7 +1346,7 @@ spinfx report: phi
   norm                   3 matches
   norm-linears           3 matches
   qkv                    2 matches
-  gate-up                0 matches  nearest miss: 0.5: expected aten.silu|aten.gelu|aten.relu (trying at mul_tensor_7 [aten.mul.Tensor in model.layers.0.mlp.activation_fn])
+  gate-up                0 matches  nearest miss: 0.5: expected aten.silu|aten.gelu|aten.relu|aten.tanh|aten.sigmoid (trying at mul_tensor_7 [aten.mul.Tensor in model.layers.0.mlp.activation_fn])
   rope                   2 matches
   attention              2 matches
 
@@ -1414,7 +1414,7 @@ spinfx report: gpt_neox
   norm                   5 matches
   norm-linears           5 matches
   qkv                    0 matches  nearest miss: getitem [getitem in gpt_neox.layers.0.attention]: expected aten.view|aten.reshape|aten.transpose.int|aten.permute|aten.contiguous (trying at scaled_dot_product_attention_default [aten.scaled_dot_product_attention in gpt_neox.layers.0.attention])
-  gate-up                0 matches  nearest miss: _to_copy_default [aten._to_copy in gpt_neox.rotary_emb]: expected aten.silu|aten.gelu|aten.relu (trying at mul_tensor [aten.mul.Tensor in gpt_neox.rotary_emb])
+  gate-up                0 matches  nearest miss: _to_copy_default [aten._to_copy in gpt_neox.rotary_emb]: expected aten.silu|aten.gelu|aten.relu|aten.tanh|aten.sigmoid (trying at mul_tensor [aten.mul.Tensor in gpt_neox.rotary_emb])
   rope                   2 matches
   attention              2 matches
 

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.fx as fx
 
-from spinfx.graph import Program
+from spinfx.engine.graph import Program
 from spinfx.patterns.common import LINEAR_OPS, linear_input_arg
 
 

@@ -21,7 +21,7 @@ router and every expert's gate_up are sibling linears of the post-attention norm
 experts get tensors of their own (`…experts.<e>.down_proj.weight_packed`). The module's own
 parameters are put back after the trace; the source model is never modified.
 
-Checkpoints (`spinfx.offline`) stack the per-expert matrices again (`expert_linears`). Where the model class
+Checkpoints (`spinfx.checkpoint.parts`) stack the per-expert matrices again (`expert_linears`). Where the model class
 cannot run them with its own forward — quantized experts (one QLinear per expert) or an online transform
 at every expert's down_proj input (R4) — `spinfx.load` gives the experts module `_sparse_forward`:
 transformers' eager loop (each chosen expert on its tokens) over per-expert projections, with the
@@ -37,7 +37,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from spinfx.errors import Unsupported
+from spinfx.engine.errors import Unsupported
 
 _WEIGHTS = ("gate_up_proj", "down_proj")
 

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from spinfx.pipeline import PassResult
+from spinfx.engine.pipeline import PassResult
 
 _TERM = re.compile(r"^\s*(\d*)\s*([A-Za-z]*)\s*$")
 

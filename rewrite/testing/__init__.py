@@ -39,7 +39,7 @@ def accepting() -> bool:
 
 def graph_text(prog_or_gm, module: str | None = None) -> str:
     """The canonical text of a program / GraphModule (optionally one module's nodes)."""
-    from spinfx.printer import print_graph
+    from spinfx.engine.printer import print_graph
 
     gm = getattr(prog_or_gm, "gm", prog_or_gm)
     return print_graph(gm, module=module)

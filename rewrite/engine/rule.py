@@ -17,9 +17,9 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from spinfx.errors import SpinfxError
-from spinfx.match import Index, Match, Miss, describe
-from spinfx.pattern import Pat
+from spinfx.engine.errors import SpinfxError
+from spinfx.engine.match import Index, Match, Miss, describe
+from spinfx.engine.pattern import Pat
 
 
 @dataclass(eq=False)

@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 import torch
 
-from spinfx.errors import BadInput, SpinfxError, Unsupported
+from spinfx.engine.errors import BadInput, SpinfxError, Unsupported
 
 WINDOW_BYTES = 1 << 30  # float64 bytes of decoder-layer weights one window may hold
 _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -98,7 +98,7 @@ def plan(path: Path, recipe, window_bytes: int | None = None, layers_per_window:
     """The windows for rewriting `path` with `recipe`, or None (with the reason logged) when it is
     rewritten in memory instead: the model fits one window, the recipe does not stream, or the model is
     not a stack of alike layers whose tensors are named as the model class names them."""
-    from spinfx.hf import _transformers
+    from spinfx.checkpoint.hf import _transformers
 
     if not recipe.streams:
         if layers_per_window is not None:
@@ -155,7 +155,7 @@ def _skeleton(config) -> torch.nn.Module:
     config says."""
     from accelerate import init_empty_weights
 
-    from spinfx.hf import _transformers, attention_impl
+    from spinfx.checkpoint.hf import _transformers, attention_impl
 
     tf = _transformers()
     with init_empty_weights(include_buffers=False):
@@ -263,7 +263,7 @@ def _read_window(p: Plan, model: torch.nn.Module, layers: range, rows: tuple[int
 def _rewrite_window(p: Plan, recipe, w: int):
     """(checkpoint parts renamed to the whole model's names, report, matches outside the layers) of window w."""
     from spinfx.api import RewrittenModule, Result, apply_recipe, load
-    from spinfx.offline import checkpoint_parts
+    from spinfx.checkpoint.parts import checkpoint_parts
 
     layers, rows = p.window(w)
     model = _skeleton(_window_config(p, layers, rows[1] - rows[0]))
@@ -296,7 +296,7 @@ def _rewrite_window(p: Plan, recipe, w: int):
 
 
 def _renamed(p: Plan, parts, layers: range):
-    from spinfx.offline import Parts
+    from spinfx.checkpoint.parts import Parts
 
     def g(name: str) -> str:
         return _local(p, name, layers)
@@ -317,7 +317,7 @@ class _Assembly:
     """The windows' parts put back together; layer tensors are written as each window finishes."""
 
     def __init__(self, p: Plan, tmp: Path):
-        from spinfx.offline import Parts
+        from spinfx.checkpoint.parts import Parts
 
         self.p, self.tmp = p, tmp
         self.parts = Parts()
@@ -454,7 +454,7 @@ def _merge_reports(reports: list, counted_outside: list[dict], p: Plan):
     quantization findings of every window, one certificate per window."""
     import copy
 
-    from spinfx.report import Report
+    from spinfx.engine.report import Report
 
     first = reports[0]
     rep = Report(model=first.model, recipe=first.recipe, passes=[copy.copy(x) for x in first.passes],
@@ -501,9 +501,9 @@ def _in_layers(p: Plan, match) -> bool:
 def rewrite(p: Plan, recipe, out: Path, force: bool = False, log: Callable[[str], None] = _progress) -> StreamResult:
     """Rewrite plan `p`'s source window by window into the checkpoint directory `out` (staged: nothing is
     left at `out` unless every window certified and every file was written)."""
-    from spinfx.hf import copy_tokenizer_files
-    from spinfx.offline import staged_dir, write_config
-    from spinfx.report_html import write_html
+    from spinfx.checkpoint.hf import copy_tokenizer_files
+    from spinfx.checkpoint.write import staged_dir, write_config
+    from spinfx.tools.report_html import write_html
 
     out = Path(out).expanduser()
     if out.exists() and not force:

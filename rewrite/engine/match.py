@@ -1,4 +1,4 @@
-"""The matcher: runs `spinfx.pattern` patterns over an FX graph.
+"""The matcher: runs `spinfx.engine.pattern` patterns over an FX graph.
 
 One sweep over the nodes in graph order; patterns are indexed by the op at their root, so a node is
 only ever tried against the patterns that can start there (cost linear in graph size for a fixed rule
@@ -13,8 +13,8 @@ from typing import Any, Iterable
 
 import torch.fx as fx
 
-from spinfx.pattern import Alt, Lit, Op, Pat, Seq, Siblings, Var
-from spinfx.printer import op_name
+from spinfx.engine.pattern import Alt, Lit, Op, Pat, Seq, Siblings, Var
+from spinfx.engine.printer import op_name
 
 
 @dataclass

@@ -13,7 +13,7 @@
     Siblings(producer, consumer, ...) N consumers of one producer (q/k/v, gate/up, MoE experts)
 
 Commutative ops (add/mul) try both argument orders. Nothing here touches a graph: patterns are data;
-`spinfx.match` runs them.
+`spinfx.engine.match` runs them.
 """
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ class Op(Pat):
         return self.targets
 
     def __repr__(self) -> str:
-        from spinfx.printer import op_name
+        from spinfx.engine.printer import op_name
 
         ops = "|".join(op_name(t) for t in self.targets)
         return f"{ops}({', '.join(map(repr, self.args))})"

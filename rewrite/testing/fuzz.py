@@ -3,7 +3,7 @@
 A case is one random configuration of one family (`FAMILIES`): sizes (heads, KV heads, head_dim,
 hidden, intermediate, layers, vocab), a tied or untied embedding, and the options the family's HF
 config has (biases, partial rotary, norm placement, parallel blocks, activation, multipliers...).
-`run_case` builds the model in float64 (`spinfx.zoo`: seeded random weights, no ones and zeros),
+`run_case` builds the model in float64 (`spinfx.testing.zoo`: seeded random weights, no ones and zeros),
 traces it once, runs every preset on a copy of the trace, and classifies each:
 
     certified   the rewritten program equals, in float64 semantics (`float64_semantics`: every cast to
@@ -20,7 +20,7 @@ The reference is the HF module itself, not the trace, so a tracing or certificat
 Cases are drawn through a `draw(label, choices)` callable, so one definition of the space serves
 hypothesis (tests/test_fuzz.py: `data.draw(st.sampled_from(choices))`, shrinking included) and a seeded
 `random.Random` (bench/fuzz_long.py). A new family is one `Family` entry here plus its config factory
-in `spinfx.zoo` (e.g. a MoE family: `Family("mixtral", ..., options=(("num_local_experts", (2, 4)),
+in `spinfx.testing.zoo` (e.g. a MoE family: `Family("mixtral", ..., options=(("num_local_experts", (2, 4)),
 ("num_experts_per_tok", lambda s: ...)))`).
 """
 from __future__ import annotations
@@ -35,9 +35,9 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from spinfx import zoo
-from spinfx.certify import _promote  # float32/16/bf16 -> float64, as the certificates promote a graph
-from spinfx.errors import Unsupported
+from spinfx.testing import zoo
+from spinfx.engine.certify import _promote  # float32/16/bf16 -> float64, as the certificates promote a graph
+from spinfx.engine.errors import Unsupported
 
 RECIPES = ("fold", "rotate", "spinquant", "w4a16")
 EXACT = 1e-10
@@ -74,7 +74,7 @@ def _rotary(s: dict) -> list[float]:
 
 @dataclass(frozen=True)
 class Family:
-    """One HF family as the fuzzer varies it (its config factory: `spinfx.zoo.hf_config(name, ...)`)."""
+    """One HF family as the fuzzer varies it (its config factory: `spinfx.testing.zoo.hf_config(name, ...)`)."""
 
     name: str
     free_head_dim: bool        # the config has head_dim (else head_dim = hidden / heads)
@@ -109,7 +109,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                                 ("hidden_act", ("gelu_new", "gelu"))), "parallel attention + MLP"),
     Family("gpt_neox", False, False, (("rotary_pct", _rotary), ("use_parallel_residual", BOOL),
                                       ("attention_bias", BOOL), ("hidden_act", ("gelu", "gelu_new")))),
-    # mixtures of experts (traced densely, spinfx.moe): `intermediate` is each expert's
+    # mixtures of experts (traced densely, spinfx.checkpoint.moe): `intermediate` is each expert's
     Family("mixtral", True, True, (("num_local_experts", EXPERTS), ("num_experts_per_tok", _top_k),
                                    ("hidden_act", ACTS)), "router + experts, softmax then top-k"),
     Family("qwen3_moe", True, True, (("num_experts", EXPERTS), ("num_experts_per_tok", _top_k),
@@ -232,7 +232,7 @@ class _Float64(TorchDispatchMode):
 
 @contextlib.contextmanager
 def float64_semantics():
-    """Run eager code (an HF model, a rewritten program) the way `spinfx.certify` runs a graph in
+    """Run eager code (an HF model, a rewritten program) the way `spinfx.engine.certify` runs a graph in
     float64: every op asked for a lower float dtype (HF norms and RoPE cast to float32 on purpose)
     gets float64 instead, and new float tensors default to float64. Without it a float64 HF model
     still normalizes in float32, and R1 (which changes what the norm sees) moves its rounding by ~1e-7."""
@@ -260,12 +260,12 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
 def dequantized_weights(model: torch.nn.Module, prog) -> dict[str, torch.Tensor]:
     """{parameter name of `model`: dequantize(Q(W))} for every weight the quantize pass replaced in `prog`
     (for `torch.func.functional_call(model, ...)`: the model itself is left as it is). An expert's
-    weight (`<experts>.<e>.<w>.weight` in the program, spinfx.moe) goes into slice e of a copy of the
+    weight (`<experts>.<e>.<w>.weight` in the program, spinfx.checkpoint.moe) goes into slice e of a copy of the
     stacked parameter `<experts>.<w>`, which transformers' own experts forward then reads."""
     from transformers.pytorch_utils import Conv1D
 
     from spinfx.kernels.quant_weight import dequantize
-    from spinfx.moe import expert_linears
+    from spinfx.checkpoint.moe import expert_linears
     from spinfx.passes.quantize import quantized_layers
 
     out = {}

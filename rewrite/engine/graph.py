@@ -32,7 +32,7 @@ import torch.fx as fx
 import torch.fx.traceback as fx_traceback
 from torch.utils import _pytree as pytree
 
-from spinfx.errors import SpinfxError
+from spinfx.engine.errors import SpinfxError
 
 aten = torch.ops.aten
 

@@ -89,7 +89,7 @@ def _pass_section(p: dict) -> str:
 
 
 def graph_svg(text: str) -> str:
-    """A printed graph (spinfx.printer: `v3 = aten.linear(v2, $w) : f32[…]`) as a layered SVG drawing."""
+    """A printed graph (spinfx.engine.printer: `v3 = aten.linear(v2, $w) : f32[…]`) as a layered SVG drawing."""
     nodes: dict[str, tuple[str, list[str], str]] = {}
     for line in text.splitlines():
         m = _LINE.match(line.strip())

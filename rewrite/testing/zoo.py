@@ -16,8 +16,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from spinfx.errors import BadInput
-from spinfx.hf import attention_impl
+from spinfx.engine.errors import BadInput
+from spinfx.checkpoint.hf import attention_impl
 
 VOCAB, HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE, SEQ = 256, 64, 4, 2, 16, 88, 8
 WEIGHT_STD, NORM_STD, BIAS_STD = 0.1, 0.1, 0.02
@@ -233,7 +233,7 @@ _FAMILIES: dict[str, tuple[Callable, dict]] = {
                                             qkv_bias=True, o_bias=True, mlp_bias=True, rotary=0.25)),
 }
 _VARIANTS = {"llama_untied": ("llama", {"tied": False})}
-# Families built from configs here that are not zoo members (no goldens): spinfx.fuzz and
+# Families built from configs here that are not zoo members (no goldens): spinfx.testing.fuzz and
 # tests/test_coverage.py build them with `hf_config` -> _randomize's norm kind
 _MORE: dict[str, tuple[Callable, str]] = {"olmoe": (_olmoe, "rms"), "granitemoe": (_granitemoe, "rms")}
 FAMILIES: tuple[str, ...] = (*_FAMILIES, *_MORE)  # every family `hf_config` builds

@@ -4,7 +4,7 @@ A pass is a frozen dataclass with a kebab-case `name`; its fields are its option
 `run(prog, ctx)` edits the program and returns a `PassResult`; the default `run` drives the pass's
 rules to a fixed point. The pipeline runs passes in one visible order and after each one verifies the
 graph (lint, metadata on every node, no dead nodes) and, for passes that change what the model
-computes, certifies the change (spinfx.certify) or stops with an error.
+computes, certifies the change (spinfx.engine.certify) or stops with an error.
 """
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from typing import Any, ClassVar
 
 import torch.fx as fx
 
-from spinfx.errors import SpinfxError
-from spinfx.graph import Program, infer_meta
-from spinfx.printer import print_graph
-from spinfx.rule import Rule, RuleStats, apply_rules, trace_level
+from spinfx.engine.errors import SpinfxError
+from spinfx.engine.graph import Program, infer_meta
+from spinfx.engine.printer import print_graph
+from spinfx.engine.rule import Rule, RuleStats, apply_rules, trace_level
 
 
 @dataclass
@@ -110,7 +110,7 @@ def _has_effect(n: fx.Node) -> bool:
 def run_pipeline(prog: Program, passes: list[Pass], ctx: Context | None = None,
                  certify: bool = True) -> list[PassResult]:
     """Run `passes` in order on `prog` (in place). Returns one result per pass."""
-    from spinfx.certify import certify_equal, outputs
+    from spinfx.engine.certify import certify_equal, outputs
 
     ctx = ctx or Context()
     results = []

@@ -16,8 +16,8 @@ import gc
 import torch
 from torch.utils import _pytree as pytree
 
-from spinfx.errors import SpinfxError
-from spinfx.graph import Program
+from spinfx.engine.errors import SpinfxError
+from spinfx.engine.graph import Program
 
 _LOW = (torch.float32, torch.float16, torch.bfloat16)
 

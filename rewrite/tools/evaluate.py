@@ -3,7 +3,7 @@
     evaluate("smollm2", text="hamlet", ctx=512, windows=8).ppl     # 42.56 (TESTBED.md)
     evaluate(rewritten.module, tokenizer=tok, text="hamlet", ctx=512)
 
-Token-level perplexity over non-overlapping windows of one text (`spinfx.data.perplexity`). `text` is
+Token-level perplexity over non-overlapping windows of one text (`spinfx.tools.data.perplexity`). `text` is
 a file or the name of one of the Shakespeare texts ("hamlet", "macbeth", …). Calibration windows
 (`calibration_tokens`) come from *other* texts than the evaluated one, so the two never overlap.
 """
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from spinfx import data
-from spinfx.data import perplexity, stderr_progress, text_names, text_path, tokenize_file
-from spinfx.errors import BadInput
-from spinfx.hf import log
+from spinfx.tools import data
+from spinfx.tools.data import perplexity, stderr_progress, text_names, text_path, tokenize_file
+from spinfx.engine.errors import BadInput
+from spinfx.checkpoint.hf import log
 
 DEFAULT_TEXT = "hamlet"
 
@@ -54,7 +54,7 @@ def load_source(src: str | Path):
     """(model, tokenizer or None) of "smollm2" or a model directory, a spinfx checkpoint included
     (`spinfx.load`: quantized linears and online rotations come back)."""
     import spinfx
-    from spinfx.hf import load_tokenizer, resolve_source
+    from spinfx.checkpoint.hf import load_tokenizer, resolve_source
 
     path = resolve_source(src)
     return spinfx.load(path), load_tokenizer(path)

@@ -1,7 +1,7 @@
 """The `spinfx` command (INTERFACE.md). Exit codes: 0 ok, 2 bad input/usage, 3 unsupported model
 structure, 1 internal error. Errors are one line on stderr; progress goes to stderr; `--json` prints
 one object on stdout. Every input is checked before long work starts, and output directories are
-written to a temporary sibling and renamed (spinfx.offline), so a failure leaves nothing behind."""
+written to a temporary sibling and renamed (spinfx.checkpoint.write), so a failure leaves nothing behind."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from spinfx.recipe import DEFAULT_RECIPE
-from spinfx.errors import BadInput, SpinfxError
+from spinfx.engine.errors import BadInput, SpinfxError
 
 DEMO_OUT = "spinfx-demo"
 
@@ -80,11 +80,11 @@ def cmd_inspect(args) -> int:
 def rewrite_to_dir(src: str, recipe: str, out: Path, force: bool, calib_file: str | None = None,
                    calib_tokens: torch.Tensor | None = None):
     """`spinfx rewrite`: check every input first, then load → rewrite → save (verified). The Result; a
-    model larger than one window with a recipe that streams is rewritten window by window (spinfx.stream)."""
+    model larger than one window with a recipe that streams is rewritten window by window (spinfx.checkpoint.stream)."""
     from spinfx.api import CALIB_SEQ, calibrating, calibration_windows, progress, rewrite
-    from spinfx.data import tokenize_file
-    from spinfx.hf import load_model, load_tokenizer, resolve_source
-    from spinfx.offline import check_writable
+    from spinfx.tools.data import tokenize_file
+    from spinfx.checkpoint.hf import load_model, load_tokenizer, resolve_source
+    from spinfx.checkpoint.write import check_writable
     from spinfx.passes.calibration import check_calibration, words
     from spinfx.recipe import load_recipe
 
@@ -108,7 +108,7 @@ def rewrite_to_dir(src: str, recipe: str, out: Path, force: bool, calib_file: st
                       **({"who": words(calibrating(rec))} if windows else {}))
     t0 = time.perf_counter()
     if calib is None:
-        from spinfx import stream
+        from spinfx.checkpoint import stream
 
         windows = stream.plan(path, rec)  # None: the model fits one window, or the recipe needs it whole
         if windows is not None:
@@ -128,7 +128,7 @@ def rewrite_to_dir(src: str, recipe: str, out: Path, force: bool, calib_file: st
 
 def cmd_rewrite(args) -> int:
     if getattr(args, "tp", 1) != 1:
-        from spinfx.tp import cmd_rewrite_tp
+        from spinfx.dist.tp import cmd_rewrite_tp
 
         return cmd_rewrite_tp(args)
     out = Path(args.out)
@@ -143,13 +143,13 @@ def cmd_rewrite(args) -> int:
 
 
 def cmd_consolidate(args) -> int:
-    from spinfx.tp import cmd_consolidate as run
+    from spinfx.dist.tp import cmd_consolidate as run
 
     return run(args)
 
 
 def cmd_eval(args) -> int:
-    from spinfx.evaluate import cmd_eval as run
+    from spinfx.tools.evaluate import cmd_eval as run
 
     return run(args)
 
@@ -169,7 +169,7 @@ def decode_step_ms(model, vocab: int, prompt: int = 128, reps: int = 10) -> floa
     and attends over all `prompt + reps + 2` slots, the unwritten ones masked."""
     from transformers import StaticCache
 
-    from spinfx.hf import cache_kwarg
+    from spinfx.checkpoint.hf import cache_kwarg
 
     steps = reps + 2  # two warm-up steps
     ids = torch.randint(0, vocab, (1, prompt + steps), generator=torch.Generator().manual_seed(0))
@@ -192,8 +192,8 @@ def _demo_out(path: Path) -> None:
 def cmd_demo(args) -> int:
     import spinfx
     from spinfx.api import progress
-    from spinfx.evaluate import evaluate
-    from spinfx.hf import load_model, resolve_source
+    from spinfx.tools.evaluate import evaluate
+    from spinfx.checkpoint.hf import load_model, resolve_source
 
     recipe = args.recipe
     out = Path(args.out)
@@ -206,7 +206,7 @@ def cmd_demo(args) -> int:
     before = evaluate(model, "hamlet", 512, args.windows, tokenizer=tokenizer, label="original")
     progress("decode step of the original (KV cache, prefill 128) …")
     before_ms = decode_step_ms(model, vocab)
-    from spinfx.evaluate import calibration_tokens
+    from spinfx.tools.evaluate import calibration_tokens
 
     # calibration text from the other plays (never Hamlet): GPTQ if the recipe asks, and the report's
     # activation statistics before/after at every quantized linear's input
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         print("spinfx: interrupted", file=sys.stderr)
         return 1
     except Exception as e:  # a bug: still one line, exit 1 (SPINFX_TRACE=1 shows the traceback)
-        from spinfx.rule import trace_level
+        from spinfx.engine.rule import trace_level
 
         if trace_level():
             raise
