@@ -34,14 +34,15 @@ from spinfx.recipe import Recipe, load_recipe
 CTX = 512
 
 
-def _w(bits: int, method: str = "rtn", clip: str = "minmax") -> dict:
-    return {"bits": bits, "group_size": 64, "symmetric": True, "method": method, "clip": clip}
+def _w(bits: int, method: str = "rtn", clip: str = "minmax", act_order: bool = False) -> dict:
+    w = {"bits": bits, "group_size": 64, "symmetric": True, "method": method, "clip": clip}
+    return {**w, "act_order": True} if act_order else w
 
 
 def _passes(rotation: str | None, bits: int, method: str = "rtn", acts: int | None = None, kv: int | None = None,
-            clip: str = "minmax"):
+            clip: str = "minmax", act_order: bool = False):
     pre = load_recipe(rotation).passes if rotation else []
-    q = Quantize(weights=_w(bits, method, clip), activations={"bits": acts} if acts else None,
+    q = Quantize(weights=_w(bits, method, clip, act_order), activations={"bits": acts} if acts else None,
                  kv_cache={"bits": kv} if kv else None)
     return pre + [q]
 
@@ -77,6 +78,10 @@ CONFIGS = {
     "w3-rtn-mse": ("W3A16 RTN, MSE clip", _passes(None, 3, clip="mse")),
     "w3-spin-rtn-mse": ("W3A16 spinquant + RTN, MSE clip", _passes("spinquant", 3, clip="mse")),
     "w4-spin-gptq-mse": ("W4A16 spinquant + GPTQ, MSE clip", _passes("spinquant", 4, "gptq", clip="mse")),
+    # act-order: columns by decreasing Hessian diagonal, groups in that order (g_idx)
+    "w4-spin-gptq-act": ("W4A16 spinquant + GPTQ, act-order", _passes("spinquant", 4, "gptq", act_order=True)),
+    "w4-spin-gptq-mse-act": ("W4A16 spinquant + GPTQ, MSE clip, act-order",
+                             _passes("spinquant", 4, "gptq", clip="mse", act_order=True)),
     "w4a4kv4-spin-rtn-mse": ("W4A4KV4 spinquant + RTN, MSE clip", _passes("spinquant", 4, acts=4, kv=4, clip="mse")),
     # learned R1/R2 (passes/rotate_learn.py): 12 Adam steps on 4 calibration windows of 512 tokens
     "w4-spinL-rtn": ("W4A16 spinquant, learned R1/R2 + RTN", _learned(4) + _passes(None, 4)),

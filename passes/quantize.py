@@ -58,7 +58,7 @@ import torch.fx as fx
 
 from spinfx.engine.errors import BadInput, Unsupported
 from spinfx.engine.graph import Program, add_const, drop_const
-from spinfx.kernels.gptq import gptq_quantize
+from spinfx.kernels.gptq import HessianAccumulator, gptq_quantize_siblings, hessian_factor
 from spinfx.kernels.hadamard import hadamard_by_gemm
 import spinfx.kernels.qembedding  # noqa: F401  (registers spinfx::qembedding)
 from spinfx.kernels.qlinear import generic_attrs, generic_tensors, plan_qlinear  # registers spinfx::qlinear*
@@ -564,42 +564,12 @@ def _dequantized_into(ref: Program, l: _Layer, w_hat: torch.Tensor) -> None:
 # ---- GPTQ calibration ---------------------------------------------------------------------------------
 
 
-class _Gram:
-    """Σ xᵀx over the rows of a linear's inputs, for GPTQ's H = (2/n) Σ xᵀx.
-
-    Like kernels.gptq.HessianAccumulator, but the products run in float32 on ≥4096 rows at a time and
-    only the sums are float64: on this CPU that is 1.8× faster (62 vs 33 GFLOP/s at K=1536), and the
-    Hessians are most of GPTQ's cost (SmolLM2, 128×512 tokens: ≈13 TFLOP)."""
-
-    ROWS = 4096
-
-    def __init__(self, k: int):
-        self.xtx = torch.zeros(k, k, dtype=torch.float64)
-        self.n = 0
-        self.rows: list[torch.Tensor] = []
-
-    def add(self, x: torch.Tensor) -> None:
-        self.rows.append(x.detach().reshape(-1, self.xtx.shape[0]).float())
-        if sum(r.shape[0] for r in self.rows) >= self.ROWS:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self.rows:
-            x = torch.cat(self.rows)
-            self.xtx += (x.T @ x).double()
-            self.n += x.shape[0]
-            self.rows = []
-
-    def hessian(self) -> torch.Tensor:
-        self._flush()
-        return self.xtx * (2.0 / self.n)
-
-
-def _output_errors(w: torch.Tensor, h: torch.Tensor, *w_hats: torch.Tensor) -> list[float]:
-    """‖X(W − Ŵ)ᵀ‖ / ‖XWᵀ‖ = √(tr(ΔHΔᵀ) / tr(WHWᵀ)) for each Ŵ, with H ∝ XᵀX (float32 is plenty here)."""
-    w, h = w.float(), h.float()
-    ref = ((w @ h) * w).sum()
-    return [((((w - wh.float()) @ h) * (w - wh.float())).sum() / ref).clamp_min(0).sqrt().item() for wh in w_hats]
+def _output_errors(h: torch.Tensor, w: torch.Tensor, *w_hats: torch.Tensor) -> list[float]:
+    """‖X(W − Ŵ)ᵀ‖ / ‖XWᵀ‖ = √(tr(ΔHΔᵀ) / tr(WHWᵀ)) for each Ŵ, with H ∝ XᵀX (float32 is plenty here),
+    as one product [W; W − Ŵ₁; …] H."""
+    m = torch.cat([w] + [w - wh for wh in w_hats]).float()
+    tr = ((m @ h.float()) * m).sum(-1).view(1 + len(w_hats), -1).sum(-1)
+    return [(t / tr[0]).clamp_min(0).sqrt().item() for t in tr[1:]]
 
 
 # Ops of the calibration forward worth more than one thread. The rest (RoPE, norms, SiLU, views and
@@ -659,7 +629,7 @@ def _calibrate(prog: Program, layers: list[_Layer], batches: list[list], progres
     def value(a):
         return run.const(a.target) if a.op == "get_attr" else env[a]
 
-    grams = {x: _Gram(x.meta["val"].shape[-1]) for x in groups}
+    grams: dict[fx.Node, HessianAccumulator] = {}  # made when its input is first computed
     envs = [dict(zip(placeholders, b)) for b in batches]
     out: dict[str, tuple[QuantLayer, torch.Tensor]] = {}
     start, last_note = 0, t0
@@ -673,16 +643,16 @@ def _calibrate(prog: Program, layers: list[_Layer], batches: list[list], progres
                         fn = hadamard_by_gemm if n.target is hadamard_op else n.target
                         torch.set_num_threads(threads if fn in _THREADED else 1)
                         env[n] = fn(*fx.node.map_arg(n.args, value), **fx.node.map_arg(n.kwargs, value))
-                        if n in grams:
+                        if n in groups:
+                            if n not in grams:  # float32 products, float64 sums
+                                grams[n] = HessianAccumulator(n.meta["val"].shape[-1], dtype=torch.float32)
                             torch.set_num_threads(threads)  # the Gram products are GEMMs
                             grams[n].add(env[n])
                     for dead in free_after.get(i, ()):
                         env.pop(dead, None)
             torch.set_num_threads(threads)
             for x in cuts[cut]:
-                h = grams.pop(x).hessian()
-                for l in groups[x]:
-                    out[l.weight] = _gptq_one(prog, run, l, h)
+                out.update(_gptq_group(prog, run, groups[x], grams.pop(x).hessian()))
             start = cut
             if progress is not None and (time.perf_counter() - last_note > 10 or len(out) == len(layers)):
                 last_note = time.perf_counter()
@@ -695,21 +665,31 @@ def _calibrate(prog: Program, layers: list[_Layer], batches: list[list], progres
     return out
 
 
-def _gptq_one(prog: Program, run: Program, l: _Layer, h: torch.Tensor) -> tuple[QuantLayer, torch.Tensor]:
-    w = l.master(prog).double()
-    s = l.scheme
-    dtype = l.storage_dtype(prog)
-    qw = gptq_quantize(w, h, s.bits, l.group_size, s.symmetric, act_order=s.act_order, damp=s.damp,
-                       scale_dtype=dtype, clip=s.clip)
-    w_hat = dequantize(qw, torch.float64)
-    rtn = dequantize(quantize_rtn(w, s.bits, l.group_size, s.symmetric, scale_dtype=dtype, clip=s.clip),
-                     torch.float64)
-    stored = w_hat.T if l.transposed else w_hat
-    run.set_const(l.weight, stored.to(run.const(l.weight).dtype).contiguous())  # later layers see Ŵ
-    err, rtn_err = _output_errors(w, h, w_hat, rtn)
-    layer = QuantLayer(qw, l.weight, "gptq", _rel_error(w, w_hat), output_error=err, rtn_output_error=rtn_err,
-                       clip=s.clip)
-    return layer, w_hat
+def _gptq_group(prog: Program, run: Program, ls: list[_Layer], h: torch.Tensor) -> dict[str, tuple[QuantLayer, torch.Tensor]]:
+    """GPTQ of the linears reading one input (one H): one factorization of H per (damp, act_order), and
+    siblings of one scheme and storage dtype quantized in one column loop (kernels.gptq
+    `gptq_quantize_siblings`: the same codes as one by one)."""
+    factors, same = {}, defaultdict(list)
+    for l in ls:
+        same[(l.scheme, l.group_size, l.storage_dtype(prog))].append(l)
+    out = {}
+    for (s, group_size, dtype), sibs in same.items():
+        key = (s.damp, s.act_order)
+        if key not in factors:
+            factors[key] = hessian_factor(h, s.damp, s.act_order)
+        ws = [l.master(prog).double() for l in sibs]
+        qws = gptq_quantize_siblings(ws, factors[key], s.bits, group_size, s.symmetric, act_order=s.act_order,
+                                     damp=s.damp, scale_dtype=dtype, clip=s.clip)
+        for l, w, qw in zip(sibs, ws, qws):
+            w_hat = dequantize(qw, torch.float64)
+            rtn = dequantize(quantize_rtn(w, s.bits, group_size, s.symmetric, scale_dtype=dtype, clip=s.clip),
+                             torch.float64)
+            stored = w_hat.T if l.transposed else w_hat
+            run.set_const(l.weight, stored.to(run.const(l.weight).dtype).contiguous())  # later layers see Ŵ
+            err, rtn_err = _output_errors(h, w, w_hat, rtn)
+            out[l.weight] = QuantLayer(qw, l.weight, "gptq", _rel_error(w, w_hat), output_error=err,
+                                       rtn_output_error=rtn_err, clip=s.clip), w_hat
+    return out
 
 
 # ---- runtime lowering -----------------------------------------------------------------------------------

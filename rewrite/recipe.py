@@ -29,10 +29,23 @@ PRESETS: dict[str, list[dict[str, dict]]] = {
 _W4 = {"bits": 4, "group_size": 128, "symmetric": True, "method": "rtn", "clip": "mse"}
 # the token embedding and the lm_head (found by structure): 8-bit per row, one matrix when tied
 PRESETS["w4a16"] = [{"quantize": {"weights": _W4, "embedding": {"bits": 8}, "lm_head": {"bits": 8}}}]
+# GPTQ on `samples` windows of 512 tokens of calibration text: SmolLM2 Hamlet 16×512, spinquant + GPTQ W4,
+# 32 windows are within 1 % of 128 at a quarter of the calibration time (bench/README.md "GPTQ: quality vs
+# calibration tokens")
+_GPTQ_SAMPLES = 32
+_ENDS = {"embedding": {"bits": 8}, "lm_head": {"bits": 8}}
+PRESETS["w4a16-gptq"] = [{"quantize": {"weights": {**_W4, "method": "gptq"}, **_ENDS, "samples": _GPTQ_SAMPLES}}]
 # A tied embedding stays tied (one 8-bit matrix): R1 runs online after the lookup and is undone before
 # the final norm (fold-norms tie: auto; LayerNorm models, whose centering needs their own embedding,
 # untie) — 90 MB instead of 116 MB for SmolLM2 (bench/README.md).
-PRESETS["spinquant-w4a16"] = [{"fold-norms": {"tie": "auto"}}] + PRESETS["spinquant"][1:] + PRESETS["w4a16"]
+_SPIN = [{"fold-norms": {"tie": "auto"}}] + PRESETS["spinquant"][1:]
+# Hadamard rotations (data-free) + RTN weights; the default until a calibrated one is chosen (bench/README.md)
+PRESETS["spinquant-w4a16"] = _SPIN + PRESETS["w4a16"]
+PRESETS["spinquant-w4a16-rtn"] = _SPIN + PRESETS["w4a16"]
+# 3 bits need GPTQ after the rotations (RTN: 1901 ppl, GPTQ: 65, bench/README.md "Quality"); min/max
+# ranges, as measured there
+PRESETS["spinquant-w3a16"] = _SPIN + [{"quantize": {"weights": {**_W4, "bits": 3, "method": "gptq", "clip": "minmax"},
+                                                   **_ENDS, "samples": _GPTQ_SAMPLES}}]
 PRESETS["spinquant-w4a4kv4"] = PRESETS["spinquant"] + [
     {"quantize": {"weights": _W4, "ignore": ["lm_head"], "activations": {"bits": 4}, "kv_cache": {"bits": 4}}}]
 
