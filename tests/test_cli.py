@@ -166,3 +166,29 @@ def test_decode_step_uses_the_current_cache_keyword():
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         assert decode_step_ms(zm.model, zm.config.vocab_size, prompt=8, reps=1) > 0
+
+
+@pytest.mark.smollm2
+def test_a_calibrated_recipe_takes_the_builtin_text_where_the_model_has_a_tokenizer(tmp_path, capsys):
+    # issue 12: calibrated recipes use the built-in text unless --calib is given; a model without a
+    # tokenizer cannot read it and is refused in one line naming --calib
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from spinfx.checkpoint.hf import copy_tokenizer_files, resolve_source
+    from spinfx.tools.cli import main
+
+    torch.manual_seed(0)
+    src = tmp_path / "src"
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=49152)).save_pretrained(src)  # SmolLM2's vocabulary
+    recipe = tmp_path / "gptq.yaml"
+    recipe.write_text("passes:\n  - quantize: {weights: {bits: 4, group_size: 32, method: gptq}, samples: 2}\n")
+    assert main(["rewrite", str(src), "--recipe", str(recipe), "--out", str(tmp_path / "bare")]) == 2
+    assert "--calib FILE" in capsys.readouterr().err and not (tmp_path / "bare").exists()
+    copy_tokenizer_files(resolve_source("smollm2"), src)
+    assert main(["rewrite", str(src), "--recipe", str(recipe), "--out", str(tmp_path / "out"), "--json"]) == 0
+    out = capsys.readouterr()
+    assert "2 windows × 512 tokens of the built-in Shakespeare text" in out.err
+    report = json.loads(out.out)["report"]
+    assert '"gptq"' in json.dumps(report), "the quantize pass did not calibrate"
