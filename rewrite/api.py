@@ -252,15 +252,13 @@ class _OneRank(fx.Interpreter):
 
 
 def check_dtypes(prog: Program) -> None:
-    """Run the finalized program once in its dtypes: float64 certificates cannot see a dtype change."""
+    """Run the finalized program once in its dtypes: float64 certificates cannot see a dtype change (real
+    tensors: fake tensors' meta functions let a float32 x float64 linear through)."""
     want = [getattr(getattr(a, "meta", {}).get("val"), "dtype", None) for a in pytree.tree_leaves(
         prog.graph.output_node().args[0])]
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    try:  # on fake tensors: dtypes propagate through every op's meta function, nothing is computed
-        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            xs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in prog.examples]
-            got = [getattr(t, "dtype", None) for t in pytree.tree_leaves(_OneRank(prog.gm).run(*xs))]
+    try:
+        with torch.no_grad():
+            got = [getattr(t, "dtype", None) for t in pytree.tree_leaves(_OneRank(prog.gm).run(*prog.examples))]
     except Exception as e:  # the op's own error says which dtypes met where
         raise CertificateError(f"the rewritten program does not run in its dtypes: {str(e).strip()[:300]}") from e
     if got != want:

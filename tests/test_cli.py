@@ -131,6 +131,7 @@ def test_smollm2_rewrite_then_eval_reproduces_the_in_memory_perplexity(tmp_path)
     out = tmp_path / "sq"
     res = cli("rewrite", "smollm2", "--recipe", "spinquant-w4a16", "--out", str(out))
     assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / "tokenizer.json").is_file()  # the save copied the tokenizer (and verified the checkpoint's logits)
     ev = cli("eval", str(out), "--windows", "2", "--json")
     assert ev.returncode == 0, ev.stderr[-3000:]
     from_disk = json.loads(ev.stdout)["ppl"]
