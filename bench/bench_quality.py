@@ -29,7 +29,7 @@ from spinfx.tools.evaluate import calibration_tokens, evaluate
 from spinfx.checkpoint.hf import load_model
 from spinfx.api import calibration_windows
 from spinfx.passes import FoldNorms, Quantize, Rotate
-from spinfx.recipe import Recipe, load_recipe
+from spinfx.recipe import PRESETS, Recipe, load_recipe
 
 CTX = 512
 
@@ -89,17 +89,23 @@ CONFIGS = {
     "w4-spinL24-rtn": ("W4A16 spinquant, learned R1/R2 (24 steps, lr 0.003) + RTN",
                        _learned(4, steps=24, lr=0.003) + _passes(None, 4)),
 }
+# the presets as they are (their own group sizes, 8-bit embedding/lm_head, calibration windows): what users get
+PRESET = "preset:"
+CONFIGS.update({PRESET + n: (f"preset {n}", None) for n in PRESETS if "quantize" in json.dumps(PRESETS[n])})
 
 
 def run_config(name: str, windows: int, calib: torch.Tensor) -> dict:
     label, passes = CONFIGS[name]
+    preset = name[len(PRESET):] if name.startswith(PRESET) else None
+    if preset:
+        passes = load_recipe(preset).passes
     model, tok = load_model("smollm2")
     row = {"config": name, "label": label}
     t0 = time.perf_counter()
     if passes is not None:
         gptq = any(isinstance(p, Quantize) and p.weights["method"] == "gptq" for p in passes)
         example = {"input_ids": torch.zeros(1, CTX, dtype=torch.long), "use_cache": False}
-        if gptq:  # calibrate on every window given (a recipe refuses fewer windows than its `samples`)
+        if gptq and not preset:  # calibrate on every window given (a recipe refuses fewer windows than its `samples`)
             passes = [dataclasses.replace(p, samples=calib.numel() // CTX) if isinstance(p, Quantize) else p
                       for p in passes]
         calibrates = gptq or calibration_windows(Recipe(name, passes)) > 0

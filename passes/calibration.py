@@ -23,7 +23,8 @@ def check_calibration(tokens: int | None, windows: int, window: int, what: str =
         return
     if tokens is None:
         raise BadInput(f"the recipe calibrates on {windows} windows of {window} tokens ({who[0]}) "
-                       f"and no calibration text was given: pass calib=<1-D tensor of token ids> (CLI: --calib FILE)")
+                       f"and no calibration text was given: pass calib=<1-D tensor of token ids> (CLI: --calib FILE), "
+                       f"or use a data-free recipe (hadamard-w4a16: Hadamard rotations, RTN weights)")
     if tokens < windows * window:
         have = tokens // window
         fewer = f", or ask for fewer windows ({who[1]}: {have})" if have else ""

@@ -168,6 +168,10 @@ def rewrite(model, recipe=DEFAULT_RECIPE, example_inputs=None, calib=None, certi
     rec = load_recipe(recipe)
     src = model
     windows = calibration_windows(rec)
+    if windows and calib is None and isinstance(model, (str, Path)):
+        from spinfx.checkpoint.hf import resolve_source
+
+        calib = builtin_calibration(resolve_source(model), windows)
     if windows:  # as much calibration text as the recipe asks, before any work
         check_calibration(calib.numel() if isinstance(calib, torch.Tensor) else None, windows,
                           CALIB_SEQ if example_inputs is None else token_window(example_inputs),
@@ -188,6 +192,21 @@ def rewrite(model, recipe=DEFAULT_RECIPE, example_inputs=None, calib=None, certi
 
         source_dir = resolve_source(src)
     return Result(RewrittenModule(prog), rep, prog, module, source_dir)
+
+
+def builtin_calibration(path: Path, windows: int) -> torch.Tensor | None:
+    """`windows` × CALIB_SEQ tokens of the built-in Shakespeare text (never Hamlet, the evaluation text) in
+    the tokenizer of the model directory `path`; None when it has no tokenizer. What a calibrated recipe
+    runs on when no calibration text is given."""
+    from spinfx.checkpoint.hf import load_tokenizer
+    from spinfx.tools.evaluate import calibration_tokens
+
+    tokenizer = load_tokenizer(path)
+    if tokenizer is None:
+        return None
+    progress(f"calibrating on {windows} windows × {CALIB_SEQ} tokens of the built-in Shakespeare text "
+             f"(not Hamlet; calib= / --calib FILE for your own) …")
+    return calibration_tokens(tokenizer, ctx=CALIB_SEQ, windows=windows)
 
 
 def calibration_windows(recipe) -> int:

@@ -10,7 +10,9 @@ handed to Inductor (`compile_fx`), or run as the rewritten FX graph with `"induc
 Options: `recipe` (preset, YAML path or Recipe), `inductor` (default True), `certify` (default True),
 `strict` (default True: a graph that holds weights but whose structure the recipe refuses — e.g. a
 layer split by a graph break — raises `Unsupported`; False: that graph runs unchanged and the refusal
-is recorded in `reports()`). Graphs without parameters (mask arithmetic between breaks) run as they
+is recorded in `reports()`), `calib` (a 1-D tensor of token ids: the calibration text of a recipe that
+calibrates, e.g. the default's GPTQ, cut into windows shaped like each graph's token input; without it
+such a recipe is refused before any work, naming the data-free alternative). Graphs without parameters (mask arithmetic between breaks) run as they
 are; a graph with linear layers whose weights are not the module's (by Dynamo source) is refused,
 and so is a recipe that changes none of a graph's linears (`api.check_changed`): never a silent
 pass-through. Inference only: the rewritten weights are a snapshot taken at compile time.
@@ -70,6 +72,7 @@ class Options:
     inductor: bool = True
     certify: bool = True
     strict: bool = True
+    calib: Any = None
 
     @classmethod
     def parse(cls, options: dict | None) -> "Options":
@@ -129,6 +132,7 @@ def spinfx_backend(gm: fx.GraphModule, example_inputs: list, options: dict | Non
 
     opts = Options.parse(options)
     recipe = load_recipe(opts.recipe)  # an unknown recipe fails here, before any work
+    _check_calib(recipe, opts.calib, example_inputs)
     graph = _Graph(gm, example_inputs, recipe, opts, index=next(_GRAPH_IDS))
     if graph.dynamic:
         return graph.dispatch  # sizes are known call by call
@@ -136,6 +140,23 @@ def spinfx_backend(gm: fx.GraphModule, example_inputs: list, options: dict | Non
 
 
 _GRAPH_IDS = itertools.count()
+
+
+def _check_calib(recipe, calib, example_inputs: list) -> None:
+    """A recipe that calibrates gets a 1-D tensor of token ids, else one BadInput before any work."""
+    from spinfx.api import calibrating, calibration_windows
+    from spinfx.passes.calibration import check_calibration, words
+
+    windows = calibration_windows(recipe)
+    if not windows:
+        return
+    if calib is not None and not (isinstance(calib, torch.Tensor) and not calib.is_floating_point()):
+        raise BadInput(f"spinfx backend: option calib must be a tensor of token ids, got {type(calib).__name__}")
+    check_calibration(None if calib is None else calib.numel(), windows, 1, who=words(calibrating(recipe)))
+
+
+def _digest(t) -> str | None:
+    return None if t is None else hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 # ---- one Dynamo graph -----------------------------------------------------------------------------
@@ -201,7 +222,7 @@ class _Graph:
         weights = [(fqn, tuple(t.shape), str(t.stride()), str(t.dtype)) for fqn, t in self.weights]
         blob = json.dumps({"sources": sources_fingerprint(), "torch": torch.__version__,
                            "recipe": self.recipe.to_dict(), "options": [self.opts.inductor, self.opts.certify,
-                                                                        self.opts.strict],
+                                                                        self.opts.strict, _digest(self.opts.calib)],
                            "graph": self.gm.code, "shapes": repr(shapes), "weights": weights}, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -244,7 +265,7 @@ class _Graph:
             raise Unsupported(f"a graph input is updated through a view ({n_out} outputs after export, "
                               f"expected {self.n_outputs} + {len(self.mutated)} updated inputs)")
         prog.meta.setdefault("class", f"dynamo graph {self.index}")
-        record.report = apply_recipe(prog, self.recipe, certify=self.opts.certify)
+        record.report = apply_recipe(prog, self.recipe, calib=self.opts.calib, certify=self.opts.certify)
         _share_weights(prog)
         # mutated Dynamo input positions -> the program's placeholder positions
         ph_of_user = {u: j for j, u in enumerate(prog.input_positions)}

@@ -52,7 +52,7 @@ def test_same_outputs_as_offline_rewrite(name):
     assert torch.equal(got, ref)  # the same program, run by the same FX code
 
 
-@pytest.mark.parametrize("recipe", ["spinquant", "spinquant-w4a16"])
+@pytest.mark.parametrize("recipe", ["spinquant", "hadamard-w4a16"])
 def test_inductor_compiles_the_rewritten_graph(recipe):
     zm = zoo.build("qwen2")
     ref = spinfx.rewrite(zm.model, recipe, zm.example_inputs).module(**zm.example_inputs).logits
@@ -199,12 +199,12 @@ def test_smollm2_spinquant_w4a16_in_a_fresh_process_equals_offline(tmp_path):
         model = transformers.AutoModelForCausalLM.from_pretrained(src, attn_implementation="sdpa").eval()
         ids = torch.randint(0, 49152, (1, 32), generator=torch.Generator().manual_seed(0))
         assert "spinfx" not in sys.modules
-        m = torch.compile(model, backend="spinfx", options={"recipe": "spinquant-w4a16"})
+        m = torch.compile(model, backend="spinfx", options={"recipe": "hadamard-w4a16"})
         with torch.no_grad():
             got = m(input_ids=ids, use_cache=False).logits
         import spinfx
         inputs = {"input_ids": ids, "use_cache": False}
-        ref = spinfx.rewrite(model, "spinquant-w4a16", inputs).module(**inputs).logits
+        ref = spinfx.rewrite(model, "hadamard-w4a16", inputs).module(**inputs).logits
         err = ((got - ref).abs().max() / ref.abs().max()).item()
         assert err < 1e-4, err
         print("ok", err)
@@ -233,7 +233,7 @@ class _MLP(torch.nn.Module):
         return self.down(torch.relu(self.up(x)))
 
 
-@pytest.mark.parametrize("recipe", ["fold", "rotate", "spinquant", "w4a16", "spinquant-w4a16"])
+@pytest.mark.parametrize("recipe", ["fold", "rotate", "spinquant", "w4a16", "hadamard-w4a16"])
 def test_a_recipe_through_the_backend_changes_the_program(recipe):
     zm = zoo.build("llama")
     start = len(backend.reports())
@@ -344,3 +344,30 @@ def test_clear_cache_releases_every_tensor():
     assert backend._POOL and backend._CACHE
     backend.clear_cache()
     assert not backend._POOL and not backend._CACHE and not backend.reports()
+
+
+# ---- the default recipe calibrates (GPTQ): the backend takes the text as an option --------------------
+
+
+def test_the_default_recipe_without_calibration_text_is_refused_naming_the_data_free_one():
+    zm = zoo.build("llama")
+    torch._dynamo.reset()
+    m = torch.compile(zm.model, backend="spinfx")  # the default recipe: rotations + GPTQ
+    with pytest.raises(Exception, match="no calibration text was given.*hadamard-w4a16"):
+        with torch.no_grad():
+            m(**zm.example_inputs)
+    torch._dynamo.reset()
+
+
+def test_the_default_recipe_calibrates_on_the_calib_option():
+    zm = zoo.build("llama")
+    calib = torch.randint(0, zm.expect.vocab, (4096,), generator=torch.Generator().manual_seed(0))
+    start = len(backend.reports())
+    with torch.no_grad():
+        got = compiled(zm.model, "spinquant-w4a16", inductor=False, calib=calib)(**zm.example_inputs).logits
+    (rec,) = [r for r in backend.reports()[start:] if r.status == "rewritten"]
+    q = rec.report.pass_result("quantize")
+    assert any("GPTQ" in n for n in q.notes), q.notes
+    ref = spinfx.rewrite(zm.model, "spinquant-w4a16", zm.example_inputs, calib=calib).module(**zm.example_inputs).logits
+    assert torch.equal(got, ref)  # the same calibration windows, the same codes
+    torch._dynamo.reset()

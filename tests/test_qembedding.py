@@ -259,7 +259,7 @@ def test_checkpoint_shrinks(tmp_path):
 
 # ---- presets -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("preset", ["w4a16", "spinquant-w4a16"])
+@pytest.mark.parametrize("preset", ["w4a16", "hadamard-w4a16", "spinquant-w4a16"])
 def test_default_presets_quantize_embedding_and_lm_head_to_8_bits(preset):
     (q,) = [p for p in load_recipe(preset).passes if p.name == "quantize"]
     assert q.embedding == {"bits": 8} and q.lm_head == {"bits": 8}

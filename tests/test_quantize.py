@@ -1,4 +1,4 @@
-"""The quantize pass: every zoo family under w4a16 and spinquant-w4a16 (certified exact against the
+"""The quantize pass: every zoo family under w4a16 and hadamard-w4a16 (certified exact against the
 dequantized weights, logits near float), ignore/overrides by original module name, the group-size
 fallback, GPTQ beating RTN on model output, activation and KV fake quantization, CPU lowering."""
 import json
@@ -35,15 +35,15 @@ def _rewrite(zm, passes, calib=None):
     return spinfx.rewrite(zm.model, Recipe("test", passes), zm.example_inputs, calib=calib)
 
 
-@pytest.mark.parametrize("recipe", ["w4a16", "spinquant-w4a16"])
+@pytest.mark.parametrize("recipe", ["w4a16", "hadamard-w4a16"])
 @pytest.mark.parametrize("name", zoo.ZOO)
 def test_every_family_quantizes(name, recipe):
     zm = zoo.build(name)
-    if recipe.startswith("spinquant") and zm.expect.norm_place != "pre":  # R1/R4 refused at the post-norm
+    if recipe.startswith("hadamard") and zm.expect.norm_place != "pre":  # R1/R4 refused at the post-norm
         with pytest.raises(spinfx.Unsupported, match="a post-norm writes the stream"):
             spinfx.rewrite(zm.model, recipe, zm.example_inputs)
         return
-    if recipe.startswith("spinquant") and zm.expect.qkv_interleaved:  # GPT-NeoX: no q/k/v group for R2
+    if recipe.startswith("hadamard") and zm.expect.qkv_interleaved:  # GPT-NeoX: no q/k/v group for R2
         with pytest.raises(spinfx.Unsupported, match="R2: no attention with q/k/v projections"):
             spinfx.rewrite(zm.model, recipe, zm.example_inputs)
         return
@@ -54,7 +54,7 @@ def test_every_family_quantizes(name, recipe):
     layers = quantized_layers(prog)
     e = zm.expect
     # the layers' linears at 4 bits; the embedding table and the lm_head at 8 bits, one matrix when tied
-    # (spinquant-w4a16 keeps a tie, R1 online — fold-norms tie: auto —, except where centering a
+    # (hadamard-w4a16 keeps a tie, R1 online — fold-norms tie: auto —, except where centering a
     # LayerNorm model's stream needs the embedding alone)
     tied = e.tied and (recipe == "w4a16" or e.norm != "layer")
     ends = {m: l for m, l in layers.items() if l.weight.bits == 8}

@@ -34,7 +34,7 @@ def _same_checkpoints(a, b):
 
 
 @pytest.mark.parametrize("name, recipe", [
-    ("llama", "spinquant-w4a16"),       # tied table kept tied: one 8-bit matrix, R1 online; R2 seeds per layer
+    ("llama", "hadamard-w4a16"),        # tied table kept tied: one 8-bit matrix, R1 online; R2 seeds per layer
     ("llama_untied", "spinquant"),      # untied lm_head, R1 into embedding rows and lm_head rows
     ("opt", "w4a16"),                   # LayerNorm (centering), biases, learned positions
     ("gpt2", "w4a16"),                  # Conv1D (transposed weights), fused q/k/v

@@ -81,7 +81,7 @@ def rewrite_to_dir(src: str, recipe: str, out: Path, force: bool, calib_file: st
                    calib_tokens: torch.Tensor | None = None):
     """`spinfx rewrite`: check every input first, then load → rewrite → save (verified). The Result; a
     model larger than one window with a recipe that streams is rewritten window by window (spinfx.checkpoint.stream)."""
-    from spinfx.api import CALIB_SEQ, calibrating, calibration_windows, progress, rewrite
+    from spinfx.api import CALIB_SEQ, builtin_calibration, calibrating, calibration_windows, progress, rewrite
     from spinfx.tools.data import tokenize_file
     from spinfx.checkpoint.hf import load_model, load_tokenizer, resolve_source
     from spinfx.checkpoint.write import check_writable
@@ -103,14 +103,8 @@ def rewrite_to_dir(src: str, recipe: str, out: Path, force: bool, calib_file: st
         calib = tokenize_file(tokenizer, calib_file)
     # as much calibration text as the recipe asks, checked before the model loads
     windows = calibration_windows(rec)
-    if calib is None and windows:  # the built-in text (Shakespeare, never Hamlet) where the model can read it
-        tokenizer = load_tokenizer(path)
-        if tokenizer is not None:
-            from spinfx.tools.evaluate import calibration_tokens
-
-            progress(f"calibrating on {windows} windows × {CALIB_SEQ} tokens of the built-in Shakespeare text "
-                     f"(not Hamlet; --calib FILE for your own) …")
-            calib = calibration_tokens(tokenizer, ctx=CALIB_SEQ, windows=windows)
+    if calib is None and windows:
+        calib = builtin_calibration(path, windows)
     check_calibration(None if calib is None else calib.numel(), windows, CALIB_SEQ,
                       what=str(calib_file or "the calibration text"),
                       **({"who": words(calibrating(rec))} if windows else {}))
