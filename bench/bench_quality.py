@@ -95,8 +95,9 @@ CONFIGS.update({PRESET + n: (f"preset {n}", None) for n in PRESETS if "quantize"
 
 
 def run_config(name: str, windows: int, calib: torch.Tensor) -> dict:
-    label, passes = CONFIGS[name]
-    preset = name[len(PRESET):] if name.startswith(PRESET) else None
+    # preset:NAME (a preset as it is) or yaml:PATH (a YAML recipe as it is: its own samples)
+    preset = name.split(":", 1)[1] if name.startswith((PRESET, "yaml:")) else None
+    label, passes = CONFIGS[name] if name in CONFIGS else (f"recipe {preset}", None)
     if preset:
         passes = load_recipe(preset).passes
     model, tok = load_model("smollm2")
@@ -119,9 +120,11 @@ def run_config(name: str, windows: int, calib: torch.Tensor) -> dict:
         if learned:  # steps, lr, windows, tokens, seconds, the loss curve
             row["learned"] = learned
         if gptq:  # per weight family: output error on the calibration inputs, GPTQ and what RTN would give
-            row["output_error"] = _by_family(q.findings["layers"], ("output_error", "rtn_output_error"))
+            # (the 8-bit embedding / lm_head of a preset are RTN: no GPTQ output errors)
+            gptq_layers = {m: r for m, r in q.findings["layers"].items() if "output_error" in r}
+            row["output_error"] = _by_family(gptq_layers, ("output_error", "rtn_output_error"))
             row["layers"] = {m: {k: r[k] for k in ("error", "output_error", "rtn_output_error")}
-                             for m, r in q.findings["layers"].items()}
+                             for m, r in gptq_layers.items()}
             row["gptq_note"] = next((n for n in q.notes if n.startswith("GPTQ:")), None)
         model = r.module
     res = evaluate(model, "hamlet", CTX, windows, tokenizer=tok, label=name)

@@ -156,7 +156,8 @@ class Result:
         return save(self, out, force=force, progress=progress)
 
 
-def rewrite(model, recipe=DEFAULT_RECIPE, example_inputs=None, calib=None, certify: bool = True) -> Result:
+def rewrite(model, recipe=DEFAULT_RECIPE, example_inputs=None, calib=None, certify: bool = True, *,
+            calib_source: str | None = None) -> Result:
     """Trace `model`, run the recipe's passes (certifying those that change weights), and return the
     runnable rewritten module with its report. `calib`: a 1-D tensor of token ids (real text); when
     given, the report carries activation statistics at every linear's input before and after, and
@@ -172,6 +173,7 @@ def rewrite(model, recipe=DEFAULT_RECIPE, example_inputs=None, calib=None, certi
         from spinfx.checkpoint.hf import resolve_source
 
         calib = builtin_calibration(resolve_source(model), windows)
+        calib_source = BUILTIN_TEXT
     if windows:  # as much calibration text as the recipe asks, before any work
         check_calibration(calib.numel() if isinstance(calib, torch.Tensor) else None, windows,
                           CALIB_SEQ if example_inputs is None else token_window(example_inputs),
@@ -185,13 +187,16 @@ def rewrite(model, recipe=DEFAULT_RECIPE, example_inputs=None, calib=None, certi
             model, _ = load_model(model)
         example_inputs = default_inputs(model, seq=CALIB_SEQ)
     prog, module = load(model, example_inputs)
-    rep = apply_recipe(prog, rec, calib, certify)
+    rep = apply_recipe(prog, rec, calib, certify, calib_source=calib_source)
     source_dir = None
     if isinstance(src, (str, Path)):
         from spinfx.checkpoint.hf import resolve_source
 
         source_dir = resolve_source(src)
     return Result(RewrittenModule(prog), rep, prog, module, source_dir)
+
+
+BUILTIN_TEXT = "the built-in Shakespeare text (Hamlet, the evaluation text, excluded)"
 
 
 def builtin_calibration(path: Path, windows: int) -> torch.Tensor | None:
@@ -230,7 +235,11 @@ def token_window(example_inputs) -> int:
     return ids[0].numel()
 
 
-def apply_recipe(prog: Program, recipe, calib=None, certify: bool = True, site_base: int = 0) -> Report:
+STATS_WINDOWS = 4
+
+
+def apply_recipe(prog: Program, recipe, calib=None, certify: bool = True, site_base: int = 0,
+                 calib_source: str | None = None) -> Report:
     """Run `recipe` on `prog` in place and return the report: float64 master weights, the passes
     (certified), weights back to their dtypes. Shared by `rewrite` and the torch.compile backend."""
     from spinfx.engine.certify import finalize, to_master
@@ -239,7 +248,9 @@ def apply_recipe(prog: Program, recipe, calib=None, certify: bool = True, site_b
     from spinfx.tools.stats import compare_stats, linear_input_stats
 
     rec = load_recipe(recipe)
-    batches = token_batches(prog, calib, limit=16) if calib is not None else None
+    # the report's activation statistics: 4 windows (2048 tokens at every linear's input) — 16 took more
+    # time than GPTQ itself in a 16-window rewrite (bench/README.md "GPTQ: … time")
+    batches = token_batches(prog, calib, limit=STATS_WINDOWS) if calib is not None else None
     before = linear_input_stats(prog, batches) if batches else None
     layer = first_block(prog)  # one decoder layer's graph before/after, for the report's picture
     layer_before = print_graph(prog.gm, module=layer) if layer else None
@@ -249,6 +260,10 @@ def apply_recipe(prog: Program, recipe, calib=None, certify: bool = True, site_b
     results = run_pipeline(prog, rec.passes, ctx, certify=certify)
     rep = Report(model=str(prog.meta.get("model_type") or prog.meta.get("class", "")), recipe=rec.name,
                  passes=results)
+    if calib is not None:  # what the recipe calibrated on (the report says; issue 12)
+        rep.extra["calibration"] = {"text": calib_source or "calib= (token ids given by the caller)",
+                                    "tokens": int(calib.numel()), "windows_used": calibration_windows(rec),
+                                    "statistics_windows": len(batches or [])}
     check_changed(prog, rec, linears, rep)
     note_untouched(prog, rec, rep)
     finalize(prog)

@@ -199,7 +199,9 @@ def test_smollm2_spinquant_w4a16_in_a_fresh_process_equals_offline(tmp_path):
         model = transformers.AutoModelForCausalLM.from_pretrained(src, attn_implementation="sdpa").eval()
         ids = torch.randint(0, 49152, (1, 32), generator=torch.Generator().manual_seed(0))
         assert "spinfx" not in sys.modules
-        m = torch.compile(model, backend="spinfx", options={"recipe": "hadamard-w4a16"})
+        # Inductor left out: it compiles zoo models in test_inductor_compiles_the_rewritten_graph; on SmolLM2
+        # it was most of this test's minutes, and what this test pins is Dynamo's graph of the real model
+        m = torch.compile(model, backend="spinfx", options={"recipe": "hadamard-w4a16", "inductor": False})
         with torch.no_grad():
             got = m(input_ids=ids, use_cache=False).logits
         import spinfx

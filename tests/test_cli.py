@@ -193,3 +193,4 @@ def test_a_calibrated_recipe_takes_the_builtin_text_where_the_model_has_a_tokeni
     assert "2 windows × 512 tokens of the built-in Shakespeare text" in out.err
     report = json.loads(out.out)["report"]
     assert '"gptq"' in json.dumps(report), "the quantize pass did not calibrate"
+    assert "built-in Shakespeare" in report["calibration"]["text"] and report["calibration"]["tokens"] == 2 * 512

@@ -76,6 +76,16 @@ def test_every_family_quantizes(name, recipe):
     assert _rel(_logits(r.module, ids), _logits(zm.model, ids)) < 0.5
 
 
+def test_the_default_recipe_needs_calibration_text_for_a_module():
+    """The default (rotations + GPTQ) on a bare module without calib=: one BadInput naming calib= and the
+    data-free preset, before any work; the data-free preset itself needs none."""
+    zm = zoo.build("llama")
+    with pytest.raises(BadInput, match=r"no calibration text was given: pass calib=.*data-free recipe \(hadamard-w4a16"):
+        spinfx.rewrite(zm.model, example_inputs=zm.example_inputs)
+    r = spinfx.rewrite(zm.model, "hadamard-w4a16", zm.example_inputs)
+    assert r.report.pass_result("quantize").certificate["rel"] <= 1e-10
+
+
 def test_eight_bits_is_close_to_float():
     zm = zoo.build("llama")
     r = _rewrite(zm, [Quantize(weights={"bits": 8, "group_size": None})])

@@ -37,10 +37,9 @@ SLOW_JOBS = {
     # the other unquantized families (also covered in-process by test_shard.py, all T)
     "2+": {"qwen2": {"name": "qwen2"}, "phi3": {"name": "phi3"}},
     "4+": {"qwen2": {"name": "qwen2"}, "phi3": {"name": "phi3"}},
-    # SmolLM2: 9 heads / 3 kv heads. T = 3 splits everything (one kv head per rank); T = 2 and 4 do not
+    # SmolLM2: 9 heads / 3 kv heads. T = 3 splits everything (one kv head per rank); T = 4 does not
     # divide 9 heads, so attention stays whole (attention: replicate) and the MLPs (1536/T) are split.
-    2: {"smollm2-mlp": {"name": "smollm2", "attention": "replicate"},
-        "smollm2-w4a16-mlp": {"name": "smollm2", "passes": W4, "attention": "replicate"}},
+    # (T = 2 replicated the same way, float and w4a16: the T = 4 job and T = 3's quantized job cover both.)
     3: {"smollm2": {"name": "smollm2"},
         # R4 with a block dividing 1536/3 = 512 (= 2^9) stays rank-local
         "smollm2-spinquant-w4a16": {"name": "smollm2", "passes": _spq(512)}},

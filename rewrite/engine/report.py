@@ -109,8 +109,9 @@ class Report:
         if lin := self.extra.get("linears"):
             lines.append(f"\nlinears changed: {lin['changed']} of {lin['total']}" + (f" ({lin['note']})" if "note" in lin else "")
                          + (f"\n  note: {lin['untouched']}" if "untouched" in lin else ""))
-        acts = self.extra.get("activations")
-        if acts:
+        if cal := self.extra.get("calibration"):
+            lines.append(f"\ncalibrated on {cal['text']}: {cal['tokens']} tokens")
+        if acts := self.extra.get("activations"):
             med = acts["median"]
             lines.append(f"\nactivations at linear inputs (median over {len(acts['layers'])} linears, real text): "
                          f"max|x| {med['max_abs_before']:.3g} → {med['max_abs_after']:.3g}, "
@@ -122,9 +123,8 @@ class Report:
                                  f"kurtosis {b['kurtosis']:8.3g} → {a['kurtosis']:8.3g}")
         if self.contract is not None:
             c = self.contract
-            status = "satisfied" if c.ok else "BROKEN"
             env = ", ".join(f"{a}={b}" for a, b in c.env.items())
-            lines.append(f"\ncontract {c.family} ({env}): {status}")
+            lines.append(f"\ncontract {c.family} ({env}): {'satisfied' if c.ok else 'BROKEN'}")
             for k, want in c.expected.items():
                 mark = "ok" if c.found[k] == want else "!!"
                 lines.append(f"  {mark} {k:<18} expected {want:>4}, found {c.found[k]:>4}")

@@ -78,10 +78,10 @@ def cmd_inspect(args) -> int:
 
 
 def rewrite_to_dir(src: str, recipe: str, out: Path, force: bool, calib_file: str | None = None,
-                   calib_tokens: torch.Tensor | None = None):
+                   calib_tokens: torch.Tensor | None = None, calib_source: str | None = None):
     """`spinfx rewrite`: check every input first, then load → rewrite → save (verified). The Result; a
     model larger than one window with a recipe that streams is rewritten window by window (spinfx.checkpoint.stream)."""
-    from spinfx.api import CALIB_SEQ, builtin_calibration, calibrating, calibration_windows, progress, rewrite
+    from spinfx.api import BUILTIN_TEXT, CALIB_SEQ, builtin_calibration, calibrating, calibration_windows, progress, rewrite
     from spinfx.tools.data import tokenize_file
     from spinfx.checkpoint.hf import load_model, load_tokenizer, resolve_source
     from spinfx.checkpoint.write import check_writable
@@ -101,10 +101,12 @@ def rewrite_to_dir(src: str, recipe: str, out: Path, force: bool, calib_file: st
         if tokenizer is None:
             raise BadInput(f"{src} has no tokenizer to read the calibration text with")
         calib = tokenize_file(tokenizer, calib_file)
+        calib_source = str(Path(calib_file).resolve())
     # as much calibration text as the recipe asks, checked before the model loads
     windows = calibration_windows(rec)
     if calib is None and windows:
         calib = builtin_calibration(path, windows)
+        calib_source = BUILTIN_TEXT
     check_calibration(None if calib is None else calib.numel(), windows, CALIB_SEQ,
                       what=str(calib_file or "the calibration text"),
                       **({"who": words(calibrating(rec))} if windows else {}))
@@ -120,7 +122,7 @@ def rewrite_to_dir(src: str, recipe: str, out: Path, force: bool, calib_file: st
     progress(f"loading {src} …")
     model, _ = load_model(path)
     progress(f"tracing and rewriting with {rec.name} (certified in float64) …")
-    result = rewrite(model, rec, calib=calib)
+    result = rewrite(model, rec, calib=calib, calib_source=calib_source)
     result.source_dir = path
     progress(f"rewritten in {time.perf_counter() - t0:.1f} s")
     result.save(out, force=force)
@@ -193,7 +195,7 @@ def _demo_out(path: Path) -> None:
 
 def cmd_demo(args) -> int:
     import spinfx
-    from spinfx.api import progress
+    from spinfx.api import BUILTIN_TEXT, progress
     from spinfx.tools.evaluate import evaluate
     from spinfx.checkpoint.hf import load_model, resolve_source
 
@@ -213,7 +215,7 @@ def cmd_demo(args) -> int:
     # calibration text from the other plays (never Hamlet): GPTQ if the recipe asks, and the report's
     # activation statistics before/after at every quantized linear's input
     calib = calibration_tokens(tokenizer, ctx=512, windows=args.calib_windows)
-    result = rewrite_to_dir("smollm2", recipe, out, force=True, calib_tokens=calib)
+    result = rewrite_to_dir("smollm2", recipe, out, force=True, calib_tokens=calib, calib_source=BUILTIN_TEXT)
     progress("perplexity of the rewritten checkpoint (spinfx.load) …")
     rewritten = spinfx.load(out)
     after = evaluate(rewritten, "hamlet", 512, args.windows, tokenizer=tokenizer, label="rewritten")

@@ -39,6 +39,8 @@ def render(report: dict) -> str:
         parts.append(f"<p class=ok>Checkpoint verified: the reloaded model's logits match the program "
                      f"(max |Δ| {ck['max_abs']:.2e}, relative {ck['rel']:.2e} ≤ {ck['tolerance']:.0e}).</p>")
         parts += [f"<p>{esc(n)}</p>" for n in ck.get("notes", [])]
+    if cal := report.get("calibration"):
+        parts.append(f"<p>Calibrated on {esc(cal['text'])}: {cal['tokens']} tokens.</p>")
     for p in report.get("passes", []):
         parts.append(_pass_section(p))
     graph = report.get("layer_graph")
