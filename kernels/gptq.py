@@ -76,6 +76,25 @@ class HessianAccumulator:
         return h * (2.0 / self.n)
 
 
+class CrossAccumulator:
+    """C = (2 / n) Σ x_qᵀ x_f over the rows of paired batches (x_q, x_f ∈ R^K: one linear's input in the
+    quantized and in the float model), float32 products summed in float64 — the H of HessianAccumulator
+    when x_q = x_f."""
+
+    def __init__(self, in_features: int) -> None:
+        self.in_features = in_features
+        self.xty = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, xq: Tensor, xf: Tensor) -> None:
+        xq = xq.detach().reshape(-1, self.in_features).float()
+        self.xty += (xq.T @ xf.detach().reshape(-1, self.in_features).float()).double()
+        self.n += xq.shape[0]
+
+    def product(self) -> Tensor:
+        return self.xty * (2.0 / self.n)
+
+
 @contextlib.contextmanager
 def _one_thread():
     """Run the column loop single-threaded. Its ops are small (a few N-vectors, one [block, N] update),

@@ -11,7 +11,7 @@ this generic, device-independent op; `lower-qlinear` turns it into the CPU fast 
 
 Options (the recipe's words):
   weights      {bits: 4, group_size: 128, symmetric: true, method: rtn|gptq, act_order: false, damp: 0.01,
-               clip: minmax|mse}
+               clip: minmax|mse, target: quantized|float}  (target: GPTQ's, see TARGETS)
                group_size null = per channel. A layer whose K is not a multiple of the group takes the
                largest smaller one of 128, 64, 32 that divides K (SmolLM2's 576: 128 → 64), else per
                channel; the report says so.
@@ -58,7 +58,7 @@ import torch.fx as fx
 
 from spinfx.engine.errors import BadInput, Unsupported
 from spinfx.engine.graph import Program, add_const, drop_const
-from spinfx.kernels.gptq import HessianAccumulator, gptq_quantize_siblings, hessian_factor
+from spinfx.kernels.gptq import CrossAccumulator, HessianAccumulator, gptq_quantize_siblings, hessian_factor
 from spinfx.kernels.hadamard import hadamard_by_gemm
 import spinfx.kernels.qembedding  # noqa: F401  (registers spinfx::qembedding)
 from spinfx.kernels.qlinear import generic_attrs, generic_tensors, plan_qlinear  # registers spinfx::qlinear*
@@ -83,6 +83,13 @@ EXACT = 1e-10
 # ---- options ----------------------------------------------------------------------------------------
 
 
+# GPTQ's target: which outputs Ŵ·x_q should reproduce, x_q being the input the already-quantized layers give.
+#   quantized: W·x_q (plain sequential GPTQ: min ‖(W − Ŵ)X_q‖);
+#   float:     W·x_f, the float model's own output (min ‖W·X_f − Ŵ·X_q‖, the earlier layers' error compensated):
+#              = GPTQ of W* = W + W(Cᵀ − H)(H + λI)⁻¹ with H = X_qᵀX_q, C = X_qᵀX_f (exact for λ = 0).
+TARGETS = ("quantized", "float")
+
+
 @dataclass(frozen=True)
 class Scheme:
     """How one weight is quantized (the `weights:` options)."""
@@ -94,6 +101,7 @@ class Scheme:
     act_order: bool = False       # GPTQ: process columns by decreasing Hessian diagonal (g_idx layout)
     damp: float = 0.01            # GPTQ: H += damp · mean(diag H) · I
     clip: str = "minmax"          # "minmax" | "mse": each group's range shrunk to its least squared error
+    target: str = "quantized"     # GPTQ: the outputs Ŵ reproduces, see TARGETS
 
     def updated(self, opts: dict, where: str) -> Scheme:
         known = {f.name for f in dataclasses.fields(self)}
@@ -107,6 +115,8 @@ class Scheme:
             raise BadInput(f"quantize: {where}: bits must be one of {SUPPORTED_BITS}, got {s.bits!r}")
         if s.method not in ("rtn", "gptq"):
             raise BadInput(f"quantize: {where}: method must be 'rtn' or 'gptq', got {s.method!r}")
+        if s.target not in TARGETS:
+            raise BadInput(f"quantize: {where}: target must be one of {', '.join(TARGETS)}, got {s.target!r}")
         if s.clip not in CLIPS:
             raise BadInput(f"quantize: {where}: clip must be one of {', '.join(CLIPS)}, got {s.clip!r}")
         if s.group_size is not None and (not isinstance(s.group_size, int) or s.group_size < 1):
@@ -611,6 +621,11 @@ def _calibrate(prog: Program, layers: list[_Layer], batches: list[list], progres
     hadamard_op = hadamard_op.default if hadamard_op is not None else None
     run = prog.clone()
     finalize(run)  # float constants back to the model's dtype
+    # target: float — the float program runs beside it (its inputs X_f at each group: C = X_qᵀX_f)
+    ref = None
+    if any(l.scheme.target == "float" for l in layers):
+        ref = prog.clone()
+        finalize(ref)
     nodes = list(run.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
     by_name = {n.name: n for n in nodes}
@@ -626,33 +641,48 @@ def _calibrate(prog: Program, layers: list[_Layer], batches: list[list], progres
         free_after[i].append(a)
     placeholders = [n for n in nodes if n.op == "placeholder"]
 
-    def value(a):
-        return run.const(a.target) if a.op == "get_attr" else env[a]
+    def values(p: Program, env: dict):
+        return lambda a: p.const(a.target) if a.op == "get_attr" else env[a]
+
+    def step(n: fx.Node, p: Program, env: dict):
+        fn = hadamard_by_gemm if n.target is hadamard_op else n.target
+        torch.set_num_threads(threads if fn in _THREADED else 1)
+        value = values(p, env)
+        env[n] = fn(*fx.node.map_arg(n.args, value), **fx.node.map_arg(n.kwargs, value))
 
     grams: dict[fx.Node, HessianAccumulator] = {}  # made when its input is first computed
+    cross: dict[fx.Node, CrossAccumulator] = {}     # target: float
     envs = [dict(zip(placeholders, b)) for b in batches]
+    refs = [dict(zip(placeholders, b)) for b in batches] if ref is not None else [None] * len(batches)
     out: dict[str, tuple[QuantLayer, torch.Tensor]] = {}
     start, last_note = 0, t0
     threads = torch.get_num_threads()
     with torch.no_grad(), _restore_threads():
         for cut in sorted(cuts):
-            for env in envs:
+            for env, env_f in zip(envs, refs):
                 for i in range(start, cut):
                     n = nodes[i]
                     if n.op == "call_function":
-                        fn = hadamard_by_gemm if n.target is hadamard_op else n.target
-                        torch.set_num_threads(threads if fn in _THREADED else 1)
-                        env[n] = fn(*fx.node.map_arg(n.args, value), **fx.node.map_arg(n.kwargs, value))
+                        step(n, run, env)
+                        if env_f is not None:
+                            step(n, ref, env_f)
                         if n in groups:
                             if n not in grams:  # float32 products, float64 sums
                                 grams[n] = HessianAccumulator(n.meta["val"].shape[-1], dtype=torch.float32)
+                                if env_f is not None:
+                                    cross[n] = CrossAccumulator(n.meta["val"].shape[-1])
                             torch.set_num_threads(threads)  # the Gram products are GEMMs
                             grams[n].add(env[n])
+                            if env_f is not None:
+                                cross[n].add(env[n], env_f[n])
                     for dead in free_after.get(i, ()):
                         env.pop(dead, None)
+                        if env_f is not None:
+                            env_f.pop(dead, None)
             torch.set_num_threads(threads)
             for x in cuts[cut]:
-                out.update(_gptq_group(prog, run, groups[x], grams.pop(x).hessian()))
+                c = cross.pop(x).product() if x in cross else None
+                out.update(_gptq_group(prog, run, groups[x], grams.pop(x).hessian(), c))
             start = cut
             if progress is not None and (time.perf_counter() - last_note > 10 or len(out) == len(layers)):
                 last_note = time.perf_counter()
@@ -665,7 +695,15 @@ def _calibrate(prog: Program, layers: list[_Layer], batches: list[list], progres
     return out
 
 
-def _gptq_group(prog: Program, run: Program, ls: list[_Layer], h: torch.Tensor) -> dict[str, tuple[QuantLayer, torch.Tensor]]:
+def _float_target(w: torch.Tensor, h: torch.Tensor, c: torch.Tensor, damp: float) -> torch.Tensor:
+    """W* = W + W(Cᵀ − H)(H + λI)⁻¹, λ = damp · mean(diag H): the W with ‖W*·X_q − W·X_f‖ least (ridge),
+    W itself where X_q = X_f."""
+    hd = h + damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    return w + torch.cholesky_solve((c - h) @ w.T, torch.linalg.cholesky(hd)).T
+
+
+def _gptq_group(prog: Program, run: Program, ls: list[_Layer], h: torch.Tensor,
+                c: torch.Tensor | None = None) -> dict[str, tuple[QuantLayer, torch.Tensor]]:
     """GPTQ of the linears reading one input (one H): one factorization of H per (damp, act_order), and
     siblings of one scheme and storage dtype quantized in one column loop (kernels.gptq
     `gptq_quantize_siblings`: the same codes as one by one)."""
@@ -678,7 +716,8 @@ def _gptq_group(prog: Program, run: Program, ls: list[_Layer], h: torch.Tensor) 
         if key not in factors:
             factors[key] = hessian_factor(h, s.damp, s.act_order)
         ws = [l.master(prog).double() for l in sibs]
-        qws = gptq_quantize_siblings(ws, factors[key], s.bits, group_size, s.symmetric, act_order=s.act_order,
+        targets = [_float_target(w, h, c, s.damp) for w in ws] if s.target == "float" else ws
+        qws = gptq_quantize_siblings(targets, factors[key], s.bits, group_size, s.symmetric, act_order=s.act_order,
                                      damp=s.damp, scale_dtype=dtype, clip=s.clip)
         for l, w, qw in zip(sibs, ws, qws):
             w_hat = dequantize(qw, torch.float64)

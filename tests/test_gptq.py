@@ -130,3 +130,38 @@ def test_gptq_with_mse_clip_still_beats_rtn(layer):
     assert output_error(x, w, qg) < 0.8 * output_error(x, w, quantize_rtn(w, 4, 64, clip="mse"))
     with pytest.raises(ValueError, match="clip"):
         quantize_rtn(w, 4, 64, clip="bogus")
+
+
+# ---- target: float (GPTQ toward the float model's outputs) ---------------------------------------------
+
+
+def test_float_target_is_the_least_squares_weight_and_w_itself_when_inputs_agree():
+    """W* = W + W(Cᵀ − H)(H + λI)⁻¹ minimizes ‖W*·X_q − W·X_f‖ (λ → 0: the normal equations hold), and is
+    W exactly where the quantized and the float inputs agree (C = H)."""
+    from spinfx.kernels.gptq import CrossAccumulator
+    from spinfx.passes.quantize import _float_target
+
+    g = torch.Generator().manual_seed(0)
+    xf = torch.randn(512, 24, generator=g, dtype=torch.float64)
+    # what earlier quantized layers give: a distortion of the float inputs that a linear map can undo, plus noise
+    xq = xf @ (torch.eye(24, dtype=torch.float64) + 0.1 * torch.randn(24, 24, generator=g, dtype=torch.float64)) \
+        + 0.01 * torch.randn(512, 24, generator=g, dtype=torch.float64)
+    w = torch.randn(8, 24, generator=g, dtype=torch.float64)
+    acc = HessianAccumulator(24)
+    acc.add(xq)
+    cross = CrossAccumulator(24)
+    cross.add(xq, xf)
+    h, c = acc.hessian(), cross.product()
+    assert torch.allclose(c, (2 / 512) * xq.T @ xf, rtol=0, atol=1e-5)  # float32 products, float64 sums
+    ws = _float_target(w, h, c, damp=0.0)
+    assert torch.allclose(ws @ h, w @ c.T, rtol=0, atol=1e-10 * (w @ c.T).abs().max())  # the normal equations
+    assert (ws @ xq.T - w @ xf.T).norm() < 0.2 * (w @ xq.T - w @ xf.T).norm()
+    assert torch.equal(_float_target(w, h, h, damp=0.01), w)
+
+
+def test_target_option_is_checked():
+    from spinfx.engine.errors import BadInput
+    from spinfx.passes import Quantize
+
+    with pytest.raises(BadInput, match="target must be one of quantized, float"):
+        Quantize(weights={"bits": 4, "method": "gptq", "target": "fp"})
