@@ -690,7 +690,8 @@ def _calibrate(prog: Program, layers: list[_Layer], batches: list[list], progres
                          f"{last_note - t0:.0f} s")
     tokens = sum(t.numel() for b in batches for t in b if isinstance(t, torch.Tensor) and not t.is_floating_point())
     res.notes.append(f"GPTQ: {len(layers)} layers on {len(batches)} calibration windows ({tokens} tokens), "
-                     f"sequential (each Hessian from the already-quantized layers' outputs), "
+                     f"sequential (each Hessian from the already-quantized layers' outputs"
+                     + ("; Ŵ toward the float model's outputs, target: float" if ref is not None else "") + "), "
                      f"{time.perf_counter() - t0:.0f} s")
     return out
 
