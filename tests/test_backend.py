@@ -52,7 +52,7 @@ def test_same_outputs_as_offline_rewrite(name):
     assert torch.equal(got, ref)  # the same program, run by the same FX code
 
 
-@pytest.mark.parametrize("recipe", ["spinquant", "hadamard-w4a16"])
+@pytest.mark.parametrize("recipe", ["hadamard-w4a16"])  # spinquant's online Hadamards + the quantized linears
 def test_inductor_compiles_the_rewritten_graph(recipe):
     zm = zoo.build("qwen2")
     ref = spinfx.rewrite(zm.model, recipe, zm.example_inputs).module(**zm.example_inputs).logits
