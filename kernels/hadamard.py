@@ -75,11 +75,9 @@ def _butterfly(y: torch.Tensor, log2: int) -> torch.Tensor:
     return y.reshape(rows, -1)
 
 
-def hadamard_transform(x: torch.Tensor, plan: HadamardPlan, transpose: bool = False,
-                       constants: bool = False) -> torch.Tensor:
+def hadamard_transform(x: torch.Tensor, plan: HadamardPlan, transpose: bool = False) -> torch.Tensor:
     """x @ M (or x @ Mᵀ) over the last dim, in plain torch (reshapes, matmuls with the small
-    K factors, adds), traceable by Dynamo so Inductor can fuse it. The CPU body of the op.
-    `constants`: build the K factors from Python numbers (for tracing under fake tensors)."""
+    K factors, adds), traceable by Dynamo. The CPU body of the op."""
     if x.shape[-1] != plan.n:
         raise ValueError(f"last dim {x.shape[-1]} != plan n={plan.n}")
     cdtype = compute_dtype(x.dtype)
@@ -89,12 +87,7 @@ def hadamard_transform(x: torch.Tensor, plan: HadamardPlan, transpose: bool = Fa
     for i, k in enumerate(plan.ks):
         inner //= k
         s = scale if i == 0 else 1.0  # the normalization rides on the first factor: no extra pass
-        if constants:
-            # Inductor's decomposition, on fake tensors: the factor is made from Python numbers inside
-            # the trace (a graph constant); a real cached tensor would meet fake ones and crash.
-            h = torch.tensor(plan.factors[i].tolist(), dtype=torch.float64, device=x.device)
-            h = ((h.T if transpose else h) * s).to(cdtype)
-        elif torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
             # Dynamo: read the factor off the plan (a tensor attribute; Inductor folds the prep)
             # rather than a cache keyed by ints that a recompile may have made symbolic.
             h = plan.factors[i].to(device=x.device, dtype=cdtype)
@@ -226,14 +219,16 @@ def hadamard(x: torch.Tensor, plan: HadamardPlan, transpose: bool = False) -> to
 def _decompose_hadamard(x, ks, block, transpose=False):
     if x.device.type == "cuda":  # keep the Triton kernel
         return NotImplemented
-    return hadamard_transform(x, HadamardPlan.from_op_args(x.shape[-1], ks, block), transpose, constants=True)
+    return hadamard_by_gemm(x, ks, block, transpose, constants=True)
 
 
 def hadamard_decompositions() -> dict:
     """Extra decompositions for Inductor (`compile_fx(..., decompositions={**select_decomp_table(), **this})`):
-    off CUDA, `spinfx::hadamard` becomes its plain-torch transform, whose butterfly passes Inductor
-    fuses with each other and with the neighbours (bench, n = 64, M = 1: 0.03 ms vs 0.09 ms eager).
-    Without them the op stays one opaque node running its eager body."""
+    off CUDA, `spinfx::hadamard` becomes one matmul per Kronecker factor (`hadamard_by_gemm`: n = 1536 =
+    12·128 two, n = 64 one), the factors graph constants. The radix-4 butterfly it replaced was ≈ 50
+    nodes per call: SmolLM2 spinquant-w4a16's 90 online Hadamards made the first compile 160 s instead
+    of 75 s at the same decode step (bench/README.md "Decode"). Without a decomposition the op stays
+    one opaque node running its eager body."""
     return {torch.ops.spinfx.hadamard.default: _decompose_hadamard}
 
 
@@ -254,7 +249,17 @@ def _kron_factors(ks: tuple[int, ...], log2: int, dtype: torch.dtype, transpose:
     return tuple(m.to(dtype).contiguous() for m in mats)
 
 
-def hadamard_by_gemm(x: torch.Tensor, ks: list[int], block: int, transpose: bool = False) -> torch.Tensor:
+@functools.lru_cache(maxsize=None)
+def _kron_factor_lists(ks: tuple[int, ...], log2: int, transpose: bool, scale: float) -> tuple[list, ...]:
+    """`_kron_factors` in float64 as nested Python lists (made outside any fake-tensor mode)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        return tuple(h.tolist() for h in _kron_factors(ks, log2, torch.float64, transpose, scale))
+
+
+def hadamard_by_gemm(x: torch.Tensor, ks: list[int], block: int, transpose: bool = False,
+                     constants: bool = False) -> torch.Tensor:
     """`spinfx::hadamard` for GPTQ's calibration forward: the same x @ M, each Kronecker factor of a block
     (the power-of-two part as dense Sylvester pieces of order ≤ 128) one matmul over its axis.
 
@@ -266,7 +271,12 @@ def hadamard_by_gemm(x: torch.Tensor, ks: list[int], block: int, transpose: bool
     dt = compute_dtype(x.dtype)
     y = x.reshape(-1, p.block).to(dt)
     outer, inner = y.shape[0], p.block
-    for h in _kron_factors(tuple(p.ks), p.log2, dt, transpose, p.block ** -0.5):
+    if constants:  # Inductor's decomposition, on fake tensors: each factor a graph constant made from numbers
+        factors = [torch.tensor(h, dtype=torch.float64, device=x.device).to(dt)
+                   for h in _kron_factor_lists(tuple(p.ks), p.log2, transpose, p.block ** -0.5)]
+    else:
+        factors = _kron_factors(tuple(p.ks), p.log2, dt, transpose, p.block ** -0.5)
+    for h in factors:
         k = h.shape[0]
         inner //= k
         if inner == 1:  # the last factor: one GEMM over rows
