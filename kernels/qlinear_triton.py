@@ -10,7 +10,7 @@ Code k of row n is in int32 word k // pf of weight_packed [N, ceil(K / pf)] at b
 `plan(M, N, K, ...)` picks the path and tiles (one definition: the op, tests/test_qlinear.py and
 bench/bench_gpu.py use it):
 
-- "gemv", M <= GEMV_MAX_M (16): no tl.dot. A program owns BLOCK_N weight rows, up to BLOCK_M (4) x
+- "gemv", M <= GEMV_MAX_M (16): no tl.dot. A program owns BLOCK_N (64) weight rows, up to BLOCK_M (4) x
   rows and a range of K (split-K: ≈ PROGRAMS_PER_SM programs per SM in all). Each step loads a
   [BLOCK_N, BLOCK_KW] tile of int32 words (16-byte loads along K) and, for each of the pf code
   positions j of a word (unrolled), shifts/masks the codes out and takes u - zu in fp32 —
@@ -50,6 +50,8 @@ from torch import Tensor
 GEMV_MAX_M = 16  # GEMV up to here, dequantize + cuBLAS above
 PROGRAMS_PER_SM = 4  # GEMV grid target: enough resident programs per SM to keep loads in flight
 GEMV_BLOCK_KW = 8  # int32 words of K per GEMV step and row (32 bytes: one sector)
+GEMV_BLOCK_N = 64  # weight rows per GEMV program
+GEMV_WARPS = 4
 DEQUANT_BLOCK = (32, 64)  # (rows, columns) of W per dequantize program (16 per thread: ≤ 64 registers)
 REDUCE_BLOCK = 1024
 
@@ -86,11 +88,13 @@ def plan(m: int, n: int, k: int, bits: int, group_size: int, has_g_idx: bool, sm
     """The path and tiles for x [m, k] · W [n, k]ᵀ on a device with `sms` SMs. `path` forces a path
     ("gemv" needs 1 <= m <= GEMV_MAX_M); `split` forces the GEMV's split-K count (clamped to 1..steps).
 
-    GEMV tiles: block_m = next_pow2(m) up to 8 (more rows: m_blocks > 1), block_n 128 rows for
-    block_m <= 2, else 64, halved (to 16) while the grid would have fewer than PROGRAMS_PER_SM · sms
-    programs with one split; the accumulator is block_m · block_n · block_kw fp32 (≤ 32 per thread).
-    num_warps: one 4-word vector per thread, and > block_m / 4 (Triton then keeps the x rows in each
-    thread's registers and the accumulator in the words' layout: no layout conversion in the loop)."""
+    GEMV tiles: block_n = GEMV_BLOCK_N weight rows × block_kw words per step (4 warps: one 16-byte
+    load per thread), block_m = next_pow2(m) up to 4 x rows (2 for 2/3 bits or per-code scales; more
+    rows: m_blocks > 1 — more rows per program spill registers). The split brings the grid to
+    ≈ PROGRAMS_PER_SM · sms programs. Per-row scales [1, block_n, 1] and x slices [block_m, 1, block_kw]
+    hold fewer elements than the 128 threads, so Triton (3.6 and 3.9) lays them out like the words:
+    no layout conversion in the loop (a larger block_n or block_m gets one per code position).
+    """
     path = path or ("gemv" if m <= GEMV_MAX_M else "dequant_mm")
     if path == "dequant_mm":
         return Plan("dequant_mm")
@@ -104,23 +108,17 @@ def plan(m: int, n: int, k: int, bits: int, group_size: int, has_g_idx: bool, sm
         groups = bkw * pf // group_size
     else:
         groups = 0
-    bm = min(4 if pf <= 8 and groups else 2, 1 << (m - 1).bit_length())  # more x rows per thread: spills
+    bm = min(4 if pf <= 8 and groups else 2, 1 << (m - 1).bit_length())
     mb = _cdiv(m, bm)
-    warps = 1 if bm <= 2 else 2  # x [bm, 1, bkw] stays smaller than the CTA
-    bn = 64
+    nb = _cdiv(n, GEMV_BLOCK_N)
     steps = _cdiv(_cdiv(k, pf), bkw)
-    target = PROGRAMS_PER_SM * sms
-    while bn > 16 * warps and _cdiv(n, bn) * mb * steps < target:
-        bn //= 2
-    warps = max(warps, bn // 16)
-    nb = _cdiv(n, bn)
-    split = max(1, min(steps, split if split is not None else _cdiv(target, nb * mb)))
+    split = max(1, min(steps, split if split is not None else _cdiv(PROGRAMS_PER_SM * sms, nb * mb)))
     per = _cdiv(steps, split)
-    return Plan("gemv", bm, bn, bkw, _cdiv(steps, per), per * bkw, groups, nb, mb, warps)
+    return Plan("gemv", bm, GEMV_BLOCK_N, bkw, _cdiv(steps, per), per * bkw, groups, nb, mb, GEMV_WARPS)
 
 
 @functools.cache
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 8  # the interpreter on CPU: any small machine
@@ -275,12 +273,14 @@ def qlinear_triton(x: Tensor, weight_packed: Tensor, weight_scale: Tensor, weigh
     if m == 0 or n == 0 or k == 0:
         y = x2.new_zeros(m, n) if bias is None else bias.to(x.dtype).expand(m, n).clone()
         return y.reshape(*x.shape[:-1], n)
-    p = plan_ or plan(m, n, k, bits, group_size, weight_g_idx is not None, _sm_count(x.device))
+    p = plan_ or plan(m, n, k, bits, group_size, weight_g_idx is not None, sm_count(x.device))
     if p.path == "dequant_mm":
         w = dequant_triton(weight_packed, weight_scale, weight_zero_point, weight_g_idx, bits, group_size, k,
                            x.dtype)
         y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(x.dtype), x2, w.t())
         return y.reshape(*x.shape[:-1], n)
+    if weight_g_idx is not None and p.step_groups:
+        raise ValueError(f"{p} reads contiguous groups, but the weight has a g_idx (use plan(...))")
     packed, scale = weight_packed.contiguous(), weight_scale.contiguous()
     zp = scale if weight_zero_point is None else weight_zero_point.contiguous()  # absent pointers: never read
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
