@@ -133,6 +133,7 @@ def _zero_f(z_ptrs, mask, HAS_ZP: tl.constexpr, BITS: tl.constexpr):
         zu = tl.full(mask.shape, 1 << (BITS - 1), tl.int32)
     return zu.to(tl.float32) + 8388608.0
 
+
 @triton.jit
 def _codes_minus_zero(words, shift, zf, BITS: tl.constexpr):
     """u - zu in fp32, exactly, for the codes at bit `shift` of `words` (zf = 2^23 + zu): (u | 0x4B000000)
@@ -224,6 +225,7 @@ def _splitk_reduce_kernel(p_ptr, b_ptr, y_ptr, MN, N, SPLIT, HAS_BIAS: tl.conste
         acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
+
 @triton.jit
 def _dequant_kernel(w_ptr, s_ptr, z_ptr, g_ptr, out_ptr, N, K, stride_wn, stride_sn, group_size,
                    BITS: tl.constexpr, HAS_ZP: tl.constexpr, HAS_GIDX: tl.constexpr,
@@ -243,7 +245,6 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, g_ptr, out_ptr, N, K, stride_wn, stride
     s = tl.load(s_ptr + sg, mask=mask, other=0.0).to(tl.float32)
     w = _codes_minus_zero(words, (rk % PF) * BITS, _zero_f(z_ptr + sg, mask, HAS_ZP, BITS), BITS) * s
     tl.store(out_ptr + rn.to(tl.int64) * K + rk, w.to(out_ptr.dtype.element_ty), mask=mask)
-
 
 
 def dequant_triton(weight_packed: Tensor, weight_scale: Tensor, weight_zero_point: Tensor | None,
