@@ -3,19 +3,26 @@ torch's int4 kernel, the product path (`spinfx.load` / `torch.compile(backend=sp
 batch-1 decode (bench/README.md "## GPU").
 
 CI never has a GPU: this is the check a session runs when it is lent one (one short run, ≈ 5 min on an
-H100). Every section catches its own failure and reports it; results go to stdout and `--out` (JSON).
+H100; `--only kernels,speed` ≈ 2 min). Every section catches its own failure and reports it; results go
+to stdout and `--out` (JSON).
 
     python bench/bench_gpu.py --out /tmp/gpu.json                  # everything
-    python bench/bench_gpu.py --only kernels --quick               # correctness only, small grid
+    python bench/bench_gpu.py --only kernels --quick               # correctness only, small shapes
+    TRITON_INTERPRET=1 python bench/bench_gpu.py --only kernels --quick --device cpu   # CPU smoke run
 
 Sections:
-- kernels: `spinfx::qlinear` (Triton) for bits 2/3/4/8, group 32/128/per-channel, symmetric or not,
-  act-order g_idx, bias, x in fp32/fp16/bf16, M = 1…512, against x·Wᵀ+b in float64 with W the
-  dequantized weight — bound |y−ref| ≤ rtol·(|x|·Mᵀ+|b|) with tests/test_qlinear.py's M and rtol
-  (1e-5 fp32; 2⁻⁸ fp16/bf16, one rounding of y and of x·W's terms); `spinfx::hadamard` (Triton) for
-  the plans of common widths in fp64/fp32/bf16/fp16 against the float64 transform.
-- speed: one linear at decode (M=1) and prefill (M=2048) shapes: Triton w4 g64 vs fp16 cuBLAS vs
-  torch's tinygemm int4 (`aten._weight_int4pack_mm`, bf16); Hadamard Triton vs a dense fp16 matmul.
+- kernels: `spinfx::qlinear`'s Triton body on QLINEAR_CASES — both paths (split-K GEMV, dequantize +
+  cuBLAS), bits 2/3/4/8, every way the GEMV loads scales, zeros, act-order g_idx, bias, x in
+  fp16/fp32/bf16, one case per Triton specialization — against x·Wᵀ+b in float64 with W the
+  dequantized weight: |y−ref| ≤ rtol·(|x|·Mᵀ+|b|) with tests/test_qlinear.py's M and rtol (1e-5 fp32;
+  2⁻⁸ fp16, 2⁻⁷ bf16: one rounding of y and of x·W's terms); `spinfx::hadamard` (Triton) for the plans
+  of common widths in fp64/fp32/bf16/fp16 against the float64 transform. With `--device cpu` under
+  TRITON_INTERPRET=1 (and `--quick`) it is a CPU smoke run of the same code.
+- speed: one linear at M = 1, 16, 2048 (4-bit g64): `spinfx::qlinear` (the path `plan` picks, reported)
+  vs fp16 cuBLAS vs torch's tinygemm int4 (`aten._weight_int4pack_mm`, bf16), each as called (CUDA
+  events around the call: Python dispatch and launches included) and replayed from a CUDA graph
+  (`*_graph_ms`: device time); at M = 16 also the dequantize + cuBLAS path (the crossover); Hadamard
+  Triton vs a dense fp16 matmul.
 - product: a zoo Llama rewritten with spinquant-w4a16 and saved on the CPU, loaded with `spinfx.load`,
   moved to CUDA: logits against the CPU's; `torch.compile(model, backend=spinfx)` on CUDA.
 - decode: HF Llama of SmolLM2-135M's shape and 4 layers of Llama-3-8B's shape (random weights, fp16),
@@ -94,53 +101,86 @@ def _term_magnitude(qw) -> torch.Tensor:
     return ((qw.unpack() - mid - z).abs() + z.abs()).double() * qw.weight_scale.double()[:, g]
 
 
+# (K, N, bits, group, symmetric, act_order, x dtype, M, forced split): one or two cases per Triton
+# specialization of the qlinear kernels (each compiles once, ≈ 2 s on the H100 machine's CPU: a
+# product of the options ran past 4 minutes). On the first shape (K = 576: 72 words per row, not a
+# multiple of 16) the GEMV runs each way of loading scales (step_groups 1 / 4 / per code with and
+# without g_idx), zeros, 8 bits with split = 1 (bias added in the GEMV), x rows in two row blocks,
+# and the dequantize + cuBLAS path in fp16 and (3 bits, act-order, zeros) bf16; on the second
+# (4096 × 4096, aligned words) fp16 and fp32 both paths: fp32 checks the long-K sums at 1e-5 (split-K
+# partials, IEEE sgemm).
+F16, F32, BF16 = torch.float16, torch.float32, torch.bfloat16
+QLINEAR_CASES = [
+    (576, 1536, 4, 64, True, False, F16, 1, None),   # GEMV, one scale group per step
+    (576, 1536, 4, 64, True, False, F16, 5, None),   # GEMV, block_m 4 × 2 row blocks
+    (576, 1536, 4, 64, True, False, F16, 512, None),  # dequantize + mm
+    (576, 1536, 4, 64, False, False, BF16, 1, None),  # zeros, bf16
+    (576, 1536, 4, 64, True, True, F16, 1, None),    # per-code scales via g_idx
+    (576, 1536, 3, 64, False, False, F16, 1, None),  # per-code scales (groups split 3-bit words)
+    (576, 1536, 3, 64, False, True, BF16, 512, None),  # dequantize: 3 bits, zeros, g_idx, bf16
+    (576, 1536, 2, 32, False, False, F16, 1, None),  # 4 scale groups per step, zeros
+    (576, 1536, 8, None, True, False, F16, 1, 1),    # per-channel, split 1: bias in the GEMV
+    (4096, 4096, 4, 128, True, False, F16, 1, None),
+    (4096, 4096, 4, 128, True, False, F32, 1, None),
+    (4096, 4096, 4, 128, True, False, F16, 512, None),
+    (4096, 4096, 4, 128, True, False, F32, 512, None),
+]
+QUICK_SHAPES = {576: (256, 96), 4096: (512, 128)}  # --quick (and the interpreter): small shapes, M <= 64
+
+
 @section("kernels")
 def kernels(args):
     from spinfx.kernels.hadamard import hadamard, hadamard_transform
     from spinfx.kernels.hadamard_matrices import plan
     from spinfx.kernels.qlinear import generic_attrs, generic_tensors
+    from spinfx.kernels.qlinear_triton import plan as qplan
+    from spinfx.kernels.qlinear_triton import qlinear_triton, sm_count
     from spinfx.kernels.quant_rtn import quantize_rtn
     from spinfx.kernels.quant_weight import dequantize
 
     dev = args.device
     gen = torch.Generator().manual_seed(0)
     out = RESULTS["kernels"] = {"qlinear": [], "hadamard": []}  # filled as it goes
-    # Each new specialization of the Triton kernel (bits, zero point, g_idx, bias, dtype, tile, M == 1,
-    # sizes' divisibility) compiles once, ≈ 2 s on the H100 machine's CPU: the grid covers each
-    # specialization once or twice instead of their product (a full product ran past 4 minutes).
-    cases = [(576, 1536, 64), (4096, 4096, 128)] if not args.quick else [(256, 192, 64)]
-    variants = [(4, 64, True, False), (4, 64, False, False), (4, 64, True, True), (8, None, True, False),
-                (3, 64, False, False), (2, 64, True, False)]
-    ms = (1, 512) if not args.quick else (1, 64)
+    t0 = time.perf_counter()
     worst = 0.0
-    for i, (k, n, group) in enumerate(cases):
-        w = torch.randn(n, k, generator=gen)
-        for bits, g, symmetric, act_order in variants:
-            g = group if g is not None else None
+    for k, n, bits, g, symmetric, act_order, dt, m, split in QLINEAR_CASES:
+        if args.quick:
+            k, n = QUICK_SHAPES[k]
+            m = min(m, 64)
+        row = dict(k=k, n=n, m=m, bits=bits, group=g, sym=symmetric, act_order=act_order, dtype=str(dt)[6:])
+        try:  # one case's failure (a compile error of one specialization) is a result, the others still run
+            w = torch.randn(n, k, generator=gen)
             g_idx = (torch.randperm(k, generator=gen) // g).to(torch.int32) if act_order else None
             qw = quantize_rtn(w, bits, g, symmetric=symmetric, g_idx=g_idx, bias=torch.randn(n, generator=gen))
             wd, mag = dequantize(qw, torch.float64).to(dev), _term_magnitude(qw).to(dev)
             tensors = {name: None if t is None else t.to(dev) for name, t in generic_tensors(qw, qw.bias).items()}
-            dtypes = (torch.float16, torch.float32, torch.bfloat16) if (bits, symmetric) == (4, True) and not act_order \
-                else (torch.float16,) if i else (torch.float16, torch.float32)
-            for m in ms:
-                x = torch.randn(m, k, generator=gen).to(dev)
-                b = qw.bias.double().to(dev)
-                scale = x.double().abs() @ mag.T + b.abs()
-                for dt in dtypes:
-                    xd = x.to(dt)
-                    y = torch.ops.spinfx.qlinear(xd, **tensors, **generic_attrs(qw)).double()
-                    # the reference on the rounded input: the kernel's input is x in its dtype
-                    ref_d = xd.double() @ wd.T + b
-                    ratio = ((y - ref_d).abs() / (RTOL[dt] * scale)).max().item()
-                    worst = max(worst, ratio)
-                    out["qlinear"].append(dict(k=k, n=n, m=m, bits=bits, group=g, sym=symmetric,
-                                               act_order=act_order, dtype=str(dt)[6:], ratio=ratio, ok=ratio <= 1.0))
-                    log(out["qlinear"][-1])
+            attrs = generic_attrs(qw)
+            p = qplan(m, n, k, bits, attrs["group_size"], act_order, sm_count(torch.device(dev)), split=split)
+            row["path"] = p.path
+            if p.path == "gemv":
+                row.update(split=p.split, step_groups=p.step_groups, m_blocks=p.m_blocks)
+            x = torch.randn(m, k, generator=gen).to(dev).to(dt)
+            b = qw.bias.double().to(dev)
+            y = qlinear_triton(x, **tensors, **attrs, plan_=p).double()
+            # the reference on the rounded input: the kernel's input is x in its dtype
+            ref = x.double() @ wd.T + b
+            row["ratio"] = ((y - ref).abs() / (RTOL[dt] * (x.double().abs() @ mag.T + b.abs()))).max().item()
+            row["ok"] = row["ratio"] <= 1.0
+            worst = max(worst, row["ratio"])
+            if dev == "cuda" and split is None and m == 1:  # the op (its CUDA registration), same plan: same bits
+                row["op_equal"] = torch.equal(torch.ops.spinfx.qlinear(x, **tensors, **attrs).double(), y)
+                row["ok"] = row["ok"] and row["op_equal"]
+        except Exception as e:  # noqa: BLE001
+            row.update(ok=False, error=f"{type(e).__name__}: {str(e)[:500]}")
+        out["qlinear"].append(row)
+        log(row)
     bad = [r for r in out["qlinear"] if not r["ok"]]
-    log(f"qlinear: {len(out['qlinear'])} cases, {len(bad)} over the bound, worst |Δ|/bound {worst:.3f}")
+    out["qlinear_s"] = time.perf_counter() - t0
+    log(f"qlinear: {len(out['qlinear'])} cases, {len(bad)} failed, worst |Δ|/bound {worst:.3f}, "
+        f"{out['qlinear_s']:.1f} s")
     for r in bad[:10]:
-        log("  over:", r)
+        log("  failed:", r)
+    t0 = time.perf_counter()
     widths = (576, 4096, 14336) if not args.quick else (64, 192)
     hworst = {}
     for n in widths:
@@ -159,6 +199,7 @@ def kernels(args):
     bound = {"float64": 1e-12, "float32": 2e-6, "float16": 2.0 ** -9, "bfloat16": 2.0 ** -6}
     out["hadamard_worst"] = hworst
     out["hadamard_ok"] = all(hworst[d] <= bound[d] for d in hworst)
+    out["hadamard_s"] = time.perf_counter() - t0
     log("hadamard worst max|Δ|/max|ref| by dtype:", {d: f"{v:.2e}" for d, v in hworst.items()},
         "ok" if out["hadamard_ok"] else "OVER", bound)
     out["qlinear_ok"] = not bad
@@ -181,16 +222,44 @@ def _tinygemm(w: torch.Tensor, group: int):
     return lambda x: torch.ops.aten._weight_int4pack_mm(x, wp, group, sz)
 
 
+def graph_ms(fn, inner: int = 20) -> float:
+    """Median ms per call of `inner` calls captured in one CUDA graph and replayed: device time, without
+    the Python dispatch and launch cost that `cuda_ms` includes when the kernels are short."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (and compile) outside the capture
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            fn()
+    return cuda_ms(graph.replay, reps=10, warmup=2) / inner
+
+
+def _timed(row: dict, name: str, fn) -> None:
+    """row[name_ms] = cuda_ms(fn), row[name_graph_ms] = graph_ms(fn); an error is recorded, not raised."""
+    try:
+        row[f"{name}_ms"] = cuda_ms(fn)
+        row[f"{name}_graph_ms"] = graph_ms(fn)
+    except Exception as e:  # noqa: BLE001 - one timing's failure is a result
+        row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+
+
 @section("speed")
 def speed(args):
     from spinfx.kernels.hadamard import hadamard
     from spinfx.kernels.hadamard_matrices import plan
     from spinfx.kernels.qlinear import generic_attrs, generic_tensors
+    from spinfx.kernels.qlinear_triton import plan as qplan
+    from spinfx.kernels.qlinear_triton import qlinear_triton, sm_count
     from spinfx.kernels.quant_rtn import quantize_rtn
 
     rows, had = [], []
     RESULTS["speed"] = {"qlinear": rows, "hadamard": had}
     gen = torch.Generator().manual_seed(1)
+    sms = sm_count(torch.device("cuda"))
     for k, n in ((576, 1536), (4096, 4096), (4096, 14336), (14336, 4096)):
         w = torch.randn(n, k, generator=gen) / k ** 0.5
         qw = quantize_rtn(w, 4, 64, symmetric=True)
@@ -204,12 +273,18 @@ def speed(args):
         for m in (1, 16, 2048):
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             xb = x.bfloat16()
-            r = dict(k=k, n=n, m=m,
-                     triton_w4_ms=cuda_ms(lambda: torch.ops.spinfx.qlinear(x, **t, **a)),
-                     cublas_fp16_ms=cuda_ms(lambda: torch.nn.functional.linear(x, w16)))
-            r["tinygemm_w4_ms"] = cuda_ms(lambda: tg(xb)) if tg else None
-            if tg is None:
+            p = qplan(m, n, k, 4, 64, False, sms)
+            r = dict(k=k, n=n, m=m, path=p.path, split=p.split, programs=p.programs)
+            # the op as a model calls it (custom-op dispatch + launches), then the kernels alone
+            _timed(r, "triton_w4", lambda: torch.ops.spinfx.qlinear(x, **t, **a))
+            _timed(r, "cublas_fp16", lambda: torch.nn.functional.linear(x, w16))
+            if tg is not None:
+                _timed(r, "tinygemm_w4", lambda: tg(xb))
+            else:
                 r["tinygemm_error"] = tg_err
+            if m == 16:  # the other side of the crossover at GEMV_MAX_M
+                other = qplan(m, n, k, 4, 64, False, sms, path="dequant_mm")
+                _timed(r, "triton_w4_dequant_mm", lambda: qlinear_triton(x, **t, **a, plan_=other))
             rows.append(r)
             log(r)
     for n in (4096, 14336):
@@ -384,6 +459,8 @@ def main() -> int:
         if not only or s.name in only:
             s(args)
     failed = [k for k, v in RESULTS.items() if isinstance(v, dict) and "error" in v]
+    kern = RESULTS.get("kernels", {})
+    failed += [f"kernels.{c}" for c in ("qlinear", "hadamard") if kern.get(f"{c}_ok") is False]
     log("sections failed:", failed or "none")
     return 1 if failed else 0
 

@@ -7,7 +7,7 @@ Four custom ops, all visible as single nodes in FX/Inductor graphs (tensors for 
       Any `QuantWeight` (2/3/4/8 bits, sym/asym, per-channel as group_size = K, act-order g_idx), its
       tensors as stored. CPU (and any non-CUDA device): unpack + dequantize + linear in plain torch
       ops (`dequant_linear`); `qlinear_decompositions()` lets Inductor trace those ops and fuse them.
-      CUDA: the fused Triton dequant-GEMM (`qlinear_triton`).
+      CUDA: Triton (`qlinear_triton`): a split-K GEMV for M <= 16, dequantize + cuBLAS above.
   spinfx::qlinear_cpu(Tensor x, Tensor q4_weight, Tensor q4_scales, Tensor? q4_zeros, Tensor? bias,
                       int out_features, int group_size, int vector_bits) -> Tensor
       The CPU path for <= 4-bit layouts when its C++ body builds (kernels/qlinear_cpu.py): AVX2 /
@@ -119,7 +119,7 @@ def _qlinear_fake(x, weight_packed, weight_scale, weight_zero_point, weight_g_id
 
 
 def _decompose_qlinear(x, weight_packed, weight_scale, weight_zero_point, weight_g_idx, bias, bits, group_size):
-    if x.device.type == "cuda":  # keep the fused Triton kernel
+    if x.device.type == "cuda":  # keep the Triton body
         return NotImplemented
     return dequant_linear(x, weight_packed, weight_scale, weight_zero_point, weight_g_idx, bias, bits, group_size)
 

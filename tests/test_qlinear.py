@@ -384,26 +384,63 @@ def test_inductor_decomposition_of_generic_op():
 # --- Triton (interpreter on CPU) -----------------------------------------------------------------------
 TRITON_SCRIPT = textwrap.dedent("""
     import torch
-    from spinfx.kernels.qlinear import generic_attrs, generic_tensors
-    from spinfx.kernels.qlinear_triton import qlinear_triton
+    from spinfx.kernels.qlinear import dequant_weight, generic_attrs, generic_tensors
+    from spinfx.kernels.qlinear_triton import dequant_triton, plan, qlinear_triton
     from spinfx.kernels.quant_rtn import quantize_rtn
     from spinfx.kernels.quant_weight import dequantize
     torch.manual_seed(0)
-    n, k = 64, 256
-    w = torch.randn(n, k)
+    RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+    def layout(n, k, bits, group, symmetric, act_order, bias=True):
+        g_idx = (torch.randperm(k) // group).to(torch.int32) if act_order else None
+        return quantize_rtn(torch.randn(n, k), bits, group, symmetric=symmetric, g_idx=g_idx,
+                            bias=torch.randn(n) if bias else None)
+
+    def check(qw, x, p=None, what=None):
+        y = qlinear_triton(x, **generic_tensors(qw, qw.bias), **generic_attrs(qw), plan_=p)
+        wd = dequantize(qw, torch.float64)
+        b = torch.zeros(wd.shape[0], dtype=torch.float64) if qw.bias is None else qw.bias.double()
+        ref = x.double() @ wd.T + b
+        bound = RTOL[x.dtype] * (x.double().abs() @ wd.abs().T + b.abs())
+        assert y.dtype == x.dtype and y.shape == ref.shape, what
+        assert ((y.double() - ref).abs() <= bound).all(), (what, ((y.double() - ref).abs() / bound).max())
+
+    # every width, act-order or not, default plans: GEMV at M = 3, dequantize + mm at M = 64
+    n, k = 32, 128
     for bits in (2, 3, 4, 8):
         for act_order in (False, True):
-            g_idx = (torch.randperm(k) // 64).to(torch.int32) if act_order else None
-            qw = quantize_rtn(w, bits, 64, symmetric=not act_order, g_idx=g_idx, bias=torch.randn(n))
-            wd = dequantize(qw, torch.float64)
-            # default tiles: decode-shaped (M=3: 16x64x128, 2 K-steps) and prefill-shaped (M=64: 64x128x64,
-            # 4 K-steps, half the N tile masked)
+            qw = layout(n, k, bits, 64, not act_order, act_order)
             for shape in ((1, 3, k), (2, 32, k)):
-                x = torch.randn(*shape)
-                y = qlinear_triton(x, **generic_tensors(qw, qw.bias), **generic_attrs(qw))
-                ref = x.double() @ wd.T + qw.bias.double()
-                bound = 1e-5 * (x.double().abs() @ wd.abs().T + qw.bias.double().abs())
-                assert y.shape == ref.shape and ((y.double() - ref).abs() <= bound).all(), (bits, act_order, shape)
+                check(qw, torch.randn(*shape), what=(bits, act_order, shape))
+    # GEMV, forced splits: N = 40 (a partial 16-row tile), K tails (partial steps and words), x rows
+    # masked and in several row blocks, each way of loading scales, bias in the split-K reduction or
+    # in the GEMV (split = 1), fp32 and bf16 x.
+    #   bits group sym   act    K  M  dtype           split step_groups m_blocks
+    GEMV = [(4, 64, True, False, 192, 1, torch.float32, 3, 1, 1),     # one group per step, no bias
+            (4, None, False, False, 150, 3, torch.bfloat16, 2, 1, 1),  # per-channel zeros, K tail
+            (2, 32, False, False, 192, 1, torch.float32, 2, 4, 1),    # 4 groups per step, partial step
+            (4, 32, True, False, 160, 6, torch.float32, 2, 2, 2),     # 2 groups per step, 2 row blocks
+            (3, 64, False, True, 192, 2, torch.bfloat16, 3, 0, 1),    # per code: act-order g_idx
+            (3, 64, True, False, 192, 1, torch.float32, 2, 0, 1),     # per code: groups split words
+            (8, 64, False, False, 192, 16, torch.bfloat16, 1, 1, 4)]  # split 1: bias in the GEMV
+    for bits, group, sym, act, k, m, dt, split, groups, mb in GEMV:
+        qw = layout(40, k, bits, group, sym, act, bias=(bits, group) != (4, 64))
+        p = plan(m, 40, k, bits, group or k, act, 8, "gemv", split)
+        assert (p.split, p.step_groups, p.m_blocks) == (split, groups, mb) and 40 % p.block_n, p
+        check(qw, torch.randn(m, k).to(dt), p, what=(bits, group, p))
+    # dequantize + mm (M = 5 forced; M = 17, 20 by default), and the dequantized W itself: bit-equal
+    # to the CPU's in fp32
+    for bits, group, sym, act, k, m, dt in ((4, 64, False, True, 192, 20, torch.float32),
+                                            (3, 64, True, False, 192, 5, torch.bfloat16),
+                                            (8, None, True, False, 150, 17, torch.float32),
+                                            (2, 32, False, False, 96, 20, torch.bfloat16)):
+        qw = layout(40, k, bits, group, sym, act, bias=bits != 8)
+        check(qw, torch.randn(m, k).to(dt), plan(m, 40, k, bits, group or k, act, 8, "dequant_mm"),
+              what=(bits, group, m))
+        t, a = generic_tensors(qw, None), generic_attrs(qw)
+        args = (t["weight_packed"], t["weight_scale"], t["weight_zero_point"], t["weight_g_idx"], bits,
+                a["group_size"], k, torch.float32)
+        assert torch.equal(dequant_triton(*args), dequant_weight(*args)), (bits, group)
     print("TRITON-OK")
 """)
 
