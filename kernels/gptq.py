@@ -83,12 +83,12 @@ class CrossAccumulator:
 
     def __init__(self, in_features: int) -> None:
         self.in_features = in_features
-        self.xty = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.xty = 0.0  # a float64 tensor on the inputs' device from the first batch on
         self.n = 0
 
     def add(self, xq: Tensor, xf: Tensor) -> None:
         xq = xq.detach().reshape(-1, self.in_features).float()
-        self.xty += (xq.T @ xf.detach().reshape(-1, self.in_features).float()).double()
+        self.xty = self.xty + (xq.T @ xf.detach().reshape(-1, self.in_features).float()).double()
         self.n += xq.shape[0]
 
     def product(self) -> Tensor:

@@ -33,10 +33,11 @@ def check_calibration(tokens: int | None, windows: int, window: int, what: str =
 
 
 def token_batches(prog: Program, tokens: torch.Tensor, limit: int | None = None) -> list[list]:
-    """Cut a 1-D token stream into graph inputs shaped like the program's token input (calibration)."""
+    """Cut a 1-D token stream into graph inputs shaped like the program's token input (calibration), on
+    that input's device (a model compiled on CUDA calibrates on CUDA with token ids given on the CPU)."""
     ex = list(prog.examples)
     pos = next(i for i, e in enumerate(ex) if isinstance(e, torch.Tensor) and not e.is_floating_point())
     t, n = ex[pos], tokens.numel() // ex[pos].numel()
     n = n if limit is None else min(limit, n)
-    return [ex[:pos] + [tokens[i * t.numel():(i + 1) * t.numel()].reshape(t.shape).to(t.dtype)] + ex[pos + 1:]
+    return [ex[:pos] + [tokens[i * t.numel():(i + 1) * t.numel()].reshape(t.shape).to(t.device, t.dtype)] + ex[pos + 1:]
             for i in range(n)]

@@ -668,7 +668,8 @@ def _calibrate(prog: Program, layers: list[_Layer], batches: list[list], progres
                             step(n, ref, env_f)
                         if n in groups:
                             if n not in grams:  # float32 products, float64 sums
-                                grams[n] = HessianAccumulator(n.meta["val"].shape[-1], dtype=torch.float32)
+                                grams[n] = HessianAccumulator(n.meta["val"].shape[-1], n.meta["val"].device,
+                                                                    dtype=torch.float32)
                                 if env_f is not None:
                                     cross[n] = CrossAccumulator(n.meta["val"].shape[-1])
                             torch.set_num_threads(threads)  # the Gram products are GEMMs
@@ -699,7 +700,7 @@ def _calibrate(prog: Program, layers: list[_Layer], batches: list[list], progres
 def _float_target(w: torch.Tensor, h: torch.Tensor, c: torch.Tensor, damp: float) -> torch.Tensor:
     """W* = W + W(Cᵀ − H)(H + λI)⁻¹, λ = damp · mean(diag H): the W with ‖W*·X_q − W·X_f‖ least (ridge),
     W itself where X_q = X_f."""
-    hd = h + damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    hd = h + damp * torch.diagonal(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     return w + torch.cholesky_solve((c - h) @ w.T, torch.linalg.cholesky(hd)).T
 
 

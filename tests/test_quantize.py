@@ -86,6 +86,25 @@ def test_the_default_recipe_needs_calibration_text_for_a_module():
     assert r.report.pass_result("quantize").certificate["rel"] <= 1e-10
 
 
+def test_calibration_windows_and_certificate_inputs_land_on_the_inputs_device():
+    """Calibration ids given on the CPU are cut onto the device of the program's token input, and the
+    certificates' seeded inputs are drawn onto each example's device (a model compiled on CUDA with
+    `options={"calib": ids}` failed in index_select on the device machine, at each in turn)."""
+    from types import SimpleNamespace
+
+    from spinfx.engine.certify import random_inputs
+    from spinfx.passes.calibration import token_batches
+
+    (meta,) = random_inputs([torch.zeros(2, 3, device="meta")], seed=0)  # token ids need values: CPU only here
+    assert meta.device.type == "meta" and meta.dtype == torch.float64 and meta.shape == (2, 3)
+
+    hidden = torch.zeros(1, 4, device="meta")
+    prog = SimpleNamespace(examples=[hidden, torch.zeros(2, 8, dtype=torch.int32, device="meta")])
+    batches = token_batches(prog, torch.arange(40), limit=2)
+    assert len(batches) == 2 and all(b[0] is hidden for b in batches)
+    assert all(b[1].device.type == "meta" and b[1].dtype == torch.int32 and b[1].shape == (2, 8) for b in batches)
+
+
 def test_eight_bits_is_close_to_float():
     zm = zoo.build("llama")
     r = _rewrite(zm, [Quantize(weights={"bits": 8, "group_size": None})])

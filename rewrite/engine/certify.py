@@ -76,14 +76,16 @@ def finalize(prog: Program) -> None:
 
 
 def random_inputs(examples: list, seed: int) -> list:
+    """Seeded inputs like `examples`, drawn on the CPU (the same values whatever the device) and placed on
+    each example's device (a graph compiled on CUDA is certified on CUDA)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for ex in examples:
         if isinstance(ex, torch.Tensor) and ex.is_floating_point():
-            out.append(torch.randn(ex.shape, generator=g, dtype=torch.float64))
+            out.append(torch.randn(ex.shape, generator=g, dtype=torch.float64).to(ex.device))
         elif isinstance(ex, torch.Tensor) and ex.dtype in (torch.int64, torch.int32) and ex.numel():
             lo, hi = int(ex.min()), int(ex.max())
-            out.append(torch.randint(lo, hi + 1, ex.shape, generator=g, dtype=ex.dtype))
+            out.append(torch.randint(lo, hi + 1, ex.shape, generator=g, dtype=ex.dtype).to(ex.device))
         else:
             out.append(copy.deepcopy(ex))
     return out

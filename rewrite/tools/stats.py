@@ -30,21 +30,20 @@ def _input_arg(n: fx.Node) -> int | None:
 
 
 class _Moments:
-    """Running power sums in float64 (kept as tensors: no device sync per batch)."""
+    """Running power sums in float64, kept as tensors on the activations' device (no sync per batch)."""
 
     __slots__ = ("n", "sums", "max_abs")
 
     def __init__(self):
-        self.n = 0
-        self.sums = torch.zeros(4, dtype=torch.float64)
-        self.max_abs = torch.zeros((), dtype=torch.float64)
+        self.n, self.sums, self.max_abs = 0, None, None
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().double().flatten()
         x2 = x * x
         self.n += x.numel()
-        self.sums += torch.stack([x.sum(), x2.sum(), (x2 * x).sum(), (x2 * x2).sum()])
-        self.max_abs = torch.maximum(self.max_abs, x.abs().max())
+        s, m = torch.stack([x.sum(), x2.sum(), (x2 * x).sum(), (x2 * x2).sum()]), x.abs().max()
+        self.sums = s if self.sums is None else self.sums + s
+        self.max_abs = m if self.max_abs is None else torch.maximum(self.max_abs, m)
 
     def kurtosis(self) -> float:
         s1, s2, s3, s4 = (v / self.n for v in self.sums.tolist())
