@@ -209,6 +209,9 @@ def main() -> int:
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--workdir", help="keep the spinfx checkpoints here and reuse them on the next run")
     ap.add_argument("--threads", type=int, help="torch threads (1 is steadier on a loaded machine)")
+    ap.add_argument("--warm-cache", action="store_true",
+                    help="let compiled variants use Inductor's on-disk caches (default: each variant compiles "
+                         "in a fresh cache directory, so 'compile s' is a user's first call on a new machine)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -250,6 +253,8 @@ def main() -> int:
             model, size, compiled = build(base, checkpoints)
             if compiled:
                 torch._dynamo.reset()
+                if not args.warm_cache:  # a cold first call: no FX-graph / AOT / kernel cache hits from earlier runs
+                    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"inductor-{v}-", dir=tmp)
                 # spinfx checkpoints hold spinfx ops: Inductor with their decompositions (fused Hadamards)
                 backend = spinfx.backend.inductor if spinfx_variant(base) else "inductor"
                 options = ({"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}

@@ -99,7 +99,7 @@ def test_usage_errors_exit_2(tmp_path):
 @pytest.mark.slow
 @pytest.mark.smollm2
 def test_demo_prints_the_table_and_writes_the_report(tmp_path):
-    res = cli("demo", "--windows", "2", "--calib-windows", "16", "--json", cwd=tmp_path)
+    res = cli("demo", "--windows", "2", "--calib-windows", "16", "--no-compile", "--json", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads(res.stdout)
     rows = data["rows"]
@@ -114,6 +114,22 @@ def test_demo_prints_the_table_and_writes_the_report(tmp_path):
     report = json.loads((tmp_path / "spinfx-demo" / "spinfx_report.json").read_text())
     acts = report["activations"]  # calibration text from other plays: statistics at every quantized input
     assert len(acts["layers"]) == 211 and acts["median"]["kurtosis_after"] < acts["median"]["kurtosis_before"]
+    assert "decode step, compiled (ms)" not in rows  # --no-compile
+
+
+def test_demo_compiled_rows_compile_both_models_and_leave_them_as_they_were():
+    import torch
+    from torch._dynamo.utils import counters
+
+    from spinfx.tools.cli import _compiled_decode_ms
+
+    a, b = zoo.build("llama"), zoo.build("llama", seed=1)
+    forwards = (a.model.forward, b.model.forward)
+    counters.clear()
+    ms = _compiled_decode_ms(a.model, b.model, a.config.vocab_size)
+    # each model's prefill and decode graphs were compiled (Dynamo resets between the two models)
+    assert counters["stats"]["unique_graphs"] >= 4, dict(counters["stats"])
+    assert all(t > 0 for t in ms) and (a.model.forward, b.model.forward) == forwards
 
 
 @pytest.mark.slow

@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--calib-windows", type=int, default=128,
                    help="calibration windows of 512 tokens from the other plays (default 128; GPTQ recipes "
                         "use them all, the activation statistics the first 16)")
+    d.add_argument("--no-compile", action="store_true",
+                   help="skip the compiled decode rows (torch.compile of both models: ≈ 1–2 min on 2 cores)")
     d.add_argument("--json", action="store_true")
     r = sub.add_parser("rewrite", help="HF model dir in → rewritten checkpoint dir out")
     r.add_argument("src", help="an HF model directory, or 'smollm2'")
@@ -187,6 +189,25 @@ def decode_step_ms(model, vocab: int, prompt: int = 128, reps: int = 10) -> floa
     return statistics.median(times[2:]) * 1e3
 
 
+def _compiled_decode_ms(original, rewritten, vocab: int) -> tuple[float, float]:
+    """The decode step of both models under torch.compile: the original with Inductor, the rewritten one
+    with `spinfx.backend.inductor` (Inductor plus the decompositions of spinfx's ops)."""
+    import spinfx.backend
+    from spinfx.api import progress
+
+    out = []
+    for label, m, backend in (("original", original, "inductor"), ("rewritten", rewritten, spinfx.backend.inductor)):
+        progress(f"decode step of the {label}, compiled (the first call compiles: about a minute) …")
+        torch._dynamo.reset()
+        forward = m.forward
+        m.forward = torch.compile(forward, backend=backend)
+        try:
+            out.append(decode_step_ms(m, vocab))
+        finally:
+            m.forward = forward
+    return out[0], out[1]
+
+
 def _demo_out(path: Path) -> None:
     """The demo replaces its own earlier output, nothing else."""
     if path.exists() and not (path / "spinfx_report.json").is_file():
@@ -222,8 +243,10 @@ def cmd_demo(args) -> int:
     progress("decode step of the rewritten checkpoint …")
     after_ms = decode_step_ms(rewritten, vocab)
     rows = {"perplexity (hamlet, ctx 512)": (before.ppl, after.ppl),
-            "decode step, eager (ms)": (before_ms, after_ms),
-            "weights on disk (MB)": (dir_mb(src), dir_mb(out))}
+            "decode step, eager (ms)": (before_ms, after_ms)}
+    if not args.no_compile:
+        rows["decode step, compiled (ms)"] = _compiled_decode_ms(model, rewritten, vocab)
+    rows["weights on disk (MB)"] = (dir_mb(src), dir_mb(out))
     summary = {"model": "SmolLM2-135M-Instruct", "recipe": result.report.recipe, "out": str(out),
                "report_html": str(out / "report.html"), "seconds": round(time.perf_counter() - t0, 1),
                "rows": {k: {"original": round(a, 3), "rewritten": round(b, 3)} for k, (a, b) in rows.items()}}
