@@ -76,10 +76,8 @@ def finalize(prog: Program) -> None:
 
 
 def random_inputs(examples: list, seed: int) -> list:
-    """Seeded inputs like `examples`, drawn on the CPU (the same values whatever the device) and placed on
-    each example's device (a graph compiled on CUDA is certified on CUDA)."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
+    """Seeded inputs like `examples`, drawn on the CPU (same values on any device), on each example's device."""
+    g, out = torch.Generator().manual_seed(seed), []
     for ex in examples:
         if isinstance(ex, torch.Tensor) and ex.is_floating_point():
             out.append(torch.randn(ex.shape, generator=g, dtype=torch.float64).to(ex.device))
