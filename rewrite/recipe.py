@@ -38,7 +38,11 @@ PRESETS["w4a16-gptq"] = [{"quantize": {"weights": {**_W4, "method": "gptq"}, **_
 # A tied embedding stays tied (one 8-bit matrix): R1 runs online after the lookup and is undone before
 # the final norm (fold-norms tie: auto; LayerNorm models, whose centering needs their own embedding,
 # untie) — 90 MB instead of 116 MB for SmolLM2 (bench/README.md).
-_SPIN = [{"fold-norms": {"tie": "auto"}}] + PRESETS["spinquant"][1:]
+# Weight-only presets rotate with R1, R2 and R4 — no R3. R3 (q·H and k·H after RoPE) exists for a quantized
+# KV cache: with a float cache q·H·(k·H)ᵀ = q·kᵀ changes no weight and no value the quantizers see, yet costs
+# two online Hadamards per layer at every decode step (SmolLM2 compiled: 60 of the 92 matmuls a step;
+# bench/README.md "Decode"). spinquant-w4a4kv4, which quantizes the cache, keeps it.
+_SPIN = [{"fold-norms": {"tie": "auto"}}, {"rotate": {"r1": "hadamard", "r2": "hadamard", "r4": True}}]
 # Hadamard rotations (data-free) + RTN weights: what needs no calibration text (the backend given a bare
 # module, a model without a tokenizer). SmolLM2 Hamlet 16×512: 76.08 (1.81× fp32, bench/README.md).
 PRESETS["hadamard-w4a16"] = _SPIN + PRESETS["w4a16"]
