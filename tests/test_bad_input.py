@@ -138,6 +138,23 @@ def test_nonfinite_weight_of_a_module(source):
         spinfx.rewrite(model, "fold")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_finite_check_of_values_whose_sum_overflows(dtype):
+    """check_finite's fast path is a finite sum; finite weights whose sum overflows are still finite, and
+    one Inf among them is still found."""
+    from spinfx.checkpoint.hf import check_finite
+
+    big = torch.nn.Linear(4, 4, bias=False).to(dtype)
+    with torch.no_grad():
+        big.weight.fill_(torch.finfo(dtype).max)
+    assert not torch.isfinite(big.weight.sum())
+    check_finite(big)
+    with torch.no_grad():
+        big.weight[2, 1] = float("-inf")
+    with pytest.raises(spinfx.BadInput, match=r"tensor weight holds Inf \(1 of 16 values\)"):
+        check_finite(big)
+
+
 # ---- output locations ---------------------------------------------------------------------------
 
 
