@@ -27,19 +27,14 @@ from spinfx.engine.errors import BadInput, Unsupported
 from spinfx.engine.graph import Program, add_const
 from spinfx.engine.match import arg, describe, find_all
 from spinfx.passes.options import check_fields
-from spinfx.engine.pattern import Siblings, Var
-from spinfx.patterns.common import CASTS, LINEAR_OPS, VIEWS, linear_node, linear_of
+from spinfx.patterns.common import LINEAR_OPS, linear_node
+from spinfx.patterns.groups import norm_linears
 from spinfx.patterns.norms import LAYERNORM, RMSNORM, RMSNORM_1P, RMSNORM_ATEN
 from spinfx.patterns.residual import residual_stream
 from spinfx.engine.pipeline import Context, Pass, PassResult
 from spinfx.engine.rule import Rule, apply_rules
 
 aten = torch.ops.aten
-
-
-def _group(norm):
-    return Siblings(norm, linear_of(Var("normout")), bind="normout", min=1, all_users=True,
-                    through=CASTS + VIEWS, name="linears")
 
 
 @dataclass
@@ -235,10 +230,10 @@ class FoldNorms(Pass):
 
     def rules(self) -> list[Rule]:
         return [
-            Rule("fold-rms", _group(RMSNORM), fold_rms),
-            Rule("fold-rms-1p", _group(RMSNORM_1P), fold_rms1p),
-            Rule("fold-rms-aten", _group(RMSNORM_ATEN), fold_rms_aten),
-            Rule("fold-layernorm", _group(LAYERNORM), fold_layer),
+            Rule("fold-rms", norm_linears(RMSNORM), fold_rms),
+            Rule("fold-rms-1p", norm_linears(RMSNORM_1P), fold_rms1p),
+            Rule("fold-rms-aten", norm_linears(RMSNORM_ATEN), fold_rms_aten),
+            Rule("fold-layernorm", norm_linears(LAYERNORM), fold_layer),
             Rule("layernorm-to-rms", LAYERNORM, layer_to_rms),
         ]
 

@@ -65,18 +65,16 @@ from spinfx.kernels.qlinear import generic_attrs, generic_tensors, plan_qlinear 
 from spinfx.kernels.quant_pack import SUPPORTED_BITS, rows_per_chunk
 from spinfx.kernels.quant_rtn import CLIPS, group_for, quantize_rtn
 from spinfx.kernels.quant_weight import QuantWeight, dequantize
-from spinfx.engine.match import describe
+from spinfx.engine.match import describe, find_all
 from spinfx.passes.actquant import check_bits, quantize_inputs, quantize_kv
 from spinfx.passes.options import check_fields
-from spinfx.engine.pattern import Var
-from spinfx.patterns.common import linear_node, linear_of
+from spinfx.patterns.common import EMBEDDING, LINEAR, linear_node
 from spinfx.patterns.moe import routers
 from spinfx.patterns.residual import output_linear, token_embedding
 from spinfx.passes.calibration import check_calibration, token_batches
 from spinfx.engine.pipeline import Context, Pass, PassResult
-from spinfx.engine.rule import Rule, find
+from spinfx.engine.rule import Rule, apply_rules
 
-LINEARS = Rule("linear", linear_of(Var("x")))
 EXACT = 1e-10
 
 
@@ -279,13 +277,10 @@ class Quantize(Pass):
         from spinfx.engine.certify import certify_equal
 
         res = PassResult(self.name, self.options())
-        stats = find(prog.gm, [LINEARS])[f"{LINEARS.where}:{LINEARS.name}"]
         head = output_linear(prog.graph) if self.lm_head is not None else None
         moe_routers = routers(prog.graph)
         floats = set() if self.router else moe_routers
-        layers, ignored = self._layers(prog, stats.found, res, skip=head, floats=floats)
-        stats.applied, stats.declined = sum(len(l.nodes) for l in layers), len(ignored) + len(floats)
-        res.rules = [stats]
+        layers, ignored = self._layers(prog, find_all(LINEAR, prog.graph)[0], res, skip=head, floats=floats)
         if ignored:
             res.notes.append(f"kept in float (ignore): {', '.join(sorted(set(ignored)))}")
         if floats:
@@ -293,31 +288,22 @@ class Quantize(Pass):
                              f"{_examples(sorted(_module(n) for n in floats))}")
         input_bits = self._quantize_activations(prog, layers, res)
         ends = self._ends(prog, head, res)  # embedding table / lm_head: weight-only
-        stats.applied += sum(len(l.nodes) for l in ends)
-        layers += ends
 
         t0 = time.perf_counter()
         gptq = [l for l in layers if l.scheme.method == "gptq"]
         done = _calibrate(prog, gptq, self._calibration(prog, ctx), ctx.progress, res) if gptq else {}
-        seconds = time.perf_counter() - t0
-
-        reference, out = prog.clone(), {}
-        for l in layers:  # one weight at a time: its float64 master is freed once Ŵ and Q(W) replace it
-            t0 = time.perf_counter()
-            layer, w_hat = done.pop(l.weight) if l.weight in done else _rtn(prog, l)  # → (QuantLayer, Ŵ)
-            seconds += time.perf_counter() - t0
-            _dequantized_into(reference, l, w_hat)
-            _to_quantized(prog, l, layer.weight)
-            out[l.module] = dataclasses.replace(layer, input_bits=None if l in ends else input_bits,
-                                                router=any(n in moe_routers for n in l.nodes))
-            if l.table is not None:
-                out[l.module] = dataclasses.replace(out[l.module], embedding=True, tied=tuple(
-                    n.meta.get("module", "") for n in l.nodes))
-        res.findings["seconds_quantizing"] = round(seconds, 2)
-        cert = certify_equal(reference, prog, EXACT, what=f"{self.name} (qlinear against its dequantized weights)")
+        st = _Subst(prog, prog.clone(), done, input_bits, moe_routers, set(ends), seconds=time.perf_counter() - t0)
+        # the substitution rules: the layers' linears, then the ends (embedding table, lm_head) by their options
+        for rules, ls in ((LINEAR_RULES, layers), (END_RULES, ends)):
+            st.layers = {n: l for l in ls for n in [*l.nodes, *([l.table] if l.table is not None else [])]}
+            if ls or rules is LINEAR_RULES:
+                res.rules += apply_rules(prog.gm, rules, st, max_sweeps=1).values()
+        res.findings["seconds_quantizing"] = round(st.seconds, 2)
+        cert = certify_equal(st.reference, prog, EXACT, what=f"{self.name} (qlinear against its dequantized weights)")
         cert["reference"] = "the input program with each quantized W replaced by dequantize(Q(W))"
         res.certificate = cert
 
+        out = st.out
         prog.meta["quant"] = {**quantized_layers(prog), **out}
         _summarize(out, res)
         _say_ends(ends, out, res)
@@ -526,38 +512,90 @@ def _rtn(prog: Program, l: _Layer) -> tuple[QuantLayer, torch.Tensor]:
     return QuantLayer(qw, l.weight, "rtn", _rel_error(w, w_hat), clip=s.clip), w_hat
 
 
-def _to_quantized(prog: Program, l: _Layer, qw: QuantWeight) -> None:
-    """Replace the readers of l.weight by spinfx ops over one set of new named constants: each linear by
-    spinfx.qlinear, the embedding lookup (a table) by spinfx.qembedding."""
+# ---- the substitution rules: W ← Q(W) at every reader of a planned weight ----------------------------
+
+
+@dataclass
+class _Subst:
+    """What the substitution rules read: the plan (each reader's layer), GPTQ's results, the reference."""
+
+    prog: Program
+    reference: Program                 # the input program; each quantized W becomes dequantize(Q(W)) in it
+    done: dict                         # weight FQN → (QuantLayer, Ŵ) already computed (GPTQ)
+    input_bits: int | None
+    moe_routers: set
+    ends: set                          # the layers quantized by `embedding:` / `lm_head:` (weight-only)
+    seconds: float = 0.0
+    layers: dict = field(default_factory=dict)  # reader node (a linear, a lookup) → its _Layer
+    consts: dict = field(default_factory=dict)  # _Layer → (its new named constants, the op's attributes)
+    out: dict = field(default_factory=dict)     # module → QuantLayer
+
+
+def quantize_linear(m, st: _Subst):
+    """x·Wᵀ + b ⇒ spinfx.qlinear(x, Q(W), b): the linear reads dequantize(Q(W))."""
+    node, _ = linear_node(m)
+    if node not in st.layers:
+        return None  # kept in float (ignore, a router) or another rule's (the lm_head)
+    l = st.layers[node]
+    c, attrs = _packed(st, l)
+    _substitute(st.prog, node, l, torch.ops.spinfx.qlinear.default, (
+        node.args[l.x_arg()], c["weight_packed"], c["weight_scale"], c.get("weight_zero_point"),
+        c.get("weight_g_idx"), l.bias(node), attrs["bits"], attrs["group_size"]))
+    return True
+
+
+def quantize_table(m, st: _Subst):
+    """E[ids] ⇒ spinfx.qembedding(ids, Q(E)): the lookup reads rows of dequantize(Q(E))."""
+    if m.root not in st.layers:
+        return None
+    l = st.layers[m.root]
+    c, attrs = _packed(st, l)
+    _substitute(st.prog, m.root, l, torch.ops.spinfx.qembedding.default, (
+        m.root.args[1], c["weight_packed"], c["weight_scale"], c.get("weight_zero_point"), attrs["bits"],
+        attrs["group_size"]))
+    return True
+
+
+LINEAR_RULES = [Rule("W ← Q(W): linear ⇒ spinfx.qlinear", LINEAR, quantize_linear)]
+END_RULES = [Rule("E ← Q(E): embedding ⇒ spinfx.qembedding (embedding:)", EMBEDDING, quantize_table),
+             Rule("W ← Q(W): lm_head ⇒ spinfx.qlinear (lm_head:)", LINEAR, quantize_linear)]
+
+
+def _substitute(prog: Program, node: fx.Node, l: _Layer, op, args: tuple) -> None:
     g = prog.graph
+    w_node = node.args[0 if node is l.table else l.w_arg()]
+    with g.inserting_before(node):
+        q = g.call_function(op, args)
+    q.meta = dict(node.meta)
+    node.replace_all_uses_with(q)
+    g.erase_node(node)
+    drop_const(prog, w_node)  # once its last reader is gone
+
+
+def _packed(st: _Subst, l: _Layer) -> tuple[dict, dict]:
+    """Q(W) of l, computed once (at its first reader) as one set of new named constants; in the reference, W
+    becomes dequantize(Q(W))."""
+    if l in st.consts:
+        return st.consts[l]
+    prog = st.prog
+    t0 = time.perf_counter()
+    layer, w_hat = st.done.pop(l.weight) if l.weight in st.done else _rtn(prog, l)  # → (QuantLayer, Ŵ)
+    st.seconds += time.perf_counter() - t0
+    _dequantized_into(st.reference, l, w_hat)
     consts = {}
-    for role, t in generic_tensors(qw, None).items():
+    for role, t in generic_tensors(layer.weight, None).items():
         if t is not None:
             fqn = f"{l.module}.{role}"
             if t.is_floating_point():  # stored as computed (the weight's dtype); finalize keeps it
                 prog.meta.setdefault("dtypes", {})[fqn] = t.dtype
             consts[role] = add_const(prog.gm, fqn, t)
-    attrs = generic_attrs(qw)
-    w_node = l.weight_node()
-    if l.table is not None:  # E[ids] ⇒ dequantize(Q(E))[ids]
-        emb = l.table
-        with g.inserting_before(emb):
-            q = g.call_function(torch.ops.spinfx.qembedding.default, (
-                emb.args[1], consts["weight_packed"], consts["weight_scale"], consts.get("weight_zero_point"),
-                attrs["bits"], attrs["group_size"]))
-        q.meta = dict(emb.meta)
-        emb.replace_all_uses_with(q)
-        g.erase_node(emb)
-    for node in l.nodes:
-        with g.inserting_before(node):
-            q = g.call_function(torch.ops.spinfx.qlinear.default, (
-                node.args[l.x_arg()], consts["weight_packed"], consts["weight_scale"],
-                consts.get("weight_zero_point"), consts.get("weight_g_idx"), l.bias(node),
-                attrs["bits"], attrs["group_size"]))
-        q.meta = dict(node.meta)
-        node.replace_all_uses_with(q)
-        g.erase_node(node)
-    drop_const(prog, w_node)
+    st.out[l.module] = dataclasses.replace(layer, input_bits=None if l in st.ends else st.input_bits,
+                                           router=any(n in st.moe_routers for n in l.nodes))
+    if l.table is not None:
+        st.out[l.module] = dataclasses.replace(st.out[l.module], embedding=True, tied=tuple(
+            n.meta.get("module", "") for n in l.nodes))
+    st.consts[l] = consts, generic_attrs(layer.weight)
+    return st.consts[l]
 
 
 def _dequantized_into(ref: Program, l: _Layer, w_hat: torch.Tensor) -> None:

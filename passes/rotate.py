@@ -14,6 +14,11 @@ goes linear → heads → (repeat_kv) → attention → heads → o_proj with no
 R3: an online Hadamard (spinfx::hadamard) on q and k *after* RoPE — q·H·(k·H)ᵀ = q·kᵀ — so the KV
 cache holds rotated keys. R4: an online Hadamard on down_proj's input with W_down ← W_down·H.
 
+Each edit is a rule (`R1_RULES` … `R4_RULES`: a pattern and a rewrite that reads like its algebra), driven
+by the engine, which counts its matches and applications for the report and SPINFX_TRACE. What no local
+pattern can decide — R1's soundness over the whole stream, which linears are the MLP's down projections
+— is analysed first (`r1_plan`, `mlp_down_projections`); the rewrites decline what it did not select.
+
 Weight arithmetic is float64 (the pipeline's master weights); the pass is certified in float64.
 """
 from __future__ import annotations
@@ -30,18 +35,15 @@ from spinfx.kernels.hadamard import HadamardRotation
 from spinfx.kernels.quant_pack import SUPPORTED_BITS
 from spinfx.engine.match import describe, find_all
 from spinfx.passes.options import check_fields
-from spinfx.engine.pattern import Siblings, Var
 from spinfx.patterns.attention import ATTENTION, QKV, ROPE_SITE, output_projection, qkv_linears
-from spinfx.patterns.common import CASTS, HEAD_LAYOUT, LINEAR_OPS as LINEARS, VIEWS, is_linear, linear_of
-from spinfx.patterns.norms import NORM, RMSNORM_PLAIN, norm_kind
+from spinfx.patterns.common import CASTS, EMBEDDING, HEAD_LAYOUT, LINEAR, LINEAR_OPS, is_linear, linear_node
+from spinfx.patterns.groups import SCALE_FREE_LINEARS
+from spinfx.patterns.norms import NORM, norm_kind
 from spinfx.patterns.residual import residual_stream
 from spinfx.engine.pipeline import Context, Pass, PassResult
-from spinfx.engine.rule import RuleStats
+from spinfx.engine.rule import Rule, RuleStats, apply_rules
 
 aten = torch.ops.aten
-
-SCALE_FREE_GROUP = Siblings(RMSNORM_PLAIN, linear_of(Var("normout")), bind="normout",
-                            min=1, all_users=True, through=CASTS + VIEWS, name="linears")
 
 
 KINDS = ("hadamard", "random", "none")  # r1 / r2: a randomized Hadamard, a seeded random orthogonal, none
@@ -86,20 +88,41 @@ def _lin(node: fx.Node) -> tuple[fx.Node, fx.Node | None, bool]:
     return node.args[1], (node.args[2] if len(node.args) > 2 else None), False
 
 
-# ---- R1 -------------------------------------------------------------------------------------------
+# ---- the rules' state: what the global analyses decided, where the weight edits go ----------------
 
 
-def apply_r1(prog: Program, R, res: PassResult, W: _Weights | None = None) -> None:
-    """Every stream value x becomes x·R (module docstring). `W`: where the weight edits go (default: the
-    program's constants, now)."""
-    g = prog.graph
+@dataclass
+class _State:
+    prog: Program
+    res: PassResult
+    R1: object = None                      # n×n rotation of the residual stream (None: no R1)
+    w1: _Weights | None = None             # where R1's weight edits go
+    r2: object = None                      # r2(site, head_dim): a site's R2 (None: no R2)
+    w2: _Weights | None = None             # where R2's weight edits go
+    stream: object = None                  # the residual stream (patterns.residual.Stream), for R1
+    tied: bool = False                     # the token embedding is also the lm_head (tie: keep)
+    writers: set = field(default_factory=set)       # what writes the stream: embeddings and linears
+    readers: set = field(default_factory=set)       # the scale-free norms that read it
+    downs: set = field(default_factory=set)         # the MLP down projections (R4)
+    block: int | None = None                        # R4's Hadamard block
+    w4: _Weights | None = None                      # where R4's weight edits go
+    done: set = field(default_factory=set)          # the writers / down projections rewritten
+    sites: int = 0                                  # attention sites given their R2 so far
+    plans: dict = field(default_factory=lambda: {"r3": set(), "r4": set()})
+
+
+# ---- R1: the global precondition, then one rule per kind of stream writer and reader ---------------
+
+
+def r1_plan(st: _State) -> None:
+    """Sound only if every reader of the stream is a scale-free RMSNorm feeding linears and every writer
+    is a linear or an embedding (module docstring); anything else is refused here, naming the node."""
+    g = st.prog.graph
     stream = residual_stream(g)
     if stream.end is None:
         raise Unsupported(f"R1: the residual stream could not be followed: {stream.stop_reason}")
-    groups = find_all(SCALE_FREE_GROUP, g)[0]
-    owner = {n: m for m in groups for n in m.nodes}
-    emb_w = stream.embedding.args[0]
-    tied = [u for u in emb_w.users if u.target in LINEARS]
+    owner = {n: m for m in find_all(SCALE_FREE_LINEARS, g)[0] for n in m.nodes}
+    tied = [u for u in stream.embedding.args[0].users if u.target in LINEAR_OPS]
     # a tied embedding is rotated online and un-rotated before the final norm, which then reads the
     # original stream: it is exempt from the scale-free requirement
     tail = set(stream.values[stream.values.index(stream.end):])  # the end and its casts/views
@@ -109,34 +132,62 @@ def apply_r1(prog: Program, R, res: PassResult, W: _Weights | None = None) -> No
         if r in exempt:
             continue
         if r in owner:
-            if owner[r] not in readers:
-                readers.append(owner[r])
+            if owner[r].root not in readers:
+                readers.append(owner[r].root)
             continue
         scaled = [m for m in find_all(NORM, g)[0] if r in m.nodes]
         why = (f"it is a norm with a scale ({norm_kind(scaled[0])}); fold the norms first" if scaled else
                "it is not a scale-free RMSNorm feeding only linears (e.g. a post-norm or a non-linear reader)")
         raise Unsupported(f"R1: {describe(r)} reads the residual stream and {why}")
-    W = W or _Weights(prog)
-    for w in [None] + stream.writers:
-        node = stream.embedding if w is None else w.node
-        if node.target is aten.embedding.default:
-            if tied and node is stream.embedding:
-                _online_embedding(prog, stream, R, res)
-                continue
-            W.edit(node.args[0], "embedding", lambda E: E @ R)
-            continue
-        wn, bn, t = _lin(node)
-        W.edit(wn, "stream writer", (lambda M: M @ R) if t else (lambda M: R.T @ M))
-        if bn is not None:
-            W.edit(bn, "stream writer bias", lambda b: b @ R)
-    for m in readers:
-        for lm in m["linears"]:
-            node = lm.captures.get("linear") or lm.captures.get("linear_t")
-            wn, _, t = _lin(node)
-            if wn is emb_w and tied:
-                continue  # the tied lm_head reads the un-rotated stream (see _online_embedding)
-            W.edit(wn, "stream reader", (lambda M: R.T @ M) if t else (lambda M: M @ R))
-    res.findings["r1"] = {"dim": R.shape[0], "writers": len(stream.writers) + 1, "reader_norms": len(readers)}
+    st.stream, st.tied, st.readers = stream, bool(tied), set(readers)
+    st.writers = {stream.embedding} | {w.node for w in stream.writers}
+    st.res.findings["r1"] = {"dim": st.R1.shape[0], "writers": len(stream.writers) + 1, "reader_norms": len(readers)}
+
+
+def rotate_table(m, st: _State):
+    """E ← E·R1: the embedding writes rotated rows into the stream."""
+    if m.root not in st.writers or (st.tied and m.root is st.stream.embedding):
+        return None
+    R = st.R1
+    st.w1.edit(m["table"], "embedding", lambda E: E @ R)
+    st.done.add(m.root)
+    return True
+
+
+def rotate_lookup(m, st: _State):
+    """x ← x·R1 after a tied embedding's lookup, x ← x·R1ᵀ before the final norm (one matrix stays stored)."""
+    if not st.tied or m.root is not st.stream.embedding:
+        return None
+    _online_embedding(st.prog, st.stream, st.R1, st.res)
+    st.done.add(m.root)
+    return True
+
+
+def rotate_writer(m, st: _State):
+    """W ← R1ᵀ·W, b ← R1ᵀ·b (Conv1D's W[in, out]: W ← W·R1): the linear writes x·R1 into the stream."""
+    lin, t = linear_node(m)
+    if lin not in st.writers:
+        return None
+    R = st.R1
+    st.w1.edit(m["w"], "stream writer", (lambda W: W @ R) if t else (lambda W: R.T @ W))
+    if m["b"] is not None:
+        st.w1.edit(m["b"], "stream writer bias", lambda b: b @ R)
+    st.done.add(lin)
+    return True
+
+
+def rotate_readers(m, st: _State):
+    """W ← W·R1 (Conv1D: W ← R1ᵀ·W) for each linear after a scale-free norm of the stream:
+    rms(x·R1) = rms(x)·R1, and the weight undoes R1."""
+    if m.root not in st.readers:
+        return None
+    R, table = st.R1, st.stream.embedding.args[0]
+    for lm in m["linears"]:
+        if lm["w"] is table and st.tied:
+            continue  # the tied lm_head reads the un-rotated stream (see _online_embedding)
+        t = "linear_t" in lm.captures
+        st.w1.edit(lm["w"], "stream reader", (lambda W: R.T @ W) if t else (lambda W: W @ R))
+    return True
 
 
 def _online_embedding(prog: Program, stream, R, res: PassResult) -> None:
@@ -164,6 +215,10 @@ def _online_embedding(prog: Program, stream, R, res: PassResult) -> None:
 # ---- R2 -------------------------------------------------------------------------------------------
 
 
+
+# ---- R2: one rule per attention site --------------------------------------------------------------
+
+
 def _o_proj(attn: fx.Node) -> fx.Node:
     o, why = output_projection(attn, is_linear)
     if o is None:
@@ -177,55 +232,45 @@ def fixed_r2(kind: str, seed: int, site_base: int = 0):
     return lambda i, hd: make_rotation(kind, hd, seed + 1000 + site_base + i)
 
 
-def apply_r2(prog: Program, rotation, res: PassResult, W: _Weights | None = None) -> None:
-    """v rows ← R2ᵀ·, o columns ← ·R2 per head (module docstring); `rotation(site, head_dim)` gives the
-    site's R2, `W` where the weight edits go (default: the program's constants, now)."""
-    W = W or _Weights(prog)
-    sites = find_all(QKV, prog.graph)[0]
-    if not sites:
-        raise Unsupported("R2: no attention with q/k/v projections of one input was found")
-    for i, m in enumerate(sites):
-        vh = m["v_heads"].meta["val"]            # [B, kv, S, hd]
-        kv, hd = vh.shape[1], vh.shape[-1]
-        q_heads = m["attn"].meta["val"].shape[1]
-        R = rotation(i, hd)
-        lin = qkv_linears(m)
-        if "qkv" in lin:
-            v_node = lin["qkv"]
-            part = m.get("v_part")
-            start = _part_start(part)
+def rotate_v_o(m, st: _State):
+    """W_v[h] ← R2ᵀ·W_v[h] for every KV head h (and its bias), W_o[:, h] ← W_o[:, h]·R2 for every query
+    head: attention mixes tokens, never features, so v·R2 reaches o_proj, which undoes it."""
+    i, st.sites = st.sites, st.sites + 1
+    vh = m["v_heads"].meta["val"]            # [B, kv, S, hd]
+    kv, hd = vh.shape[1], vh.shape[-1]
+    q_heads = m["attn"].meta["val"].shape[1]
+    R = st.r2(i, hd)
+    lin = qkv_linears(m)
+    v_node, start = (lin["qkv"], _part_start(m.get("v_part"))) if "qkv" in lin else (lin["v"], 0)
+    wn, bn, t = _lin(v_node)
+
+    def rot_rows(M):
+        M = M.clone()
+        if t:  # Conv1D: output features are columns
+            blk = M[:, start:start + kv * hd].reshape(M.shape[0], kv, hd)
+            M[:, start:start + kv * hd] = (blk @ R).reshape(M.shape[0], kv * hd)
         else:
-            v_node, start = lin["v"], 0
-        wn, bn, t = _lin(v_node)
+            blk = M[start:start + kv * hd].reshape(kv, hd, -1)
+            M[start:start + kv * hd] = (R.T @ blk).reshape(kv * hd, -1)
+        return M
 
-        def rot_rows(M, start=start, t=t, R=R):
-            M = M.clone()
-            if t:  # Conv1D: output features are columns
-                blk = M[:, start:start + kv * hd].reshape(M.shape[0], kv, hd)
-                M[:, start:start + kv * hd] = (blk @ R).reshape(M.shape[0], kv * hd)
-            else:
-                blk = M[start:start + kv * hd].reshape(kv, hd, -1)
-                M[start:start + kv * hd] = (R.T @ blk).reshape(kv * hd, -1)
-            return M
+    def rot_bias(b):
+        b = b.clone()
+        b[start:start + kv * hd] = (b[start:start + kv * hd].reshape(kv, hd) @ R).reshape(-1)
+        return b
 
-        def rot_bias(b, start=start, R=R):
-            b = b.clone()
-            b[start:start + kv * hd] = (b[start:start + kv * hd].reshape(kv, hd) @ R).reshape(-1)
-            return b
+    st.w2.edit(wn, f"v rows (layer site {i})", rot_rows)
+    if bn is not None:
+        st.w2.edit(bn, f"v bias (layer site {i})", rot_bias)
+    own, _, ot = _lin(_o_proj(m["attn"]))
 
-        W.edit(wn, f"v rows (layer site {i})", rot_rows)
-        if bn is not None:
-            W.edit(bn, f"v bias (layer site {i})", rot_bias)
-        o = _o_proj(m["attn"])
-        own, _, ot = _lin(o)
+    def rot_cols(M):
+        if ot:  # Conv1D: input features are rows
+            return (R.T @ M.reshape(q_heads, hd, -1)).reshape(q_heads * hd, -1)
+        return (M.reshape(M.shape[0], q_heads, hd) @ R).reshape(M.shape[0], q_heads * hd)
 
-        def rot_cols(M, ot=ot, R=R):
-            if ot:  # Conv1D: input features are rows
-                return (R.T @ M.reshape(q_heads, hd, -1)).reshape(q_heads * hd, -1)
-            return (M.reshape(M.shape[0], q_heads, hd) @ R).reshape(M.shape[0], q_heads * hd)
-
-        W.edit(own, f"o columns (layer site {i})", rot_cols)
-    res.findings["r2"] = {"sites": len(sites)}
+    st.w2.edit(own, f"o columns (layer site {i})", rot_cols)
+    return True
 
 
 def _part_start(part: fx.Node) -> int:
@@ -237,38 +282,141 @@ def _part_start(part: fx.Node) -> int:
     return int(size) * int(idx) if isinstance(size, int) else int(sum(size[:idx]))
 
 
-# ---- the pass -------------------------------------------------------------------------------------
+# ---- R3, R4: online Hadamards ---------------------------------------------------------------------
+
+
+def rotate_qk(m, st: _State):
+    """q ← q·H, k ← k·H after RoPE: q·H·(k·H)ᵀ = q·kᵀ, and the KV cache holds rotated keys."""
+    return _hadamard_after(m, st, "rope_q", "rope_k")
+
+
+def rotate_qk_inputs(m, st: _State):
+    """q ← q·H, k ← k·H at attention's inputs (no RoPE: nothing sits between the projections and attention)."""
+    return _hadamard_after(m, st, "q_in", "k_in")
+
+
+def _hadamard_after(m, st: _State, *keys: str) -> bool:
+    for key in keys:
+        x = m[key]
+        p = _plan(x.meta["val"].shape[-1], "R3")
+        st.plans["r3"].add(p.describe())
+        h = _online(x.graph, x, p)
+        x.replace_all_uses_with(h, delete_user_cb=lambda u: u is not h)
+    return True
+
+
+def rotate_down(m, st: _State):
+    """x ← x·H before the MLP's down projection (online), W ← W·H (Conv1D's W[in, out]: W ← Hᵀ·W):
+    (x·H)·(W·H)ᵀ = x·Wᵀ."""
+    d, t = linear_node(m)
+    if d not in st.downs:
+        return None
+    x = d.args[1 if t else 0]
+    p = _plan(x.meta["val"].shape[-1], f"R4 at {describe(d)}", st.block)
+    st.plans["r4"].add(p.describe())
+    H = HadamardRotation(p)  # the online op's matrix, applied to the weight through the same transform
+    d.replace_input_with(x, _online(d.graph, x, p, before=d))
+    st.w4.edit(m["w"], "down projection", (lambda W: H.T @ W) if t else (lambda W: W @ H))
+    st.done.add(d)
+    return True
+
+
+def _online(g: fx.Graph, x: fx.Node, plan, before: fx.Node | None = None) -> fx.Node:
+    """Insert spinfx::hadamard(x) (x @ M over the last dim) right after x, or right before `before`."""
+    import spinfx.kernels.hadamard  # noqa: F401  (registers torch.ops.spinfx.hadamard)
+
+    ctx = g.inserting_before(before) if before is not None else g.inserting_after(x)
+    with ctx:
+        h = g.call_function(torch.ops.spinfx.hadamard.default, (x, list(plan.ks), plan.block, False))
+    h.meta = {"val": x.meta["val"], "module": x.meta.get("module", ""), "module_type": "online-hadamard"}
+    return h
+
+
+def _plan(n: int, what: str, block: int | None = None):
+    from spinfx.kernels.hadamard_matrices import plan
+
+    try:
+        return plan(n, block)
+    except ValueError as e:
+        raise Unsupported(f"{what}: no Hadamard transform of size {n}: {e}") from None
+
+
+def _reads_attention(node: fx.Node, attn_roots: set) -> bool:
+    x = node.args[1] if node.target is aten.addmm.default else node.args[0]
+    while x.op == "call_function" and x.target in HEAD_LAYOUT + CASTS:
+        x = x.args[0]
+    return x in attn_roots
+
+
+def mlp_down_projections(prog: Program) -> list[fx.Node]:
+    """Linears that write the MLP's output into the residual stream (not attention's o_proj)."""
+    stream = residual_stream(prog.graph)
+    attn_roots = {m.root for m in find_all(ATTENTION, prog.graph)[0]}
+    downs = [w.node for w in stream.writers
+             if w.node.target in LINEAR_OPS and not _reads_attention(w.node, attn_roots)]
+    if not downs:
+        why = "" if stream.end is not None else f" (the stream could not be followed: {stream.stop_reason})"
+        raise Unsupported(f"R4: no MLP down projection writes into the residual stream{why}")
+    return downs
+
+
+# ---- the rule tables, and the pass's order of them --------------------------------------------------
+
+R1_RULES = [
+    Rule("R1: E ← E·R1 (an embedding writes the stream)", EMBEDDING, rotate_table),
+    Rule("R1: x ← x·R1 after a tied embedding's lookup, ·R1ᵀ before the final norm", EMBEDDING, rotate_lookup),
+    Rule("R1: W ← R1ᵀ·W (a linear writes the stream)", LINEAR, rotate_writer),
+    Rule("R1: W ← W·R1 (linears read a scale-free norm of the stream)", SCALE_FREE_LINEARS, rotate_readers),
+]
+R2_RULES = [Rule("R2: W_v ← R2ᵀ·W_v per KV head, W_o ← W_o·R2 per head", QKV, rotate_v_o)]
+R3_RULES = [Rule("R3: q ← q·H, k ← k·H after RoPE (online)", ROPE_SITE, rotate_qk)]
+R3_NO_ROPE = [Rule("R3: q ← q·H, k ← k·H at attention's inputs (online)", ATTENTION, rotate_qk_inputs)]
+R4_RULES = [Rule("R4: x ← x·H before down_proj (online), W ← W·H", LINEAR, rotate_down)]
+
+
+def _drive(st: _State, rules: list[Rule]) -> list[RuleStats]:
+    """Each match rewritten once (weight edits are not idempotent); the engine's counts go to the report."""
+    stats = list(apply_rules(st.prog.gm, rules, st, max_sweeps=1).values())
+    st.res.rules += stats
+    return stats
+
+
+def _all_done(st: _State, wanted: set, what: str) -> None:
+    missed = [n for n in st.prog.graph.nodes if n in wanted and n not in st.done]
+    if missed:
+        raise Unsupported(f"{what}: {describe(missed[0])} is in a form no rule rewrites")
 
 
 def place(prog: Program, res: PassResult, R1, r2, r3: bool = False, r4: bool = False,
           r4_block: int | None = None, w1: _Weights | None = None, w2: _Weights | None = None) -> None:
     """The rotations in their order: R1 (an n×n rotation; None: none), R2 (`r2(site, head_dim)` gives a
-    site's; None: none), R3, R4. `w1` / `w2`: where R1's / R2's weight edits go (default: the program's
-    constants, now; learned rotations record them instead: passes/rotate_learn.py)."""
-    downs = mlp_down_projections(prog) if r4 else []  # found before R1 edits the stream
-    w1, w2 = w1 or _Weights(prog), w2 or _Weights(prog)
+    site's; None: none), R3, R4 — each a table of rules. `w1` / `w2`: where R1's / R2's weight edits go
+    (default: the program's constants, now; learned rotations record them instead: passes/rotate_learn.py)."""
+    st = _State(prog, res, R1, w1 or _Weights(prog), r2, w2 or _Weights(prog), block=r4_block, w4=_Weights(prog))
+    st.downs = set(mlp_down_projections(prog)) if r4 else set()  # found before R1 edits the stream
     if R1 is not None:
-        apply_r1(prog, R1, res, w1)
-        _count(res, "R1: x ← x·R1 on the residual stream (writers W ← R1ᵀ·W, readers W ← W·R1)", apply_r1,
-               res.findings["r1"]["writers"] + res.findings["r1"]["reader_norms"], len(w1.done))
+        r1_plan(st)
+        _drive(st, R1_RULES)
+        _all_done(st, st.writers, "R1: a writer of the residual stream")
     if r2 is not None:
-        apply_r2(prog, r2, res, w2)
-        _count(res, "R2: v ← v·R2 per head, o_proj W ← W·R2", apply_r2, res.findings["r2"]["sites"], len(w2.done))
+        if not _drive(st, R2_RULES)[0].matches:
+            raise Unsupported("R2: no attention with q/k/v projections of one input was found")
+        res.findings["r2"] = {"sites": st.sites}
     if r3:
-        apply_r3(prog, res)
-        _count(res, "R3: q ← q·H, k ← k·H after RoPE (online)", apply_r3, res.findings["r3"]["sites"],
-               res.findings["r3"]["sites"])
+        found = _drive(st, R3_RULES)[0].applied
+        if not found:
+            # no RoPE (learned positions): nothing sits between the projections and attention, so the
+            # rotation goes on attention's q and k inputs directly
+            found = _drive(st, R3_NO_ROPE)[0].applied
+            if not found:
+                raise Unsupported("R3: no attention site (scaled_dot_product_attention or matmul-softmax-matmul) "
+                                  "was found")
+            res.notes.append("R3: the model has no RoPE; q and k are rotated at attention's inputs")
+        res.findings["r3"] = {"sites": found, "hadamard": ", ".join(sorted(st.plans["r3"]))}
     if r4:
-        apply_r4(prog, downs, res, r4_block)
-        _count(res, "R4: x ← x·H before down_proj (online), W ← W·H", apply_r4, res.findings["r4"]["sites"],
-               res.findings["r4"]["sites"])
-
-
-def _count(res: PassResult, name: str, fn, matches: int, applied: int) -> None:
-    """The report's row for one rotation: the structures it found (stream readers/writers, attention sites,
-    down projections) and the edits it made (weights rotated; online transforms inserted)."""
-    code = fn.__code__
-    res.rules.append(RuleStats(name, f"passes/rotate.py:{code.co_firstlineno}", matches=matches, applied=applied))
+        _drive(st, R4_RULES)
+        _all_done(st, st.downs, "R4: a down projection")
+        res.findings["r4"] = {"sites": len(st.downs), "hadamard": ", ".join(sorted(st.plans["r4"]))}
 
 
 LEARNED = "learned"  # r1 / r2: optimized on calibration text through the fake-quantized program
@@ -357,82 +505,3 @@ class Rotate(Pass):
         place(prog, res, R1, r2, self.r3, self.r4, self.r4_block)
         return res
 
-
-def _online(g: fx.Graph, x: fx.Node, plan, before: fx.Node | None = None) -> fx.Node:
-    """Insert spinfx::hadamard(x) (x @ M over the last dim) right after x, or right before `before`."""
-    import spinfx.kernels.hadamard  # noqa: F401  (registers torch.ops.spinfx.hadamard)
-
-    ctx = g.inserting_before(before) if before is not None else g.inserting_after(x)
-    with ctx:
-        h = g.call_function(torch.ops.spinfx.hadamard.default, (x, list(plan.ks), plan.block, False))
-    h.meta = {"val": x.meta["val"], "module": x.meta.get("module", ""), "module_type": "online-hadamard"}
-    return h
-
-
-def _plan(n: int, what: str, block: int | None = None):
-    from spinfx.kernels.hadamard_matrices import plan
-
-    try:
-        return plan(n, block)
-    except ValueError as e:
-        raise Unsupported(f"{what}: no Hadamard transform of size {n}: {e}") from None
-
-
-def apply_r3(prog: Program, res: PassResult) -> None:
-    """q·H and k·H after RoPE: attention scores unchanged, the KV cache holds rotated keys."""
-    g = prog.graph
-    sites = find_all(ROPE_SITE, g)[0]
-    keys = ("rope_q", "rope_k")
-    if not sites:
-        # no RoPE (learned positions): nothing sits between the projections and attention, so the
-        # rotation goes on attention's q and k inputs directly
-        sites = find_all(ATTENTION, g)[0]
-        keys = ("q_in", "k_in")
-        if not sites:
-            raise Unsupported("R3: no attention site (scaled_dot_product_attention or matmul-softmax-matmul) was found")
-        res.notes.append("R3: the model has no RoPE; q and k are rotated at attention's inputs")
-    plans = set()
-    for m in sites:
-        for key in keys:
-            node = m[key]
-            p = _plan(node.meta["val"].shape[-1], "R3")
-            plans.add(p.describe())
-            h = _online(g, node, p)
-            node.replace_all_uses_with(h, delete_user_cb=lambda u, h=h: u is not h)
-    res.findings["r3"] = {"sites": len(sites), "hadamard": ", ".join(sorted(plans))}
-
-
-def _reads_attention(node: fx.Node, attn_roots: set) -> bool:
-    x = node.args[1] if node.target is aten.addmm.default else node.args[0]
-    while x.op == "call_function" and x.target in HEAD_LAYOUT + CASTS:
-        x = x.args[0]
-    return x in attn_roots
-
-
-def mlp_down_projections(prog: Program) -> list[fx.Node]:
-    """Linears that write the MLP's output into the residual stream (not attention's o_proj)."""
-    stream = residual_stream(prog.graph)
-    attn_roots = {m.root for m in find_all(ATTENTION, prog.graph)[0]}
-    downs = [w.node for w in stream.writers if w.node.target in LINEARS and not _reads_attention(w.node, attn_roots)]
-    if not downs:
-        why = "" if stream.end is not None else f" (the stream could not be followed: {stream.stop_reason})"
-        raise Unsupported(f"R4: no MLP down projection writes into the residual stream{why}")
-    return downs
-
-
-def apply_r4(prog: Program, downs: list[fx.Node], res: PassResult, block: int | None = None) -> None:
-    """An online Hadamard on the MLP's down projection input, W_down ← W_down·H."""
-    g = prog.graph
-    W = _Weights(prog)
-    plans = set()
-    for d in downs:
-        wn, _, t = _lin(d)
-        xi = 1 if t else 0
-        x = d.args[xi]
-        p = _plan(x.meta["val"].shape[-1], f"R4 at {describe(d)}", block)
-        plans.add(p.describe())
-        M = HadamardRotation(p)  # the online op's M, applied to the weight through the same transform
-        h = _online(g, x, p, before=d)
-        d.replace_input_with(x, h)
-        W.edit(wn, "down projection", (lambda A, M=M: M.T @ A) if t else (lambda A, M=M: A @ M))
-    res.findings["r4"] = {"sites": len(downs), "hadamard": ", ".join(sorted(plans))}

@@ -1,8 +1,8 @@
 """Learned rotations (rotate: r1 / r2: learned): R1 and every layer's R2 optimized on calibration text
 for next-token loss through the program as the quantize pass will round it (SpinQuant's idea).
 
-One definition of where rotations go. The pass's own placement (`rotate.place`: apply_r1, apply_r2,
-R3, R4) runs once on a float32 copy of the program with *live* rotations — objects used as `X @ R`,
+One definition of where rotations go. The pass's own placement (`rotate.place`: the R1, R2,
+R3, R4 rule tables) runs once on a float32 copy of the program with *live* rotations — objects used as `X @ R`,
 `R.T @ X`, whose matrix is set per training step — and a recording `_Weights`: per constant, the ordered
 edit functions it would apply. A step then
 

@@ -20,6 +20,7 @@ relative max |Δ| ≤ 1e-10 or the pass fails.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -115,73 +116,63 @@ class _Follower:
         raise Unsupported(f"shard: {describe(n)} {why} (T = {self.tp})")
 
     def _node(self, n: fx.Node) -> None:
-        t = n.target
         if n.op == "output":
             self._fail(n, "returns a value that is split across ranks")
         if n.op != "call_function":
             self._fail(n, "is not an op the shard pass knows")
-        if shardable_linear(n) or t is aten.addmm.default:
+        if shardable_linear(n) or n.target is aten.addmm.default:
             self._fail(n, "reads a split value but is neither column- nor row-parallel")
-        a0 = self._get(n.args[0]) if n.args else None
-        if t is aten.reshape.default or t is aten.view.default:
-            self.ann[n] = self._reshape(n, a0)
-        elif t is aten.transpose.int:
-            nd = len(shape_of(n))
-            d0, d1 = (d % nd for d in n.args[1:3])
-            sw = {d0: d1, d1: d0}
-            self.ann[n] = {sw.get(ax, ax): s for ax, s in a0.items()}
-        elif t is aten.permute.default:
-            perm = [d % len(shape_of(n)) for d in n.args[1]]
-            self.ann[n] = {perm.index(ax): s for ax, s in a0.items()}
-        elif t is aten.unsqueeze.default:
-            d = n.args[1] % len(shape_of(n))
-            self.ann[n] = {(ax + 1 if ax >= d else ax): s for ax, s in a0.items()}
-        elif t is aten.expand.default:
-            self.ann[n] = self._expand(n, a0)
-        elif t is aten.slice.Tensor:
-            self.ann[n] = self._slice(n, a0)
-        elif t in (aten.split.Tensor, aten.split_with_sizes.default):
-            self.ann[n] = self._split(n, a0)
-        elif t is operator.getitem:
-            parts = self.ann[n.args[0]]
-            self.ann[n] = parts[n.args[1]]
-        elif t is aten.cat.default:
-            self.ann[n] = self._cat(n)
-        elif t in UNARY:
-            if len(n.args) > 1 and isinstance(n.args[1], fx.Node) and n.args[1] in self.ann:
-                self._fail(n, "has two split operands")
-            self.ann[n] = dict(a0)
-        elif t in BINARY:
-            self.ann[n] = self._binary(n)
-        elif t is aten.scaled_dot_product_attention.default:
-            self.ann[n] = self._sdpa(n)
-        elif t is aten.matmul.default:
-            self.ann[n] = self._matmul(n)
-        elif t in REDUCTIONS:
-            nd = len(shape_of(n.args[0]))
-            dims = sorted(d % nd for d in n.args[1])
-            if any(d in a0 for d in dims):
-                self._fail(n, "reduces over the split axis")
-            keep = len(n.args) > 2 and n.args[2]
-            self.ann[n] = dict(a0) if keep else {ax - sum(d < ax for d in dims): sg for ax, sg in a0.items()}
-        elif t in (aten.softmax.int, aten._softmax.default):
-            dim = n.args[1] % len(shape_of(n))
-            if dim in a0:
-                self._fail(n, "normalizes over the split axis")
-            self.ann[n] = dict(a0)
-        elif t is hadamard_op():
-            last = len(shape_of(n)) - 1
-            if last in a0:
-                seg = a0[last]
-                block = int(n.args[2])
-                if len(seg) != 1 or _L(seg) % block:
-                    self._fail(n, f"is an online Hadamard with block {block} over the split axis: the block must "
-                                  f"divide the local size {_G(seg)}/T = {_L(seg)} (rotate: r4_block)")
-            self.ann[n] = dict(a0)
-        else:
+        rule = propagation().get(n.target)
+        if rule is None:
             self._fail(n, "has no sharding rule")
+        self.ann[n] = rule(self, n, self._get(n.args[0]) if n.args else None)
 
-    # -- rules ---------------------------------------------------------------------------------------
+    # -- rules: (node, its first operand's annotation) → the node's annotation (the table: `propagation`) --
+    def _transpose(self, n: fx.Node, a: Ann) -> Ann:
+        nd = len(shape_of(n))
+        d0, d1 = (d % nd for d in n.args[1:3])
+        sw = {d0: d1, d1: d0}
+        return {sw.get(ax, ax): s for ax, s in a.items()}
+
+    def _permute(self, n: fx.Node, a: Ann) -> Ann:
+        perm = [d % len(shape_of(n)) for d in n.args[1]]
+        return {perm.index(ax): s for ax, s in a.items()}
+
+    def _unsqueeze(self, n: fx.Node, a: Ann) -> Ann:
+        d = n.args[1] % len(shape_of(n))
+        return {(ax + 1 if ax >= d else ax): s for ax, s in a.items()}
+
+    def _getitem(self, n: fx.Node, a: Ann) -> Ann:
+        return self.ann[n.args[0]][n.args[1]]
+
+    def _unary(self, n: fx.Node, a: Ann) -> Ann:
+        if len(n.args) > 1 and isinstance(n.args[1], fx.Node) and n.args[1] in self.ann:
+            self._fail(n, "has two split operands")
+        return dict(a)
+
+    def _reduction(self, n: fx.Node, a: Ann) -> Ann:
+        nd = len(shape_of(n.args[0]))
+        dims = sorted(d % nd for d in n.args[1])
+        if any(d in a for d in dims):
+            self._fail(n, "reduces over the split axis")
+        keep = len(n.args) > 2 and n.args[2]
+        return dict(a) if keep else {ax - sum(d < ax for d in dims): sg for ax, sg in a.items()}
+
+    def _softmax(self, n: fx.Node, a: Ann) -> Ann:
+        if n.args[1] % len(shape_of(n)) in a:
+            self._fail(n, "normalizes over the split axis")
+        return dict(a)
+
+    def _hadamard(self, n: fx.Node, a: Ann) -> Ann:
+        last = len(shape_of(n)) - 1
+        if last in a:
+            seg = a[last]
+            block = int(n.args[2])
+            if len(seg) != 1 or _L(seg) % block:
+                self._fail(n, f"is an online Hadamard with block {block} over the split axis: the block must "
+                              f"divide the local size {_G(seg)}/T = {_L(seg)} (rotate: r4_block)")
+        return dict(a)
+
     def _reshape(self, n: fx.Node, a: Ann) -> Ann:
         ins, outs = shape_of(n.args[0]), shape_of(n)
         blocks, i, j = [], 0, 0
@@ -287,7 +278,7 @@ class _Follower:
         n.kwargs = {}
         return outs
 
-    def _cat(self, n: fx.Node) -> Ann:
+    def _cat(self, n: fx.Node, a: Ann = None) -> Ann:
         items = n.args[0]
         dim = (n.args[1] if len(n.args) > 1 else 0) % len(shape_of(n))
         anns = [self._get(x) for x in items]
@@ -297,7 +288,7 @@ class _Follower:
             self._fail(n, "concatenates along the split axis or mixes differently split values")
         return dict(anns[0])
 
-    def _binary(self, n: fx.Node) -> Ann:
+    def _binary(self, n: fx.Node, a: Ann = None) -> Ann:
         nd = len(shape_of(n))
         out: Ann = {}
         for x in n.args[:3]:
@@ -318,7 +309,7 @@ class _Follower:
                         self._fail(n, f"combines a split value with the whole {describe(x)} of shape {shp}")
         return out
 
-    def _sdpa(self, n: fx.Node) -> Ann:
+    def _sdpa(self, n: fx.Node, a: Ann = None) -> Ann:
         q, k, v = (self._get(x) for x in n.args[:3])
         if q is None or k is None or v is None or set(q) != {1} or set(k) != {1} or set(v) != {1}:
             self._fail(n, "attends over values that are not all split by heads")
@@ -331,7 +322,7 @@ class _Follower:
             self._fail(n, f"uses a per-head mask {describe(mask)}")
         return {1: q[1]}
 
-    def _matmul(self, n: fx.Node) -> Ann:
+    def _matmul(self, n: fx.Node, a: Ann = None) -> Ann:
         a, b = self._get(n.args[0]), self._get(n.args[1])
         nd = len(shape_of(n))
         out: Ann = {}
@@ -352,6 +343,24 @@ class _Follower:
 
 
 _QROLES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx")
+
+
+@functools.cache
+def propagation() -> dict:
+    """The op → rule table: how a value split across ranks passes each op (`_Follower._node` applies it;
+    an op with no entry is refused)."""
+    F = _Follower
+    table = {**dict.fromkeys(UNARY, F._unary), **dict.fromkeys(BINARY, F._binary),
+             **dict.fromkeys(REDUCTIONS, F._reduction)}
+    table.update({
+        aten.reshape.default: F._reshape, aten.view.default: F._reshape, aten.transpose.int: F._transpose,
+        aten.permute.default: F._permute, aten.unsqueeze.default: F._unsqueeze, aten.expand.default: F._expand,
+        aten.slice.Tensor: F._slice, aten.split.Tensor: F._split, aten.split_with_sizes.default: F._split,
+        operator.getitem: F._getitem, aten.cat.default: F._cat, aten.matmul.default: F._matmul,
+        aten.scaled_dot_product_attention.default: F._sdpa, aten.softmax.int: F._softmax,
+        aten._softmax.default: F._softmax, hadamard_op(): F._hadamard,
+    })
+    return table
 
 
 def _shard_linear(prog: Program, lin: fx.Node, lay: specs.Layout, rank: int) -> dict | None:

@@ -5,7 +5,7 @@ import operator
 
 import torch
 
-from spinfx.engine.pattern import Chain, Op, Opt, Var, is_const, is_number
+from spinfx.engine.pattern import ANY, Chain, Op, Opt, Var, is_const, is_number
 
 aten = torch.ops.aten
 
@@ -64,6 +64,12 @@ def linear_of(inp, w: str = "w", b: str = "b", name: str = "linear"):
                  name=name + "_t"))
 
 
+# any float linear (captures `linear` or `linear_t`, `w`, `b`): where rules about one linear start
+LINEAR = linear_of(ANY)
+# a lookup in a constant table (a token or positional embedding): captures `table`
+EMBEDDING = Op(aten.embedding.default, Var("table", where=is_const), ANY, name="lookup")
+
+
 def soft_cap(inp):
     """c·tanh(inp/c): Gemma-2's soft-capping of attention scores and of the logits — elementwise, so
     whatever commutes with the value before it (a rotation of q and k, of v and o_proj) commutes with it."""
@@ -79,4 +85,5 @@ def linear_node(m, name: str = "linear"):
 
 
 __all__ = ["CASTS", "VIEWS", "HEAD_LAYOUT", "SPLITS", "ACTIVATIONS", "LINEAR_OPS", "is_linear", "linear_input_arg",
-           "linear_weight", "reads_graph_input", "ALL_REDUCE", "WAIT_TENSOR", "linear_of", "linear_node", "soft_cap", "Opt", "Chain"]
+           "linear_weight", "reads_graph_input", "ALL_REDUCE", "WAIT_TENSOR", "linear_of", "LINEAR", "EMBEDDING",
+           "linear_node", "soft_cap", "Opt", "Chain"]

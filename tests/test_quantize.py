@@ -131,6 +131,12 @@ def test_ignore_and_overrides_by_module_name():
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
     assert any("model.layers.0.mlp.down_proj" in n for n in r.report.pass_result("quantize").notes)
+    # the substitution is a rule of passes/quantize.py: its row is the engine's count (ignored: declined)
+    from spinfx.passes import quantize
+
+    rule = quantize.LINEAR_RULES[0]
+    rows = [(x.name, x.where, x.matches, x.applied, x.declined) for x in r.report.pass_result("quantize").rules]
+    assert rows == [(rule.name, rule.where, 15, 7, 8)] and rule.where.startswith("passes/quantize.py:")
 
 
 @pytest.mark.parametrize("opts, match", [

@@ -168,9 +168,30 @@ def test_random_orthogonal_rotations_are_exact_too():
     assert all(p.certificate["rel"] <= 1e-10 for p in r.report.passes)
 
 
-def test_r3_goes_after_rope_and_r4_before_down_proj():
+def test_r3_goes_after_rope_and_r4_before_down_proj(monkeypatch, capsys):
+    from pathlib import Path
+
+    from spinfx.passes import rotate
+
     zm = zoo.build("llama")
+    monkeypatch.setenv("SPINFX_TRACE", "2")
     r = spinfx.rewrite(zm.model, "spinquant", zm.example_inputs)
+    # R1-R4 are rule tables in passes/rotate.py: the report's rows are the engine's counts of those Rule
+    # objects (file:line of each), and SPINFX_TRACE=2 prints their matches as it does fold's
+    err = capsys.readouterr().err
+    rules = rotate.R1_RULES + rotate.R2_RULES + rotate.R3_RULES + rotate.R4_RULES
+    rows = r.report.pass_result("rotate").rules
+    assert [(x.name, x.where) for x in rows] == [(x.name, x.where) for x in rules]
+    src = Path(rotate.__file__).read_text().splitlines()
+    for x in rules:
+        path, line = x.where.rsplit(":", 1)
+        assert path == "passes/rotate.py" and "Rule(" in src[int(line) - 1], x.where
+    applied = [x.applied for x in rows]  # embedding, tied lookup (untied here), writers, reader norms, R2, R3, R4
+    assert applied == [1, 0, 2 * 2, 2 * 2 + 1, 2, 2, 2] and rows[-2].matches == 2
+    assert r.report.pass_result("rotate").edits == sum(applied)
+    r3 = rotate.R3_RULES[0]
+    assert f"[spinfx] {r3.name} ({r3.where}) matched at scaled_dot_product_attention" in err
+    monkeypatch.delenv("SPINFX_TRACE")
     g = r.program.graph
     had = [n for n in g.nodes if n.op == "call_function" and n.target is torch.ops.spinfx.hadamard.default]
     assert len(had) == 3 * 2  # q and k per layer (R3) + down_proj input per layer (R4)

@@ -187,6 +187,20 @@ def test_conv1d_linears_are_refused_in_one_line():
     assert "addmm" in _one_line(e)
 
 
+def test_split_values_follow_one_op_to_rule_table(monkeypatch):
+    from spinfx.passes import shard
+
+    table = shard.propagation()
+    assert table[torch.ops.aten.transpose.int] == shard._Follower._transpose
+    assert table[torch.ops.aten.silu.default] == shard._Follower._unary
+    # the table decides: without transpose's rule, the head split stops there, refused by name
+    monkeypatch.delitem(table, torch.ops.aten.transpose.int)
+    zm = zoo.random_llama(layers=1, vocab=64, dtype=torch.float64, heads=4, kv_heads=2)
+    with pytest.raises(spinfx.Unsupported) as e:
+        spinfx.rewrite(zm.model, Recipe("tp", [Shard(tp=2)]), zm.example_inputs)
+    assert "aten.transpose.int" in _one_line(e) and "has no sharding rule" in _one_line(e)
+
+
 def test_r4_block_that_does_not_divide_i_over_t_is_refused():
     zm = zoo.build("llama", dtype=torch.float64)
     with pytest.raises(spinfx.Unsupported) as e:

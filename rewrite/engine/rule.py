@@ -3,9 +3,9 @@
     Rule("fold-rms-gamma", NORM_LINEARS, fold_gamma)
 
 `rewrite(match, ctx)` returns None when the rule does not apply here (its guards live in the rewrite
-function, tinygrad-style), a Node to replace the match root with, or True when it edited the graph
-itself. A rule with no rewrite is a finder: it only records what it matched (used by inspect and by
-analysis passes). Every rule knows its file:line; statistics are keyed by it.
+function, tinygrad-style), a Node to replace the match root with, or True when it edited the graph (or
+weights) itself, leaving no dead node. A rule with no rewrite is a finder: it only records what it
+matched (used by inspect and by analysis passes). Every rule knows its file:line; stats are keyed by it.
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def trace_level() -> int:
 
 
 def apply_rules(gm: fx.GraphModule, rules: list[Rule], ctx: Any = None, max_sweeps: int = 8) -> dict[str, RuleStats]:
-    """Drive `rules` over the graph to a fixed point (at most `max_sweeps` sweeps)."""
+    """Drive `rules` over the graph to a fixed point (at most `max_sweeps` sweeps; 1: each match rewritten once)."""
     stats = {r.where + ":" + r.name: RuleStats(r.name, r.where) for r in rules}
     keyed = {r.where + ":" + r.name: r for r in rules}
     level = trace_level()
@@ -85,11 +85,11 @@ def apply_rules(gm: fx.GraphModule, rules: list[Rule], ctx: Any = None, max_swee
             if isinstance(out, fx.Node) and out is not m.root:
                 out.meta.setdefault("module", m.root.meta.get("module", ""))
                 m.root.replace_all_uses_with(_same_dtype(out, m.root))
-            gm.graph.eliminate_dead_code()
+                gm.graph.eliminate_dead_code()
         for key, st in stats.items():
             if st.matches == 0 and st.nearest_miss is None:
                 st.nearest_miss = idx.nearest_miss(key).describe()
-        if not changed:
+        if not changed or max_sweeps == 1:  # one sweep: rewrites that are not idempotent (weight edits)
             return stats
     raise SpinfxError(f"rules did not reach a fixed point in {max_sweeps} sweeps: "
                       + ", ".join(s.name for s in stats.values() if s.applied))
