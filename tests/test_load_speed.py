@@ -194,6 +194,50 @@ def test_compiled_decode_with_a_cache_is_one_graph(sq4, cache):
     torch._dynamo.reset()
 
 
+def test_gqa_attention_keeps_the_kv_heads(sq4, monkeypatch):
+    """A loaded GQA model attends with SDPA's own GQA (`enable_gqa`) on CPU: the compiled decode step's
+    attention reads the cache's 2 KV heads, not 4 repeated copies (transformers' `repeat_kv` under
+    torch.compile), and prefill + decode logits equal transformers' path bit for bit."""
+    from transformers import StaticCache
+    from transformers.integrations import sdpa_attention
+
+    import spinfx.checkpoint.read as read
+    from spinfx.checkpoint.hf import cache_kwarg
+
+    zm, _, ckpt = sq4
+    model = spinfx.load(ckpt)
+    ids = torch.randint(0, zm.expect.vocab, (1, 10), generator=torch.Generator().manual_seed(0))
+
+    def run(m):
+        kv = StaticCache(config=model.config, max_cache_len=10)
+        with torch.no_grad():
+            out = [m(input_ids=ids[:, :8], **{cache_kwarg(model): kv}, cache_position=torch.arange(8)).logits]
+            for t in (8, 9):
+                out.append(m(input_ids=ids[:, t:t + 1], **{cache_kwarg(model): kv}, cache_position=torch.tensor([t])).logits)
+        return torch.cat(out, 1)
+
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    ours = run(torch.compile(model, backend=capture, fullgraph=True))
+    torch._dynamo.reset()
+    sdpa = [n for g in graphs for n in g.graph.nodes if n.target is torch._C._nn.scaled_dot_product_attention]
+    assert len(sdpa) == 2 * LAYERS  # prefill and decode graphs
+    heads = {n.args[0].meta["example_value"].shape[1]: n.args[1].meta["example_value"].shape[1] for n in sdpa}
+    assert heads == {4: 2}, heads
+    eager = run(model)
+    # transformers' path as torch.compile traces it: k and v repeated to every query head (in eager it
+    # packs a decode step's queries instead, another summation order: ≈ 1e-6 apart)
+    monkeypatch.setattr(sdpa_attention, "is_torchdynamo_compiling", lambda: True)
+    monkeypatch.setattr(read, "_sdpa_gqa", lambda m, q, k, v, mask, scaling, is_causal:
+                        sdpa_attention.sdpa_attention_forward(m, q, k, v, mask, scaling=scaling, is_causal=is_causal))
+    assert torch.equal(eager, run(model))
+
+
 class HadamardLog(TorchDispatchMode):
     """Every spinfx::hadamard call's input shape."""
 

@@ -114,6 +114,9 @@ def load(path: str | os.PathLike, cpu_compute_dtype: torch.dtype | None | str = 
                 mod.register_forward_pre_hook(lambda m, args, fn=fn: (fn(args[0]), *args[1:]))
     if qc.get("kv_cache_scheme"):
         attach_kv_quantizer(model, _fake_quantizer(qc["kv_cache_scheme"], "kv_cache_scheme", path))
+    elif model.config._attn_implementation == "sdpa" and getattr(cfg, "num_key_value_heads", None) not in (
+            None, getattr(cfg, "num_attention_heads", None)):
+        _use_attention(model)  # GQA without repeat_kv (spinfx_sdpa)
     return model
 
 
@@ -391,13 +394,31 @@ class _RotatingCache:
         return getattr(self._cache, name)
 
 
+def _sdpa_gqa(module, query, key, value, attention_mask, scaling, is_causal):
+    """transformers' `sdpa_attention_forward` for GQA on CPU, with the KV heads given to SDPA as they are:
+    causal only for several queries and no mask (a causal prefill into an empty static cache sees its
+    own keys only), output [batch, q_len, heads, head_dim]."""
+    q_len = query.shape[2]
+    causal = q_len > 1 and attention_mask is None and (getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    if causal and key.shape[2] > q_len:
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling,
+                                                           is_causal=causal, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
 def _register_attention() -> None:
     """`spinfx_sdpa`: SDPA with q rotated first (the module's `_spinfx_qk` transforms), and k where the
     KV cache did not already store it rotated (`_KeysRotatedOnWrite`), then k and v fake-quantized (the
     module's `_spinfx_kv`), where the program does both: after R3, before GQA's repeat. The key and
     value here are the whole cache (past tokens and the new ones; keys rotated as they entered it), so
     every step quantizes all of them; per head and token, each cached token's x̂ is the one the program
-    computes. The scores q·H·(k·H)ᵀ = q·kᵀ are unchanged by H."""
+    computes. The scores q·H·(k·H)ᵀ = q·kᵀ are unchanged by H.
+
+    GQA on CPU: transformers' SDPA repeats k and v to every query head (`repeat_kv`) unless there is no
+    mask — under torch.compile, with a static cache's mask, that copies the whole cache `groups` times in
+    every layer at every decode step. Torch's CPU SDPA takes the KV heads as they are (`enable_gqa`, with a
+    mask; the same values bit for bit: tests/test_load_speed.py), so `_sdpa_gqa` calls it that way."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -413,6 +434,9 @@ def _register_attention() -> None:
         kv = module.__dict__.get("_spinfx_kv")
         if kv is not None:
             key, value = kv(key), kv(value)
+        if (query.device.type == "cpu" and getattr(module, "num_key_value_groups", 1) > 1 and not module.training
+                and not any(kwargs.get(k) for k in ("dropout", "position_bias", "softcap", "output_attentions"))):
+            return _sdpa_gqa(module, query, key, value, attention_mask, kwargs.get("scaling"), kwargs.get("is_causal"))
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register(ATTENTION_IMPL, spinfx_sdpa)
