@@ -78,31 +78,20 @@ class HessianAccumulator:
 
 class CrossAccumulator:
     """C = (2 / n) Σ x_qᵀ x_f over the rows of paired batches (x_q, x_f ∈ R^K: one linear's input in the
-    quantized and in the float model): float32 products of ≥ `rows` rows at a time (one GEMM, as
-    HessianAccumulator's) summed in float64 — the H of HessianAccumulator when x_q = x_f."""
+    quantized and in the float model), float32 products summed in float64 — the H of HessianAccumulator
+    when x_q = x_f."""
 
-    def __init__(self, in_features: int, rows: int = 4096) -> None:
+    def __init__(self, in_features: int) -> None:
         self.in_features = in_features
-        self.xty = 0.0  # a float64 tensor on the inputs' device from the first product on
+        self.xty = 0.0  # a float64 tensor on the inputs' device from the first batch on
         self.n = 0
-        self.rows, self._pending = rows, []
 
     def add(self, xq: Tensor, xf: Tensor) -> None:
-        k = self.in_features
-        self._pending.append((xq.detach().reshape(-1, k).float(), xf.detach().reshape(-1, k).float()))
-        if sum(q.shape[0] for q, _ in self._pending) >= self.rows:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self._pending:
-            return
-        xq, xf = (torch.cat(t) if len(self._pending) > 1 else t[0] for t in zip(*self._pending))
-        self._pending = []
-        self.xty = self.xty + (xq.T @ xf).double()
+        xq = xq.detach().reshape(-1, self.in_features).float()
+        self.xty = self.xty + (xq.T @ xf.detach().reshape(-1, self.in_features).float()).double()
         self.n += xq.shape[0]
 
     def product(self) -> Tensor:
-        self._flush()
         return self.xty * (2.0 / self.n)
 
 
