@@ -157,6 +157,12 @@ def test_float_target_is_the_least_squares_weight_and_w_itself_when_inputs_agree
     assert torch.allclose(ws @ h, w @ c.T, rtol=0, atol=1e-10 * (w @ c.T).abs().max())  # the normal equations
     assert (ws @ xq.T - w @ xf.T).norm() < 0.2 * (w @ xq.T - w @ xf.T).norm()
     assert torch.equal(_float_target(w, h, h, damp=0.01), w)
+    # siblings (q/k/v, gate/up) get theirs from one solve on the rows stacked: W* row by row (bit for bit at
+    # SmolLM2's shapes on this CPU; BLAS may block other shapes differently)
+    w2 = torch.randn(5, 24, generator=g, dtype=torch.float64)
+    stacked = _float_target(torch.cat([w, w2]), h, c, damp=0.1)
+    one_by_one = torch.cat([_float_target(w, h, c, damp=0.1), _float_target(w2, h, c, damp=0.1)])
+    assert torch.allclose(stacked, one_by_one, rtol=0, atol=1e-13 * w.abs().max())
 
 
 def test_target_option_is_checked():
@@ -165,3 +171,5 @@ def test_target_option_is_checked():
 
     with pytest.raises(BadInput, match="target must be one of quantized, float"):
         Quantize(weights={"bits": 4, "method": "gptq", "target": "fp"})
+    with pytest.raises(BadInput, match="target_damp must be a positive number, got 0"):
+        Quantize(weights={"bits": 4, "method": "gptq", "target": "float", "target_damp": 0})
