@@ -36,3 +36,19 @@ def installed_versions() -> dict[str, str]:
 
 def pytest_report_header(config):
     return "spinfx against: " + ", ".join(f"{k} {v}" for k, v in installed_versions().items())
+
+
+def _share_the_cores_between_workers() -> None:
+    """Under pytest-xdist (`./run test`: one worker per CPU), each worker's torch takes its share of the
+    cores instead of all of them (two workers × two threads on two cores lost time to oversubscription);
+    subprocesses the tests start inherit the same share through OMP_NUM_THREADS."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if workers > 1:
+        import torch
+
+        n = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(n)
+        torch.set_num_threads(n)
+
+
+_share_the_cores_between_workers()
