@@ -106,9 +106,12 @@ def plan(path: Path, recipe, window_bytes: int | None = None, layers_per_window:
             raise Unsupported(f"recipe {recipe.name!r} cannot be streamed: {which} needs the whole model "
                               f"(calibration) or does not say it works window by window")
         return None
-    files = _tensor_files(path)
-    if files is None:
+    found_files = _tensor_files(path)
+    if found_files is None:
         return None
+    files, numel = found_files
+    if layers_per_window is None and 8 * numel <= (window_bytes or WINDOW_BYTES):
+        return None  # the whole model fits one window in float64: read from the headers, no model class built
     tf = _transformers()
     config = tf.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     model = _skeleton(config)
@@ -136,18 +139,20 @@ def plan(path: Path, recipe, window_bytes: int | None = None, layers_per_window:
     return p
 
 
-def _tensor_files(path: Path) -> dict[str, Path] | None:
+def _tensor_files(path: Path) -> tuple[dict[str, Path], int] | None:
+    """(tensor name -> its safetensors file, the number of values in all of them), from the headers."""
     from safetensors import safe_open
 
     files = sorted(path.glob("*.safetensors"))
     if not files:
         return None  # pytorch_model.bin: read whole by the in-memory path
-    out = {}
+    out, numel = {}, 0
     for f in files:
         with safe_open(f, framework="pt") as h:
             for key in h.keys():
                 out[key] = f
-    return out
+                numel += int(torch.Size(h.get_slice(key).get_shape()).numel())
+    return out, numel
 
 
 def _skeleton(config) -> torch.nn.Module:
