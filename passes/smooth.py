@@ -46,7 +46,7 @@ from spinfx.engine.rule import Rule, apply_rules
 from spinfx.kernels.hadamard import hadamard_by_gemm
 from spinfx.kernels.quant_pack import SUPPORTED_BITS
 from spinfx.kernels.quant_rtn import CLIPS, group_for, group_scale_zero, quantize_values
-from spinfx.passes.calibration import check_calibration, float_values, token_batches
+from spinfx.passes.calibration import check_calibration, float_values, restore_threads, token_batches
 from spinfx.passes.options import check_fields
 from spinfx.patterns.attention import QKV, output_projection, qkv_linears
 from spinfx.patterns.common import CASTS, VIEWS, is_linear, linear_input_arg, linear_node, linear_weight
@@ -253,13 +253,16 @@ def _fake_quantize(W: torch.Tensor, w: dict, dtype: torch.dtype) -> torch.Tensor
 
 def choose(p: _Point, prog: Program, xs: list[torch.Tensor], w: dict, grid: int, dtype: torch.dtype) -> None:
     """s = a^α/√(max·min) with the α of least output error tr(Δ·H·Δᵀ) over the consumers (module docstring)."""
+    threads = torch.get_num_threads()  # GEMMs on all threads, the rest on one (calibration.THREADED's reason)
     k = xs[0].shape[-1]
     h = torch.zeros(k, k, dtype=torch.float64)
     a = torch.zeros(k, dtype=torch.float64)
     rows = 0
     for x in xs:
         x = x.reshape(-1, k).float()
+        torch.set_num_threads(threads)
         h += (x.T @ x).double()
+        torch.set_num_threads(1)
         a += x.abs().sum(0).double()
         rows += x.shape[0]
     h, a = (h / rows).float(), a / rows
@@ -283,11 +286,14 @@ def choose(p: _Point, prog: Program, xs: list[torch.Tensor], w: dict, grid: int,
         else:
             Q = _fake_quantize(Ws, w, dtype)
         d = (Q / sc[None, :] - W0).float()
+        torch.set_num_threads(threads)
         err = float(((d @ h) * d).sum())
+        torch.set_num_threads(1)
         if best is None or err < best[0]:
             best = (err, alpha, s)
         if i == 0:
             base = err
+    torch.set_num_threads(threads)
     err, p.alpha, s = best
     p.gain = err / base if base > 0 else 1.0
     p.s = None if p.alpha == 0 else s
@@ -376,7 +382,8 @@ class Smooth(Pass):
         done = 0
         for x, values in float_values(prog, batches, list(by_x)):
             for p in by_x[x]:
-                choose(p, prog, values, w, self.grid, dtype)
+                with restore_threads():
+                    choose(p, prog, values, w, self.grid, dtype)
                 done += 1
             if ctx.progress is not None and (time.perf_counter() - last > 10 or done == len(st.points)):
                 last = time.perf_counter()

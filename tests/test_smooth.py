@@ -11,9 +11,9 @@ from spinfx.engine.errors import BadInput
 from spinfx.recipe import _build
 from spinfx.testing import zoo
 
-W3 = {"bits": 3, "group_size": 16, "symmetric": True, "clip": "minmax"}
+W4 = {"bits": 4, "group_size": 16, "symmetric": True, "clip": "minmax"}
 SPIN = [{"fold-norms": {"tie": "auto"}}, {"rotate": {"r1": "hadamard", "r2": "hadamard", "r4": True}}]
-QUANT = [{"quantize": {"weights": W3}}]
+QUANT = [{"quantize": {"weights": W4}}]
 
 
 def _calib(zm, windows: int, seed: int = 1) -> torch.Tensor:
@@ -30,8 +30,22 @@ def llama():
     return zoo.build("llama")  # GQA: 4 query heads on 2 KV heads; intermediate 88 (R4: H_11 ⊗ H_8)
 
 
-def test_smooth_after_the_rotations_is_certified_at_every_kind_of_point(llama):
-    r = _rewrite(llama, SPIN + [{"smooth": {"weights": W3, "samples": 4, "grid": 4}}], _calib(llama, 4))
+def test_smooth_after_the_rotations_is_certified_and_lowers_the_quantized_output_error(llama):
+    # the error smooth minimizes: the RTN-quantized model's, on the text it was calibrated on (a tiny model of
+    # random weights and random tokens has no held-out text that behaves like it)
+    calib = _calib(llama, 16)
+    windows = calib.reshape(16, 1, -1)
+    with torch.no_grad():
+        ref = [llama.model(input_ids=ids, use_cache=False).logits for ids in windows]
+    errs, results = {}, {}
+    for name, extra in (("rtn", []), ("smooth", [{"smooth": {"weights": W4, "samples": 16, "grid": 10}}])):
+        r = results[name] = _rewrite(llama, SPIN + extra + QUANT, calib if extra else None, certify=bool(extra))
+        with torch.no_grad():
+            errs[name] = sum((r.module(input_ids=ids, use_cache=False).logits - f).square().mean().item()
+                             for ids, f in zip(windows, ref))
+    assert errs["smooth"] < errs["rtn"], errs
+
+    r = results["smooth"]
     s = r.report.pass_result("smooth")
     assert s.certificate["rel"] <= 1e-10 and s.certificate["tolerance"] == 1e-10
     layers = llama.model.config.num_hidden_layers
@@ -49,29 +63,12 @@ def test_smooth_after_the_rotations_is_certified_at_every_kind_of_point(llama):
 
 def test_fused_projections_are_skipped_with_a_note():
     zm = zoo.build("phi3")  # fused q/k/v and gate/up
-    r = _rewrite(zm, [{"smooth": {"weights": W3, "samples": 2, "grid": 2}}], _calib(zm, 2))
+    r = _rewrite(zm, [{"smooth": {"weights": W4, "samples": 2, "grid": 2}}], _calib(zm, 2))
     s = r.report.pass_result("smooth")
     assert s.certificate["rel"] <= 1e-10
     notes = " ".join(s.notes)
     assert "v-o: a fused or Conv1D q/k/v projection" in notes and "up-down: a fused gate_up projection" in notes
     assert s.findings["norm"]["points"] > 0 and "v-o" not in s.findings
-
-
-def test_smooth_lowers_the_quantized_output_error_after_the_same_rotation(llama):
-    # the error smooth minimizes: the RTN-quantized model's, on the text it was calibrated on (a tiny model of
-    # random weights and random tokens has no held-out text that behaves like it)
-    calib = _calib(llama, 16)
-    windows = calib.reshape(16, 1, -1)
-    W4 = {**W3, "bits": 4}
-    with torch.no_grad():
-        ref = [llama.model(input_ids=ids, use_cache=False).logits for ids in windows]
-    errs = {}
-    for name, extra in (("rtn", []), ("smooth", [{"smooth": {"weights": W4, "samples": 16, "grid": 10}}])):
-        r = _rewrite(llama, SPIN + extra + [{"quantize": {"weights": W4}}], calib if extra else None, certify=False)
-        with torch.no_grad():
-            errs[name] = sum((r.module(input_ids=ids, use_cache=False).logits - f).square().mean().item()
-                             for ids, f in zip(windows, ref))
-    assert errs["smooth"] < errs["rtn"], errs
 
 
 def test_bad_options_and_missing_calibration_are_one_line():
