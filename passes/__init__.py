@@ -7,6 +7,7 @@ from spinfx.passes.mappings import CheckMappings
 from spinfx.passes.quantize import LowerQLinear, Quantize
 from spinfx.passes.rotate import Rotate
 from spinfx.passes.shard import Shard
+from spinfx.passes.smooth import Smooth
 from spinfx.passes.structure import FindStructure
 
-REGISTRY = {p.name: p for p in (FindStructure, FoldNorms, Rotate, Quantize, LowerQLinear, CheckMappings, Shard)}
+REGISTRY = {p.name: p for p in (FindStructure, FoldNorms, Rotate, Smooth, Quantize, LowerQLinear, CheckMappings, Shard)}

@@ -45,7 +45,6 @@ Drivers read `quantized_layers(prog)` → {module: QuantLayer}: the `QuantWeight
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import re
 import time
@@ -71,6 +70,7 @@ from spinfx.passes.options import check_fields
 from spinfx.patterns.common import EMBEDDING, LINEAR, linear_node
 from spinfx.patterns.moe import routers
 from spinfx.patterns.residual import output_linear, token_embedding
+from spinfx.passes.calibration import THREADED as _THREADED, restore_threads as _restore_threads
 from spinfx.passes.calibration import check_calibration, token_batches
 from spinfx.engine.pipeline import Context, Pass, PassResult
 from spinfx.engine.rule import Rule, apply_rules
@@ -624,25 +624,6 @@ def _output_errors(h: torch.Tensor, w: torch.Tensor, *w_hats: torch.Tensor) -> l
     m = torch.cat([w] + [w - wh for wh in w_hats]).float()
     tr = ((m @ h.float()) * m).sum(-1).view(1 + len(w_hats), -1).sum(-1)
     return [(t / tr[0]).clamp_min(0).sqrt().item() for t in tr[1:]]
-
-
-# Ops of the calibration forward worth more than one thread. The rest (RoPE, norms, SiLU, views and
-# copies on [512, ≤ 1536] activations) run single-threaded: on this shared 2-core machine under load,
-# every parallel region waits for a descheduled thread, and a SmolLM2 window took 8–9 s with 2 threads
-# against 1.3–3.2 s with 1 (HF eager forward, load average ≈ 5).
-_THREADED = {torch.ops.aten.linear.default, torch.ops.aten.mm.default, torch.ops.aten.bmm.default,
-             torch.ops.aten.addmm.default, torch.ops.aten.matmul.default,
-             torch.ops.aten.scaled_dot_product_attention.default,
-             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default, hadamard_by_gemm}
-
-
-@contextlib.contextmanager
-def _restore_threads():
-    threads = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _calibrate(prog: Program, layers: list[_Layer], batches: list[list], progress: Callable | None,

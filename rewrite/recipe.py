@@ -60,8 +60,15 @@ PRESETS["spinquant-w4a16"] = _SPIN + [{"quantize": {"weights": {**_W4, "method":
                                                                 "symmetric": False, "target": "float",
                                                                 "target_damp": 0.1},
                                                     **_ENDS, "samples": _DEFAULT_SAMPLES}}]
-# RTN weights after the rotations (Hadamard for now, as above)
-PRESETS["spinquant-w4a16-rtn"] = _SPIN + PRESETS["w4a16"]
+# RTN weights after calibrated smoothing (passes/smooth.py: per-channel scales at each norm → q/k/v, gate/up,
+# at v → o_proj and up → down_proj, α searched on 16 calibration windows against this RTN) and the Hadamard R2
+# (per KV head) and R4 (before down_proj, where the scale sits in front of the online Hadamard). No R1, so no
+# folded norms: folding γ is what moves RTN's error onto SmolLM2's massive residual channel, and in R1's basis a
+# per-channel scale cannot find that channel again. SmolLM2 Hamlet 16×512: 53.44 (1.27× fp32) against w4a16's
+# 64.61; fold + R1/R2/R4 + smooth: 69.17 (Hadamard alone 76.08); smooth without rotations: 62.22
+# (bench/README.md "Smoothing with the rotation").
+_SMOOTH = {"smooth": {"weights": _W4, "samples": _DEFAULT_SAMPLES, "grid": 10}}
+PRESETS["spinquant-w4a16-rtn"] = [{"rotate": {"r1": "none", "r2": "hadamard", "r4": True}}, _SMOOTH] + PRESETS["w4a16"]
 # 3 bits need GPTQ after the rotations (RTN: 1901 ppl, GPTQ: 65, bench/README.md "Quality"); the default's
 # GPTQ (zero points, float target with target_damp 0.1) on 32 windows: SmolLM2 Hamlet 16×512 68.56 → 51.85
 # (1.63× → 1.24× fp32; 16 windows: 54.57), bench/README.md "W3 and W4A4KV4 with the default's GPTQ"

@@ -23,7 +23,7 @@ from spinfx.testing import zoo
 from spinfx.api import calibration_windows
 from spinfx.recipe import PRESETS, load_recipe
 
-# one preset per distinct list of passes (spinquant-w4a16-rtn is hadamard-w4a16 while its rotations stay Hadamard)
+# one preset per distinct list of passes (a preset spelled like another is covered by it)
 DISTINCT = list({json.dumps(steps, sort_keys=True): name for name, steps in reversed(PRESETS.items())}.values())[::-1]
 
 
