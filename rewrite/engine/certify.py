@@ -11,9 +11,9 @@ Weights live in float64 while passes run (`to_master`) until `finalize` casts ea
 from __future__ import annotations
 
 import copy
-import gc
 
 import torch
+import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from spinfx.engine.errors import SpinfxError
@@ -38,8 +38,7 @@ def as_fp64(prog: Program) -> Program:
             out.set_const(name, buf.to(torch.float64))
     for n in out.graph.nodes:
         if n.op == "call_function":
-            n.args = pytree.tree_map(_promote, n.args)
-            n.kwargs = pytree.tree_map(_promote, n.kwargs)
+            n.args, n.kwargs = pytree.tree_map(_promote, (n.args, n.kwargs))
     out.gm.recompile()
     return out
 
@@ -55,8 +54,7 @@ def to_master(prog: Program) -> None:
 
 
 def model_dtype(prog: Program) -> torch.dtype:
-    counts: dict = {}
-    bufs = dict(prog.gm.named_buffers())
+    counts, bufs = {}, dict(prog.gm.named_buffers())
     for name, dt in prog.meta.get("dtypes", {}).items():
         if name in bufs:
             counts[dt] = counts.get(dt, 0) + bufs[name].numel()
@@ -65,8 +63,7 @@ def model_dtype(prog: Program) -> torch.dtype:
 
 def finalize(prog: Program) -> None:
     """Cast every float constant back to its original dtype (new ones: the model's dtype)."""
-    dtypes = prog.meta.get("dtypes", {})
-    default = model_dtype(prog)
+    dtypes, default = prog.meta.get("dtypes", {}), model_dtype(prog)
     for name, buf in list(prog.gm.named_buffers()):
         if buf.is_floating_point():
             want = dtypes.get(name, default)
@@ -89,34 +86,37 @@ def random_inputs(examples: list, seed: int) -> list:
     return out
 
 
+class _Fp64(fx.Interpreter):  # computes what as_fp64's copy would, without copying the graph
+    def fetch_attr(self, target):
+        t = super().fetch_attr(target)
+        return t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+    def call_function(self, target, args, kwargs):
+        return super().call_function(target, pytree.tree_map(_promote, args), pytree.tree_map(_promote, kwargs))
+
+
 def outputs(prog: Program, seeds=(0, 1)) -> list[list[torch.Tensor]]:
     """Float64 outputs on the seeded inputs, per seed (kept instead of a copy of the program)."""
-    p = as_fp64(prog)
     with torch.no_grad():
-        out = [[t for t in pytree.tree_leaves(p.gm(*random_inputs(prog.examples, s))) if isinstance(t, torch.Tensor)]
-               for s in seeds]
-    if sum(b.numel() * b.element_size() for b in p.gm.buffers()) > 1 << 28:
-        del p  # the copy's graph is cyclic garbage holding these weights: free them now, not at the next GC
-        gc.collect()
-    return out
+        return [[t for t in pytree.tree_leaves(_Fp64(prog.gm).run(*random_inputs(prog.examples, s)))
+                 if isinstance(t, torch.Tensor)] for s in seeds]
 
 
 def compare(before: Program | list, after: Program | list, seeds=(0, 1)) -> dict:
     """max |Δ| and relative max |Δ| / max |ref| over all outputs and seeds, in float64 (each side: or its outputs)."""
     refs, got = (x if isinstance(x, list) else outputs(x, seeds) for x in (before, after))
     max_abs = ref_max = 0.0
-    with torch.no_grad():
-        for ob, oa in zip(refs, got):
-            if len(ob) != len(oa):
-                raise CertificateError(f"output count changed: {len(ob)} -> {len(oa)}")
-            for x, y in zip(ob, oa):
-                if x.shape != y.shape:
-                    raise CertificateError(f"output shape changed: {tuple(x.shape)} -> {tuple(y.shape)}")
-                if x.is_floating_point():
-                    max_abs = max(max_abs, (x.double() - y.double()).abs().max().item())
-                    ref_max = max(ref_max, x.double().abs().max().item())
-                elif not torch.equal(x, y):
-                    raise CertificateError("an integer output changed")
+    for ob, oa in zip(refs, got):  # outputs computed without autograd: nothing here records a graph
+        if len(ob) != len(oa):
+            raise CertificateError(f"output count changed: {len(ob)} -> {len(oa)}")
+        for x, y in zip(ob, oa):
+            if x.shape != y.shape:
+                raise CertificateError(f"output shape changed: {tuple(x.shape)} -> {tuple(y.shape)}")
+            if x.is_floating_point():
+                max_abs = max(max_abs, (x.double() - y.double()).abs().max().item())
+                ref_max = max(ref_max, x.double().abs().max().item())
+            elif not torch.equal(x, y):
+                raise CertificateError("an integer output changed")
     return {"max_abs": max_abs, "rel": max_abs / ref_max if ref_max else max_abs, "seeds": list(seeds),
             "inputs": "seeded random inputs shaped like the examples (ints within the examples' range)",
             "dtype": "float64"}
