@@ -271,8 +271,11 @@ def hadamard_by_gemm(x: torch.Tensor, ks: list[int], block: int, transpose: bool
     dt = compute_dtype(x.dtype)
     y = x.reshape(-1, p.block).to(dt)
     outer, inner = y.shape[0], p.block
-    if constants:  # Inductor's decomposition, on fake tensors: each factor a graph constant made from numbers
-        factors = [torch.tensor(h, dtype=torch.float64, device=x.device).to(dt)
+    if constants:  # Inductor's decomposition, on fake tensors: each factor a graph constant made from numbers,
+        # directly in the compute dtype (the same one rounding of the float64 values as `.to(dt)`): a float64
+        # constant converted in the graph was a conversion kernel reading twice the bytes at every call. (The
+        # graph still copies each factor once per call: `torch.tensor` traces as aten.lift_fresh_copy.)
+        factors = [torch.tensor(h, dtype=dt, device=x.device)
                    for h in _kron_factor_lists(tuple(p.ks), p.log2, transpose, p.block ** -0.5)]
     else:
         factors = _kron_factors(tuple(p.ks), p.log2, dt, transpose, p.block ** -0.5)

@@ -347,6 +347,18 @@ class QLinear(nn.Module):
         for i, c in enumerate(plan.calls):
             for name, t in c.tensors.items():
                 self.register_buffer(f"c{i}_{name}", t)
+        # One op call on x as given (no permutation, one K-range: every layout spinfx.load makes) runs from two
+        # attributes, the op and one tuple of constants (buffer names, int arguments, in the op's schema order).
+        # Under torch.compile each Python object forward reads is a guard checked before every call: the
+        # general path (`calls`: tuples of dataclasses holding dicts) cost ≈ 2× the guards of this one
+        # (bench/README.md "Session 10"). The tensors stay buffers: `.to()`, state_dict, load_state_dict.
+        self._op = self._spec = None
+        if plan.perm is None and len(plan.calls) == 1:
+            (c,) = self.calls
+            schema = [a.name for a in c.op._schema.arguments[1:]]
+            if schema == [*c.tensors, *c.attrs]:
+                self._op = c.op
+                self._spec = (tuple(f"c0_{name}" for name in c.tensors), tuple(c.attrs.values()))
 
     @classmethod
     def from_float(cls, linear: nn.Linear, bits: int = 4, group_size: int | None = 128, symmetric: bool = True,
@@ -358,6 +370,9 @@ class QLinear(nn.Module):
         return cls(qw, device=w.device, cpu_compute_dtype=cpu_compute_dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._op is not None:  # the one-call plan (see __init__)
+            names, ints = self._spec
+            return self._op(x, *[self._buffers[name] for name in names], *ints)
         return run_plan(x, self.perm, [(c, {name: getattr(self, f"c{i}_{name}") for name in c.tensors})
                                        for i, c in enumerate(self.calls)])
 

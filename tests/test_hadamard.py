@@ -275,6 +275,12 @@ def test_decompositions_open_the_op_for_inductor():
     products = [t for t in calls if t in (torch.ops.aten.bmm.default, torch.ops.aten.mm.default)]
     assert len(products) == len(p.ks) + (p.log2 > 0) and torch.ops.aten.stack.default not in calls, calls
     assert torch.allclose(gm(x), f(x), rtol=0, atol=1e-6)
+    # the factors are constants in x's dtype (once made: the first trace above also traced their making), so
+    # no float64 constant is converted at every call
+    gm = make_fx(f, decomposition_table=hadamard_decompositions())(x)
+    consts = [getattr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"]
+    assert len(consts) == len(products) and {t.dtype for t in consts} == {torch.float32}
+    assert torch.ops.aten._to_copy.default not in [n.target for n in gm.graph.nodes]
 
 
 @pytest.mark.parametrize("n", [1536, 576, 64])

@@ -191,7 +191,43 @@ def test_compiled_decode_with_a_cache_is_one_graph(sq4, cache):
     torch._dynamo.reset()
     compiled = run(torch.compile(model, backend=lambda gm, ex: gm.forward, fullgraph=True))
     torch.testing.assert_close(compiled, run(model), rtol=1e-5, atol=1e-5)
+    _check_qlinear_guards(model)
     torch._dynamo.reset()
+
+
+def _guard_codes(manager) -> list[str]:
+    """Every leaf guard of a Dynamo guard-manager tree, as its code."""
+    out = [part for g in manager.get_leaf_guards() if type(g).__name__ != "NO_TENSOR_ALIASING"
+           for part in g.verbose_code_parts()[:1]]
+    kids = list(manager.get_child_managers())
+    for k, v in getattr(manager, "get_key_value_managers", dict)().values():
+        kids += [c for c in (k, v) if c is not None]
+    return out + [c for kid in kids for c in _guard_codes(kid)]
+
+
+def _check_qlinear_guards(model):
+    """The compiled step's guards on each quantized linear (checked before every call): its type and
+    forward, the op, one tuple of constants, its buffers dict, and each tensor (two guards; a None
+    buffer one) — at most 2 per tensor + 8, where the general plan structure read cost ≈ 20 + 2 per tensor.
+    Linears with hooks (R4's input Hadamard) are left out: their hooks' guards are the hooks'."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    (code,) = {type(model).forward.__code__}
+    entries = _debug_get_cache_entry_list(code)
+    assert entries
+    guards = _guard_codes(entries[0].guard_manager.root)
+    linears = {}  # Dynamo's source path of each plain QLinear (a fused group's packed one via its first slice)
+    for name, m in model.named_modules():
+        path = "".join(f"._modules['{p}']" for p in name.split("."))
+        if isinstance(m, QLinear) and not m._forward_pre_hooks and not m._forward_hooks and name.count("spinfx_fused") == 0:
+            linears[path] = m
+        elif isinstance(m, QLinearSlice) and m.index == 0:
+            linears[path + ".fused._modules['linear']"] = m.fused.linear
+    assert len(linears) >= 3 * LAYERS
+    for path, m in linears.items():
+        mine = [g for g in guards if any(path + c in g for c in "._)[")]
+        tensors = sum(t is not None for t in m._buffers.values())
+        assert mine and len(mine) <= 2 * tensors + 8, (path, len(mine), mine)
 
 
 def test_gqa_attention_keeps_the_kv_heads(sq4, monkeypatch):
