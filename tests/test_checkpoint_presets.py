@@ -79,10 +79,13 @@ def test_w4a4kv4_writes_input_activations_and_kv_cache_scheme(saved):
     zm, r, out = saved("spinquant-w4a4kv4")
     config = json.loads((out / "config.json").read_text())
     qc = config["quantization_config"]
-    act = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+    # the preset's clip ratios (QuaRot's 0.9 / 0.95) in observer_kwargs: compressed-tensors has no field of its own
+    act = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True,
+           "observer_kwargs": {"clip_ratio": 0.9}}
     assert [g["input_activations"] for g in qc["config_groups"].values()] == [act] * len(qc["config_groups"])
     assert qc["kv_cache_scheme"] == {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group",
-                                     "group_size": zm.expect.head_dim, "dynamic": True}
+                                     "group_size": zm.expect.head_dim, "dynamic": True,
+                                     "observer_kwargs": {"clip_ratio": 0.95}}
     assert qc["ignore"] == ["lm_head"]  # the recipe's: in float, its input not quantized
     parsed = parse_compressed_tensors(qc)
     kv = parsed.kv_cache_scheme
