@@ -11,7 +11,7 @@ this generic, device-independent op; `lower-qlinear` turns it into the CPU fast 
 
 Options (the recipe's words):
   weights      {bits: 4, group_size: 128, symmetric: true, method: rtn|gptq, act_order: false, damp: 0.01,
-               clip: minmax|mse, target: quantized|float, target_damp: 0.1}  (target: GPTQ's, see TARGETS)
+               clip: minmax|mse, target: quantized|float|original, target_damp: 0.1}  (GPTQ's target: TARGETS)
                group_size null = per channel. A layer whose K is not a multiple of the group takes the
                largest smaller one of 128, 64, 32 that divides K (SmolLM2's 576: 128 → 64), else per
                channel; the report says so.
@@ -30,8 +30,11 @@ Options (the recipe's words):
   overrides    [{pattern: "re:.*down_proj", bits: 8, ...}]: weight options per module, applied in order.
                A name is a module path or its last dotted parts ("down_proj", "mlp.down_proj");
                "re:<regex>" must match the whole path. Matched against the ORIGINAL module paths.
-  activations  {bits: 8|4}: per-token symmetric fake quantization of the quantized linears' inputs.
-  kv_cache     {bits: 4, symmetric: false}: per-head, per-token fake quantization of attention's k, v.
+  activations  {bits: 8|4, symmetric: true, clip_ratio: 1.0}: per-token fake quantization of the quantized
+               linears' inputs (`passes.actquant`); clip_ratio c ∈ (0, 1] shrinks each token's range to c
+               times its own (QuaRot: 0.9).
+  kv_cache     {bits: 4, symmetric: false, clip_ratio: 1.0}: per-head, per-token fake quantization of
+               attention's k, v (QuaRot's clip ratio: 0.95).
   samples      calibration windows GPTQ uses (default 128), cut from `ctx.calib` (a 1-D token tensor).
 
 Certificate (float64, ≤ 1e-10): the result equals the *input* program with every quantized W (embedding
@@ -65,7 +68,7 @@ from spinfx.kernels.quant_pack import SUPPORTED_BITS, rows_per_chunk
 from spinfx.kernels.quant_rtn import CLIPS, group_for, quantize_rtn
 from spinfx.kernels.quant_weight import QuantWeight, dequantize
 from spinfx.engine.match import describe, find_all
-from spinfx.passes.actquant import check_bits, quantize_inputs, quantize_kv
+from spinfx.passes.actquant import KINDS, check_bits, check_clip, quantize_inputs, quantize_kv, quantizer_outputs
 from spinfx.passes.options import check_fields
 from spinfx.patterns.common import EMBEDDING, LINEAR, linear_node
 from spinfx.patterns.moe import routers
@@ -88,7 +91,12 @@ EXACT = 1e-10
 #              λ = target_damp · mean(diag H): a ridge that shrinks W* toward W where the calibration tokens say
 #              little (W* is a regression on K inputs: 16 windows × 512 tokens are few for K = 1536); SmolLM2
 #              Hamlet 16×512, 16 windows: 0.01 → 45.36, 0.1 → 44.87 (bench/README.md "target_damp").
-TARGETS = ("quantized", "float")
+#              With activation / KV quantizers, X_f is the input the float weights give *through those
+#              quantizers* (only the weights' error is compensated).
+#   original:  as float, with X_f the original model's input — float weights and float activations / KV (the
+#              quantizers skipped in the float program): Ŵ also compensates what the activation and KV
+#              rounding changed before it. The same as float without activation / KV quantizers.
+TARGETS = ("quantized", "float", "original")
 
 
 @dataclass(frozen=True)
@@ -103,7 +111,7 @@ class Scheme:
     damp: float = 0.01            # GPTQ: H += damp · mean(diag H) · I
     clip: str = "minmax"          # "minmax" | "mse": each group's range shrunk to its least squared error
     target: str = "quantized"     # GPTQ: the outputs Ŵ reproduces, see TARGETS
-    target_damp: float = 0.1      # target: float — W*'s ridge λ = target_damp · mean(diag H), see TARGETS
+    target_damp: float = 0.1      # target: float / original — W*'s ridge λ = target_damp · mean(diag H), see TARGETS
 
     def updated(self, opts: dict, where: str) -> Scheme:
         known = {f.name for f in dataclasses.fields(self)}
@@ -147,6 +155,8 @@ class QuantLayer:
     method: str                    # "rtn" | "gptq"
     error: float                   # ‖W − Ŵ‖ / ‖W‖
     input_bits: int | None = None  # per-token activation fake quantization of its input (None: float)
+    input_symmetric: bool = True   # … symmetric or asymmetric (`activations: {symmetric}`)
+    input_clip: float = 1.0        # … its clip ratio (`activations: {clip_ratio}`)
     output_error: float | None = None      # GPTQ: ‖X(W − Ŵ)ᵀ‖ / ‖XWᵀ‖ on the calibration inputs X
     rtn_output_error: float | None = None  # the same for the RTN weight (what GPTQ improved on)
     embedding: bool = False        # the token embedding table (read by spinfx.qembedding)
@@ -169,6 +179,10 @@ class QuantLayer:
             d["clip"] = self.clip
         if self.input_bits is not None:
             d["input_bits"] = self.input_bits
+            if not self.input_symmetric:
+                d["input_symmetric"] = False
+            if self.input_clip != 1.0:
+                d["input_clip_ratio"] = self.input_clip
         if self.output_error is not None:
             d["output_error"] = round(self.output_error, 6)
             d["rtn_output_error"] = round(self.rtn_output_error, 6)
@@ -251,21 +265,24 @@ class Quantize(Pass):
         if not isinstance(self.weights, dict):
             raise BadInput(f"quantize: weights takes {{bits: 4, group_size: 128, ...}}, got {self.weights!r}")
         base = Scheme().updated(dict(self.weights), "weights")
+        targets = {base.target}
         for o in self.overrides:
             if not isinstance(o, dict) or not isinstance(o.get("pattern"), str):
                 raise BadInput(f"quantize: each override is {{pattern: NAME, <weight options>}}, got {o!r}")
-            base.updated({k: v for k, v in o.items() if k != "pattern"}, f"override {o['pattern']!r}")
+            targets.add(base.updated({k: v for k, v in o.items() if k != "pattern"}, f"override {o['pattern']!r}").target)
+        if {"float", "original"} <= targets:
+            raise BadInput("quantize: GPTQ targets float and original in one recipe: the float program runs once, "
+                           "with or without the activation quantizers — choose one")
         bad = [p for p in self.ignore if not isinstance(p, str)] if isinstance(self.ignore, (list, tuple)) else []
         if bad:
             raise BadInput(f"quantize: ignore lists module names (or 're:<regex>'), got {bad[0]!r}")
-        if self.activations is not None:
-            _only(self.activations, {"bits"}, "activations")
-            check_bits(self.activations.get("bits"), "activations")
-        if self.kv_cache is not None:
-            _only(self.kv_cache, {"bits", "symmetric"}, "kv_cache")
-            check_bits(self.kv_cache.get("bits"), "kv_cache")
-            if not isinstance(self.kv_cache.get("symmetric", False), bool):
-                raise BadInput(f"quantize: kv_cache symmetric must be true or false, got {self.kv_cache['symmetric']!r}")
+        for what, opts in (("activations", self.activations), ("kv_cache", self.kv_cache)):
+            if opts is not None:
+                _only(opts, {"bits", "symmetric", "clip_ratio"}, what)
+                check_bits(opts.get("bits"), what)
+                if not isinstance(opts.get("symmetric", False), bool):
+                    raise BadInput(f"quantize: {what} symmetric must be true or false, got {opts['symmetric']!r}")
+                check_clip(opts.get("clip_ratio", 1.0), what)
         self._end_scheme(self.embedding, "embedding")
         self._end_scheme(self.lm_head, "lm_head")
         check_fields(self, self.name)  # the rest (ignore, samples) by type; the options above said what they take
@@ -292,13 +309,13 @@ class Quantize(Pass):
         if floats:
             res.notes.append(f"kept in float (MoE routers; router: true quantizes them): "
                              f"{_examples(sorted(_module(n) for n in floats))}")
-        input_bits = self._quantize_activations(prog, layers, res)
+        inputs = self._quantize_activations(prog, layers, res)
         ends = self._ends(prog, head, res)  # embedding table / lm_head: weight-only
 
         t0 = time.perf_counter()
         gptq = [l for l in layers if l.scheme.method == "gptq"]
         done = _calibrate(prog, gptq, self._calibration(prog, ctx), ctx.progress, res) if gptq else {}
-        st = _Subst(prog, prog.clone(), done, input_bits, moe_routers, set(ends), seconds=time.perf_counter() - t0)
+        st = _Subst(prog, prog.clone(), done, inputs, moe_routers, set(ends), seconds=time.perf_counter() - t0)
         # the substitution rules: the layers' linears, then the ends (embedding table, lm_head) by their options
         for rules, ls in ((LINEAR_RULES, layers), (END_RULES, ends)):
             st.layers = {n: l for l in ls for n in [*l.nodes, *([l.table] if l.table is not None else [])]}
@@ -402,24 +419,31 @@ class Quantize(Pass):
             raise BadInput(f"quantize: {what}: method must be 'rtn' (GPTQ is for the layers' linears), got {s.method!r}")
         return s
 
-    def _quantize_activations(self, prog: Program, layers: list[_Layer], res: PassResult) -> int | None:
-        bits = None
+    def _quantize_activations(self, prog: Program, layers: list[_Layer], res: PassResult) -> dict | None:
+        """Insert the activation and KV quantizers; return the linears' input scheme {bits, symmetric, clip}
+        (None: inputs stay float)."""
+        inputs = None
         if self.activations is not None:
-            bits = self.activations["bits"]
-            n = quantize_inputs(prog, [(node, l.x_arg()) for l in layers for node in l.nodes], bits)
-            res.findings["activations"] = {"bits": bits, "quantizers": n, "scheme": "per-token symmetric, dynamic"}
+            inputs = {"bits": self.activations["bits"], "symmetric": self.activations.get("symmetric", True),
+                      "clip": float(self.activations.get("clip_ratio", 1.0))}
+            n = quantize_inputs(prog, [(node, l.x_arg()) for l in layers for node in l.nodes], inputs["bits"],
+                                inputs["symmetric"], inputs["clip"])
+            res.findings["activations"] = {"bits": inputs["bits"], "quantizers": n,
+                                           "scheme": _act_scheme("per-token", inputs["symmetric"], inputs["clip"])}
         if self.kv_cache is not None:
             kv_bits = self.kv_cache["bits"]
             symmetric = self.kv_cache.get("symmetric", False)
-            sizes = quantize_kv(prog, kv_bits, symmetric)
+            clip = float(self.kv_cache.get("clip_ratio", 1.0))
+            sizes = quantize_kv(prog, kv_bits, symmetric, clip)
             res.findings["kv_cache"] = {"bits": kv_bits, "attention_sites": len(sizes) // 2,
-                                        "scheme": f"per head and token, {'symmetric' if symmetric else 'asymmetric'}"}
+                                        "scheme": _act_scheme("per head and token", symmetric, clip)}
             # for checkpoints (spinfx.checkpoint.parts): the scheme and the sizes it quantizes over (head_dim)
-            prog.meta["kv_cache"] = {"bits": kv_bits, "symmetric": symmetric, "head_dims": sorted(set(sizes))}
+            prog.meta["kv_cache"] = {"bits": kv_bits, "symmetric": symmetric, "clip": clip,
+                                     "head_dims": sorted(set(sizes))}
         if self.activations is not None or self.kv_cache is not None:
             res.notes.append("activations/KV are fake-quantized (rounded to the integer grid and scaled back "
                              "in float): torch._int_mm is slower than the float matmul on this CPU")
-        return bits
+        return inputs
 
     def _calibration(self, prog: Program, ctx: Context) -> list[list]:
 
@@ -472,6 +496,11 @@ def _say_ends(ends: list[_Layer], out: dict[str, QuantLayer], res: PassResult) -
                          f"‖W − Ŵ‖/‖W‖ = {q.error:.4f}{tie}")
         res.findings.setdefault("ends", {})[l.module] = {
             "embedding": l.table is not None, "lm_head": [_module(n) for n in l.nodes], **q.to_dict()}
+
+
+def _act_scheme(per: str, symmetric: bool, clip: float) -> str:
+    return (f"{per}, {'symmetric' if symmetric else 'asymmetric'}, dynamic"
+            + (f", range clipped to {clip:g} of its own" if clip != 1.0 else ""))
 
 
 def _only(opts, keys: set, what: str) -> None:
@@ -528,7 +557,7 @@ class _Subst:
     prog: Program
     reference: Program                 # the input program; each quantized W becomes dequantize(Q(W)) in it
     done: dict                         # weight FQN → (QuantLayer, Ŵ) already computed (GPTQ)
-    input_bits: int | None
+    inputs: dict | None                # the linears' input quantizer {bits, symmetric, clip} (None: float)
     moe_routers: set
     ends: set                          # the layers quantized by `embedding:` / `lm_head:` (weight-only)
     seconds: float = 0.0
@@ -595,7 +624,9 @@ def _packed(st: _Subst, l: _Layer) -> tuple[dict, dict]:
             if t.is_floating_point():  # stored as computed (the weight's dtype); finalize keeps it
                 prog.meta.setdefault("dtypes", {})[fqn] = t.dtype
             consts[role] = add_const(prog.gm, fqn, t)
-    st.out[l.module] = dataclasses.replace(layer, input_bits=None if l in st.ends else st.input_bits,
+    i = None if l in st.ends else st.inputs
+    st.out[l.module] = dataclasses.replace(layer, input_bits=i and i["bits"], input_symmetric=not i or i["symmetric"],
+                                           input_clip=i["clip"] if i else 1.0,
                                            router=any(n in st.moe_routers for n in l.nodes))
     if l.table is not None:
         st.out[l.module] = dataclasses.replace(st.out[l.module], embedding=True, tied=tuple(
@@ -647,13 +678,18 @@ def _calibrate(prog: Program, layers: list[_Layer], batches: list[list], progres
     run = prog.clone()
     finalize(run)  # float constants back to the model's dtype
     # target: float — the float program runs beside it (its inputs X_f at each group: C = X_qᵀX_f)
-    ref = None
-    if any(l.scheme.target == "float" for l in layers):
+    ref, skip = None, {}
+    targets = {l.scheme.target for l in layers} - {"quantized"}  # one at most (Quantize.validate)
+    if targets:
         ref = prog.clone()
         finalize(ref)
+    if targets == {"original"}:  # the float program skips every activation / KV quantizer: x̂ ← x
+        skip = {n.name: x.name for n, x in quantizer_outputs(prog.graph).items()}
     nodes = list(run.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
     by_name = {n.name: n for n in nodes}
+    skip = {by_name[a]: by_name[b] for a, b in skip.items()}
+    quantizer_ops = {n for n in nodes if n.meta.get("module_type") in KINDS} if skip else set()
     groups: dict[fx.Node, list[_Layer]] = defaultdict(list)
     for l in layers:
         groups[by_name[l.nodes[0].name].args[l.x_arg()]].append(l)
@@ -661,6 +697,8 @@ def _calibrate(prog: Program, layers: list[_Layer], batches: list[list], progres
     for x, ls in groups.items():
         cuts[min(pos[by_name[l.nodes[0].name]] for l in ls)].append(x)
     last_read = {a: i for i, n in enumerate(nodes) for a in n.all_input_nodes}
+    for q, x in skip.items():  # x̂ ← x in the float program: x lives until x̂ is taken
+        last_read[x] = max(last_read[x], pos[q])
     free_after: dict[int, list[fx.Node]] = defaultdict(list)  # values whose last reader is node i
     for a, i in last_read.items():
         free_after[i].append(a)
@@ -690,7 +728,9 @@ def _calibrate(prog: Program, layers: list[_Layer], batches: list[list], progres
                     n = nodes[i]
                     if n.op == "call_function":
                         step(n, run, env)
-                        if env_f is not None:
+                        if n in skip:
+                            env_f[n] = env_f[skip[n]]
+                        elif env_f is not None and n not in quantizer_ops:
                             step(n, ref, env_f)
                         if n in groups:
                             if n not in grams:  # float32 products, float64 sums
@@ -723,7 +763,8 @@ def _calibrate(prog: Program, layers: list[_Layer], batches: list[list], progres
     tokens = sum(t.numel() for b in batches for t in b if isinstance(t, torch.Tensor) and not t.is_floating_point())
     res.notes.append(f"GPTQ: {len(layers)} layers on {len(batches)} calibration windows ({tokens} tokens), "
                      f"sequential (each Hessian from the already-quantized layers' outputs"
-                     + ("; Ŵ toward the float model's outputs, target: float" if ref is not None else "") + "), "
+                     + (f"; Ŵ toward the float model's outputs, target: {next(iter(targets))}" if ref is not None
+                        else "") + "), "
                      f"{total:.0f} s (forwards {total - sum(spent.values()):.0f} s, "
                      + ", ".join(f"{k} {v:.0f} s" for k, v in spent.items()) + ")")
     return out
@@ -751,7 +792,7 @@ def _gptq_group(prog: Program, run: Program, ls: list[_Layer], h: torch.Tensor,
             factors[key] = hessian_factor(h, s.damp, s.act_order)
         ws = [l.master(prog).double() for l in sibs]
         targets = ws
-        if s.target == "float":  # one factorization, one solve for the siblings stacked (row by row: = one by one)
+        if s.target != "quantized":  # one factorization, one solve for the siblings stacked (row by row: = one by one)
             targets = list(_float_target(torch.cat(ws), h, c, s.target_damp).split([w.shape[0] for w in ws]))
         qws = gptq_quantize_siblings(targets, factors[key], s.bits, group_size, s.symmetric, act_order=s.act_order,
                                      damp=s.damp, scale_dtype=dtype, clip=s.clip)

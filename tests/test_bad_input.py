@@ -250,6 +250,7 @@ def test_missing_parents_are_not_left_behind(tmp_path, source, capsys, monkeypat
     ("- quantize: {ignore: lm_head}", r"quantize.*ignore"),
     ("- quantize: {weights: {bits: 4}, samples: -1}", r"quantize.*samples"),
     ("- quantize: {activations: {bits: 4, per: token}}", r"quantize.*activations.*per"),
+    ("- quantize: {activations: {bits: 4, clip_ratio: 1.5}}", r"quantize: activations clip_ratio.*\(0, 1\], got 1.5"),
 ])
 def test_bad_recipe_is_bad_input(tmp_path, source, capsys, passes, needle):
     recipe = tmp_path / "bad.yaml"

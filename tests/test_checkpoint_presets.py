@@ -79,10 +79,13 @@ def test_w4a4kv4_writes_input_activations_and_kv_cache_scheme(saved):
     zm, r, out = saved("spinquant-w4a4kv4")
     config = json.loads((out / "config.json").read_text())
     qc = config["quantization_config"]
-    act = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+    # the preset's clip ratios (QuaRot's 0.9 / 0.95) in observer_kwargs: compressed-tensors has no field of its own
+    act = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True,
+           "observer_kwargs": {"clip_ratio": 0.9}}
     assert [g["input_activations"] for g in qc["config_groups"].values()] == [act] * len(qc["config_groups"])
     assert qc["kv_cache_scheme"] == {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group",
-                                     "group_size": zm.expect.head_dim, "dynamic": True}
+                                     "group_size": zm.expect.head_dim, "dynamic": True,
+                                     "observer_kwargs": {"clip_ratio": 0.95}}
     assert qc["ignore"] == ["lm_head"]  # the recipe's: in float, its input not quantized
     parsed = parse_compressed_tensors(qc)
     kv = parsed.kv_cache_scheme
@@ -201,14 +204,20 @@ def test_fake_quantization_alone_is_guarded_and_unknown_schemes_are_refused(save
 
     from spinfx.engine.errors import BadInput
 
-    # no rotation, no online transform: the guard comes from the activation quantizer alone
+    # no rotation, no online transform: the guard comes from the activation quantizers alone; their clip
+    # ratios (no field of compressed-tensors' own: observer_kwargs) come back with spinfx.load, bit for bit
     (tmp_path / "a8.yaml").write_text("passes:\n  - quantize: {weights: {bits: 4, group_size: 16}, "
-                                      "activations: {bits: 8}}\n")
+                                      "activations: {bits: 8, clip_ratio: 0.9}, kv_cache: {bits: 4, clip_ratio: 0.5}}\n")
     zm = zoo.build("llama")
     r = spinfx.rewrite(zm.model, str(tmp_path / "a8.yaml"), zm.example_inputs)
     out = r.save(tmp_path / "a8")
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "spinfx" and "transform_config" not in config["quantization_config"]
+    qc = config["quantization_config"]
+    assert {json.dumps(g["input_activations"]["observer_kwargs"]) for g in qc["config_groups"].values()} == \
+        {'{"clip_ratio": 0.9}'}
+    assert qc["kv_cache_scheme"]["observer_kwargs"] == {"clip_ratio": 0.5}
+    parse_compressed_tensors(qc)
     with pytest.raises(ValueError, match="spinfx"):  # transformers would round by compressed-tensors' rules
         transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     assert torch.equal(logits(spinfx.load(out), zm.example_inputs["input_ids"], use_cache=False),
@@ -222,4 +231,9 @@ def test_fake_quantization_alone_is_guarded_and_unknown_schemes_are_refused(save
     group["input_activations"].update(strategy="tensor", dynamic=False)
     (edited / "config.json").write_text(json.dumps(config))
     with pytest.raises(BadInput, match="input_activations"):
+        spinfx.load(edited)
+    config["quantization_config"]["kv_cache_scheme"]["observer_kwargs"] = {"clip_ratio": 2}  # not a clip ratio
+    group["input_activations"].update(strategy="token", dynamic=True)
+    (edited / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BadInput, match=r"kv_cache_scheme observer_kwargs \{'clip_ratio': 2\} is not one spinfx applies"):
         spinfx.load(edited)

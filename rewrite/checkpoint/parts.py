@@ -236,9 +236,11 @@ def _quantized(prog, parts: Parts) -> set[str]:
 
 
 def _scheme(layer) -> tuple:
-    """A config group's key: (bits, group_size, symmetric, act_order, clip, input_bits)."""
+    """A config group's key: (bits, group_size, symmetric, act_order, clip, input quantizer) — the input
+    quantizer (bits, symmetric, clip ratio), None where the input stays float."""
     qw = layer.weight
-    return (qw.bits, qw.group_size, qw.symmetric, qw.weight_g_idx is not None, layer.clip, layer.input_bits)
+    inputs = (layer.input_bits, layer.input_symmetric, layer.input_clip) if layer.input_bits else None
+    return (qw.bits, qw.group_size, qw.symmetric, qw.weight_g_idx is not None, layer.clip, inputs)
 
 
 def _kv_cache_scheme(prog) -> dict | None:
@@ -252,16 +254,23 @@ def _kv_cache_scheme(prog) -> dict | None:
     if len(kv["head_dims"]) != 1:
         raise Unsupported(f"save: the KV cache is quantized over head sizes {kv['head_dims']}; compressed-tensors' "
                           f"kv_cache_scheme has one group size")
-    return {**_act_args(kv["bits"], kv["symmetric"]), "strategy": "group", "group_size": kv["head_dims"][0]}
+    return {**_act_args(kv["bits"], kv["symmetric"], kv.get("clip", 1.0)), "strategy": "group",
+            "group_size": kv["head_dims"][0]}
 
 
-def _act_args(bits: int, symmetric: bool) -> dict:
+def _act_args(bits: int, symmetric: bool, clip: float = 1.0) -> dict:
     """compressed-tensors QuantizationArgs of spinfx's dynamic fake quantizer (`spinfx.kernels.fake_quant`):
     int, per token, scales computed at run time. Its scale convention is spinfx's (symmetric: max|x| /
     (2^(b-1) - 1); asymmetric: the row's own min..max), not compressed-tensors' (max|x| / 7.5 at 4 bits;
     a range always holding 0): a checkpoint that carries one is therefore guarded like one with online
-    transforms (GUARD_TYPE), so that no other client runs it with its own rounding."""
-    return {"num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": "token", "dynamic": True}
+    transforms (GUARD_TYPE), so that no other client runs it with its own rounding.
+
+    A clip ratio c < 1 (each row's range shrunk to c times its own, `spinfx.kernels.fake_quant`) has no field
+    of its own in QuantizationArgs, whose dynamic scales always take the row's full range: it is written as
+    `observer_kwargs: {clip_ratio: c}` (schema-valid; other clients are kept out by the guard, and
+    `spinfx.load` applies it). c = 1 writes nothing, as before."""
+    args = {"num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": "token", "dynamic": True}
+    return {**args, "observer_kwargs": {"clip_ratio": clip}} if clip != 1.0 else args
 
 
 def quantization_config(parts: Parts, linears: list[str]) -> dict | None:
@@ -276,7 +285,7 @@ def quantization_config(parts: Parts, linears: list[str]) -> dict | None:
             "weights": {"num_bits": bits, "type": "int", "symmetric": sym, "strategy": "channel" if gs is None
                         else "group", "group_size": gs, "dynamic": False, "actorder": "group" if act else None,
                         "observer": clip},
-            "input_activations": _act_args(ib, True) if ib else None, "output_activations": None,
+            "input_activations": _act_args(*ib) if ib else None, "output_activations": None,
             "format": "pack-quantized"}
     quantized = {m for ms in parts.quant_groups.values() for m in ms} | set(parts.tied)
     qc = {"quant_method": "compressed-tensors", "format": "pack-quantized" if groups else "dense",

@@ -131,11 +131,18 @@ def _fake_quantizer(args: dict, what: str, path: Path):
         raise BadInput(f"{path}: {what} {args} is not one spinfx applies (int, dynamic, per token"
                        f"{'' if what == 'input_activations' else ' and head: strategy group, group_size head_dim'})")
     bits, symmetric = int(args["num_bits"]), bool(args.get("symmetric", True))
+    extra = args.get("observer_kwargs") or {}  # spinfx writes only a clip ratio there (`parts._act_args`)
+    clip = extra.get("clip_ratio", 1.0) if isinstance(extra, dict) else None
+    if not isinstance(extra, dict) or set(extra) - {"clip_ratio"} or isinstance(clip, bool) \
+            or not isinstance(clip, (int, float)) or not 0 < clip <= 1:
+        raise BadInput(f"{path}: {what} observer_kwargs {extra!r} is not one spinfx applies "
+                       f"(only {{clip_ratio: c}}, 0 < c <= 1)")
+    clip = float(clip)
 
     def quantize(x: torch.Tensor) -> torch.Tensor:
         if gs is not None and x.shape[-1] != gs:
             raise BadInput(f"{path}: {what} has group_size {gs} but attention's head_dim is {x.shape[-1]}")
-        return fake_quant(x, bits, symmetric)
+        return fake_quant(x, bits, symmetric, clip=clip)
 
     return quantize
 
