@@ -57,3 +57,21 @@ def check_fields(obj: Any, where: str) -> None:
         value = getattr(obj, f.name)
         if f.name in hints and not _fits(value, hints[f.name]):
             raise BadInput(f"{where}: option {f.name} must be {_say(hints[f.name])}, got {value!r}")
+
+
+def check_rounding(w: dict, who: str) -> None:
+    """The weight-rounding words every pass that rounds weights shares (quantize's `weights:`; what rotate
+    learns against and smooth searches against): bits, group_size, symmetric and clip, each where `w` has
+    it; one BadInput beginning with `who` (e.g. "rotate: weights") otherwise."""
+    from spinfx.kernels.quant_pack import SUPPORTED_BITS
+    from spinfx.kernels.quant_rtn import CLIPS
+
+    if "bits" in w and (w["bits"] not in SUPPORTED_BITS or isinstance(w["bits"], bool)):
+        raise BadInput(f"{who}: bits must be one of {SUPPORTED_BITS}, got {w['bits']!r}")
+    g = w.get("group_size")
+    if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
+        raise BadInput(f"{who}: group_size must be a positive integer or null, got {g!r}")
+    if "symmetric" in w and not isinstance(w["symmetric"], bool):
+        raise BadInput(f"{who}: symmetric must be true or false, got {w['symmetric']!r}")
+    if "clip" in w and w["clip"] not in CLIPS:
+        raise BadInput(f"{who}: clip must be one of {', '.join(CLIPS)}, got {w['clip']!r}")

@@ -64,12 +64,12 @@ from spinfx.kernels.gptq import CrossAccumulator, HessianAccumulator, gptq_quant
 from spinfx.kernels.hadamard import hadamard_by_gemm
 import spinfx.kernels.qembedding  # noqa: F401  (registers spinfx::qembedding)
 from spinfx.kernels.qlinear import generic_attrs, generic_tensors, plan_qlinear  # registers spinfx::qlinear*
-from spinfx.kernels.quant_pack import SUPPORTED_BITS, rows_per_chunk
-from spinfx.kernels.quant_rtn import CLIPS, group_for, quantize_rtn
+from spinfx.kernels.quant_pack import rows_per_chunk
+from spinfx.kernels.quant_rtn import group_for, quantize_rtn
 from spinfx.kernels.quant_weight import QuantWeight, dequantize
 from spinfx.engine.match import describe, find_all
 from spinfx.passes.actquant import KINDS, check_bits, check_clip, quantize_inputs, quantize_kv, quantizer_outputs
-from spinfx.passes.options import check_fields
+from spinfx.passes.options import check_fields, check_rounding
 from spinfx.patterns.common import EMBEDDING, LINEAR, linear_node
 from spinfx.patterns.moe import routers
 from spinfx.patterns.residual import output_linear, token_embedding
@@ -121,18 +121,13 @@ class Scheme:
                            f"weight options: {', '.join(sorted(known))}")
         s = dataclasses.replace(self, **opts)
         check_fields(s, f"quantize: {where}")
-        if s.bits not in SUPPORTED_BITS:
-            raise BadInput(f"quantize: {where}: bits must be one of {SUPPORTED_BITS}, got {s.bits!r}")
+        check_rounding(dataclasses.asdict(s), f"quantize: {where}")
         if s.method not in ("rtn", "gptq"):
             raise BadInput(f"quantize: {where}: method must be 'rtn' or 'gptq', got {s.method!r}")
         if s.target not in TARGETS:
             raise BadInput(f"quantize: {where}: target must be one of {', '.join(TARGETS)}, got {s.target!r}")
         if not s.target_damp > 0:
             raise BadInput(f"quantize: {where}: target_damp must be a positive number, got {s.target_damp!r}")
-        if s.clip not in CLIPS:
-            raise BadInput(f"quantize: {where}: clip must be one of {', '.join(CLIPS)}, got {s.clip!r}")
-        if s.group_size is not None and (not isinstance(s.group_size, int) or s.group_size < 1):
-            raise BadInput(f"quantize: {where}: group_size must be a positive integer or null, got {s.group_size!r}")
         return s
 
 

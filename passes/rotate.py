@@ -32,9 +32,8 @@ import torch.fx as fx
 from spinfx.engine.errors import BadInput, Unsupported
 from spinfx.engine.graph import Program, add_const
 from spinfx.kernels.hadamard import HadamardRotation
-from spinfx.kernels.quant_pack import SUPPORTED_BITS
 from spinfx.engine.match import describe, find_all
-from spinfx.passes.options import check_fields
+from spinfx.passes.options import check_fields, check_rounding
 from spinfx.patterns.attention import ATTENTION, QKV, ROPE_SITE, output_projection, qkv_linears
 from spinfx.patterns.common import CASTS, EMBEDDING, HEAD_LAYOUT, LINEAR, LINEAR_OPS, is_linear, linear_node
 from spinfx.patterns.groups import SCALE_FREE_LINEARS
@@ -475,13 +474,7 @@ class Rotate(Pass):
             raise BadInput(f"rotate: weights takes {{bits, group_size, symmetric}} (what quantize will round to), "
                            f"got {w!r}")
         w = {**LEARN_WEIGHTS, **w}
-        if w["bits"] not in SUPPORTED_BITS or isinstance(w["bits"], bool):
-            raise BadInput(f"rotate: weights: bits must be one of {SUPPORTED_BITS}, got {w['bits']!r}")
-        g = w["group_size"]
-        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
-            raise BadInput(f"rotate: weights: group_size must be a positive integer or null, got {g!r}")
-        if not isinstance(w["symmetric"], bool):
-            raise BadInput(f"rotate: weights: symmetric must be true or false, got {w['symmetric']!r}")
+        check_rounding(w, "rotate: weights")
 
     def run(self, prog: Program, ctx: Context) -> PassResult:
         res = PassResult(self.name, self.options())

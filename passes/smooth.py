@@ -44,10 +44,9 @@ from spinfx.engine.match import describe, find_all
 from spinfx.engine.pipeline import Context, Pass, PassResult
 from spinfx.engine.rule import Rule, apply_rules
 from spinfx.kernels.hadamard import hadamard_by_gemm
-from spinfx.kernels.quant_pack import SUPPORTED_BITS
-from spinfx.kernels.quant_rtn import CLIPS, group_for, group_scale_zero, quantize_values
+from spinfx.kernels.quant_rtn import group_for, group_scale_zero, quantize_values
 from spinfx.passes.calibration import check_calibration, float_values, restore_threads, token_batches
-from spinfx.passes.options import check_fields
+from spinfx.passes.options import check_fields, check_rounding
 from spinfx.patterns.attention import QKV, output_projection, qkv_linears
 from spinfx.patterns.common import CASTS, VIEWS, is_linear, linear_input_arg, linear_node, linear_weight
 from spinfx.patterns.groups import GATE_UP, norm_linears
@@ -321,15 +320,7 @@ class Smooth(Pass):
             raise BadInput(f"smooth: weights takes quantize's weight options ({', '.join(WEIGHTS)} are used), "
                            f"got {w!r}")
         w = {**WEIGHTS, **{k: v for k, v in w.items() if k in WEIGHTS}}
-        if w["bits"] not in SUPPORTED_BITS or isinstance(w["bits"], bool):
-            raise BadInput(f"smooth: weights: bits must be one of {SUPPORTED_BITS}, got {w['bits']!r}")
-        g = w["group_size"]
-        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
-            raise BadInput(f"smooth: weights: group_size must be a positive integer or null, got {g!r}")
-        if not isinstance(w["symmetric"], bool):
-            raise BadInput(f"smooth: weights: symmetric must be true or false, got {w['symmetric']!r}")
-        if w["clip"] not in CLIPS:
-            raise BadInput(f"smooth: weights: clip must be one of {', '.join(CLIPS)}, got {w['clip']!r}")
+        check_rounding(w, "smooth: weights")
         if not isinstance(self.points, (list, tuple)) or not self.points or set(self.points) - set(POINTS):
             raise BadInput(f"smooth: points is a non-empty list of {', '.join(POINTS)}, got {self.points!r}")
         for key in ("samples", "grid"):
